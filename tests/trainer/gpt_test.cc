@@ -1,0 +1,73 @@
+// GPT model: loss at init, whole-model gradients against finite differences.
+#include "trainer/gpt.h"
+
+#include <cmath>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "trainer/rng.h"
+
+namespace qtrain {
+namespace {
+
+TEST(Gpt, RejectsBadShapes) {
+  EXPECT_FALSE(Gpt::Create({2, 10, 3, 16, 8}).ok());  // 3 does not divide 10
+  EXPECT_FALSE(Gpt::Create({0, 8, 2, 16, 8}).ok());
+}
+
+TEST(Gpt, InitialLossNearLogVocab) {
+  auto m = *Gpt::Create({2, 32, 4, 64, 16});
+  m->InitWeights(1, 0.02f);
+  std::vector<int32_t> x(2 * 16), y(2 * 16);
+  Rng rng(3);
+  for (size_t i = 0; i < x.size(); ++i) {
+    x[i] = rng.NextU64() % 64;
+    y[i] = rng.NextU64() % 64;
+  }
+  absl::StatusOr<double> loss = m->Forward(x.data(), y.data(), 2, 16);
+  ASSERT_TRUE(loss.ok());
+  EXPECT_NEAR(*loss, std::log(64.0), 0.05);
+  x[0] = 64;
+  EXPECT_FALSE(m->Forward(x.data(), y.data(), 2, 16).ok());
+  EXPECT_FALSE(m->Forward(x.data(), y.data(), 2, 17).ok());
+}
+
+// Every parameter tensor's gradient, sampled, against central differences of the loss. The
+// model runs in float, so the step and tolerance are loose; the ops are checked in float64
+// one by one in tests/ops.
+TEST(Gpt, GradientsMatchFiniteDifferences) {
+  auto m = *Gpt::Create({2, 16, 2, 13, 7});
+  m->InitWeights(5, 0.3f);  // large init: gradients well above float noise
+  const int B = 2, T = 7;
+  std::vector<int32_t> x(B * T), y(B * T);
+  Rng rng(9);
+  for (int i = 0; i < B * T; ++i) {
+    x[i] = rng.NextU64() % 13;
+    y[i] = rng.NextU64() % 13;
+  }
+  ParamStore& p = m->params();
+  p.ZeroGrads();
+  ASSERT_TRUE(m->Forward(x.data(), y.data(), B, T).ok());
+  m->Backward(1.0f);
+  const std::vector<float> grads = p.grads();
+  int checked = 0;
+  for (const ParamInfo& info : p.infos()) {
+    for (int k = 0; k < 3; ++k) {
+      const int64_t i = info.offset + (rng.NextU64() % info.size);
+      const float orig = p.params()[i];
+      const float h = 1e-2f;
+      p.params()[i] = orig + h;
+      const double lp = *m->Forward(x.data(), y.data(), B, T);
+      p.params()[i] = orig - h;
+      const double lm = *m->Forward(x.data(), y.data(), B, T);
+      p.params()[i] = orig;
+      const double fd = (lp - lm) / (2 * h);
+      EXPECT_NEAR(grads[i], fd, 2e-3 + 2e-2 * std::fabs(fd)) << info.name << " elem " << i - info.offset;
+      ++checked;
+    }
+  }
+  EXPECT_EQ(checked, 3 * p.size());
+}
+
+}  // namespace
+}  // namespace qtrain

@@ -1,0 +1,152 @@
+// SaveCheckpoint / LoadCheckpoint / LatestCheckpoint.
+#include "trainer/checkpoint.h"
+
+#include <algorithm>
+#include <filesystem>
+#include <map>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/match.h"
+#include "ops/status_macros.h"
+#include "trainer/safetensors.h"
+
+namespace qtrain {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr char kFormat[] = "qtrain-checkpoint-v1";
+
+std::string CheckpointDir(const std::string& out_dir) { return out_dir + "/checkpoints"; }
+
+// Step number of "step_00001234.safetensors", or -1.
+int StepOf(const std::string& filename) {
+  if (!absl::StartsWith(filename, "step_") || !absl::EndsWith(filename, ".safetensors")) return -1;
+  const std::string digits = filename.substr(5, filename.size() - 5 - 12);
+  int step = -1;
+  if (digits.empty() || !absl::SimpleAtoi(digits, &step)) return -1;
+  return step;
+}
+
+absl::StatusOr<int64_t> MetaInt(const SafeTensors& st, const std::string& key,
+                                const std::string& path) {
+  ASSIGN_OR_RETURN(std::string text, st.Meta(key, path));
+  int64_t v = 0;
+  if (!absl::SimpleAtoi(text, &v)) {
+    return absl::DataLossError(absl::StrCat(path, ": metadata '", key, "' is not an integer: '",
+                                            text, "'"));
+  }
+  return v;
+}
+
+}  // namespace
+
+std::string CheckpointPath(const std::string& out_dir, int step) {
+  return absl::StrFormat("%s/step_%08d.safetensors", CheckpointDir(out_dir), step);
+}
+
+absl::Status SaveCheckpoint(const std::string& out_dir, const ParamStore& params,
+                            const AdamW* optimizer, const TrainState& state, int keep_last,
+                            const WriteProgressHook& hook) {
+  std::error_code ec;
+  fs::create_directories(CheckpointDir(out_dir), ec);
+  if (ec) {
+    return absl::InternalError(
+        absl::StrCat("cannot create ", CheckpointDir(out_dir), ": ", ec.message()));
+  }
+  std::vector<TensorView> views;
+  auto add = [&](const std::string& prefix, const std::vector<float>& buf) {
+    for (const ParamInfo& info : params.infos()) {
+      views.push_back({prefix + info.name, "F32", info.shape, buf.data() + info.offset,
+                       static_cast<size_t>(info.size) * sizeof(float)});
+    }
+  };
+  add("model/", params.params());
+  if (optimizer != nullptr) {
+    add("adam_m/", optimizer->m());
+    add("adam_v/", optimizer->v());
+  }
+  std::map<std::string, std::string> meta = {
+      {"format", kFormat},
+      {"step", absl::StrCat(state.step)},
+      {"adam_t", absl::StrCat(optimizer ? optimizer->step() : 0)},
+      {"data_shard", absl::StrCat(state.data.shard)},
+      {"data_offset", absl::StrCat(state.data.offset)},
+      {"data_epoch", absl::StrCat(state.data.epoch)},
+      {"rng", state.rng},
+      {"job_spec", state.job_spec},
+  };
+  const std::string path = CheckpointPath(out_dir, state.step);
+  RETURN_IF_ERROR(WriteSafeTensors(path, views, meta, hook));
+
+  if (keep_last > 0) {
+    std::vector<std::pair<int, std::string>> found;
+    for (const auto& e : fs::directory_iterator(CheckpointDir(out_dir), ec)) {
+      const int s = StepOf(e.path().filename().string());
+      if (s >= 0) found.emplace_back(s, e.path().string());
+    }
+    std::sort(found.rbegin(), found.rend());
+    for (size_t i = keep_last; i < found.size(); ++i) fs::remove(found[i].second, ec);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<TrainState> LoadCheckpoint(const std::string& path, ParamStore* params,
+                                          AdamW* optimizer) {
+  ASSIGN_OR_RETURN(SafeTensors st, ReadSafeTensors(path));
+  ASSIGN_OR_RETURN(std::string format, st.Meta("format", path));
+  if (format != kFormat) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(path, ": format '", format, "', expected '", kFormat, "'"));
+  }
+  auto load = [&](const std::string& prefix, std::vector<float>& buf) -> absl::Status {
+    for (const ParamInfo& info : params->infos()) {
+      ASSIGN_OR_RETURN(const Tensor* t, st.Get(prefix + info.name, path));
+      if (t->shape != info.shape) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            path, ": tensor '", prefix, info.name, "' has shape [", absl::StrJoin(t->shape, ","),
+            "], the model expects [", absl::StrJoin(info.shape, ","), "]"));
+      }
+      RETURN_IF_ERROR(t->CopyTo(buf.data() + info.offset, info.size,
+                                absl::StrCat(path, ": tensor '", prefix, info.name, "'")));
+    }
+    return absl::OkStatus();
+  };
+  RETURN_IF_ERROR(load("model/", params->params()));
+  TrainState state;
+  if (optimizer != nullptr) {
+    RETURN_IF_ERROR(load("adam_m/", optimizer->m()));
+    RETURN_IF_ERROR(load("adam_v/", optimizer->v()));
+    ASSIGN_OR_RETURN(int64_t t, MetaInt(st, "adam_t", path));
+    optimizer->set_step(static_cast<int>(t));
+  }
+  ASSIGN_OR_RETURN(int64_t step, MetaInt(st, "step", path));
+  ASSIGN_OR_RETURN(state.data.shard, MetaInt(st, "data_shard", path));
+  ASSIGN_OR_RETURN(state.data.offset, MetaInt(st, "data_offset", path));
+  ASSIGN_OR_RETURN(state.data.epoch, MetaInt(st, "data_epoch", path));
+  ASSIGN_OR_RETURN(state.rng, st.Meta("rng", path));
+  ASSIGN_OR_RETURN(state.job_spec, st.Meta("job_spec", path));
+  state.step = static_cast<int>(step);
+  return state;
+}
+
+absl::StatusOr<std::string> LatestCheckpoint(const std::string& out_dir) {
+  const std::string dir = CheckpointDir(out_dir);
+  std::error_code ec;
+  int best = -1;
+  std::string best_path;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const int s = StepOf(e.path().filename().string());
+    if (s > best) {
+      best = s;
+      best_path = e.path().string();
+    }
+  }
+  if (best < 0) return absl::NotFoundError(absl::StrCat("no checkpoint in ", dir));
+  return best_path;
+}
+
+}  // namespace qtrain

@@ -1,0 +1,45 @@
+// Training checkpoints: one safetensors file per save holding the weights ("model/<name>"),
+// the AdamW moments ("adam_m/<name>", "adam_v/<name>") and, as metadata, the step, data
+// position, RNG state and the job spec; written atomically under <out_dir>/checkpoints/.
+#ifndef QTRAIN_TRAINER_CHECKPOINT_H_
+#define QTRAIN_TRAINER_CHECKPOINT_H_
+
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "trainer/atomic_file.h"
+#include "trainer/data_loader.h"
+#include "trainer/optimizer.h"
+#include "trainer/param_store.h"
+#include "trainer/rng.h"
+
+namespace qtrain {
+
+struct TrainState {
+  int step = 0;  // optimizer steps completed
+  DataPosition data;
+  std::string rng;       // Rng::Serialize()
+  std::string job_spec;  // text format
+};
+
+std::string CheckpointPath(const std::string& out_dir, int step);
+
+// Saves params, optimizer moments (optimizer may be null: weights only) and state, then
+// deletes all but the newest `keep_last` checkpoints (0 keeps all).
+absl::Status SaveCheckpoint(const std::string& out_dir, const ParamStore& params,
+                            const AdamW* optimizer, const TrainState& state, int keep_last,
+                            const WriteProgressHook& hook = nullptr);
+
+// Restores into `params` (and `optimizer` when non-null); tensor names and shapes must match
+// the model exactly, and a mismatch is named.
+absl::StatusOr<TrainState> LoadCheckpoint(const std::string& path, ParamStore* params,
+                                          AdamW* optimizer);
+
+// The newest complete checkpoint in <out_dir>/checkpoints (temporary files of an interrupted
+// save are ignored); NotFound when there is none.
+absl::StatusOr<std::string> LatestCheckpoint(const std::string& out_dir);
+
+}  // namespace qtrain
+
+#endif  // QTRAIN_TRAINER_CHECKPOINT_H_

@@ -1,0 +1,221 @@
+// GPT forward and backward over the CPU reference ops.
+#include "trainer/gpt.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "ops/cpu_ops.h"
+#include "trainer/rng.h"
+
+namespace qtrain {
+namespace {
+
+void Zero(std::vector<float>& v) { std::fill(v.begin(), v.end(), 0.0f); }
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Gpt>> Gpt::Create(const GptConfig& c) {
+  if (c.n_layer <= 0 || c.n_embd <= 0 || c.n_head <= 0 || c.vocab_size <= 1 ||
+      c.max_seq_len <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "model shape must be positive: n_layer=", c.n_layer, " n_embd=", c.n_embd,
+        " n_head=", c.n_head, " vocab_size=", c.vocab_size, " max_seq_len=", c.max_seq_len));
+  }
+  if (c.n_embd % c.n_head != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("model.n_head ", c.n_head, " does not divide model.n_embd ", c.n_embd));
+  }
+  std::unique_ptr<Gpt> m(new Gpt(c));
+  const int C = c.n_embd;
+  ParamStore& s = m->store_;
+  m->wte_ = s.Add("wte", {c.vocab_size, C}, true);
+  m->wpe_ = s.Add("wpe", {c.max_seq_len, C}, true);
+  for (int l = 0; l < c.n_layer; ++l) {
+    const std::string p = absl::StrCat("block.", l, ".");
+    Block b;
+    b.ln1w = s.Add(p + "ln1.weight", {C}, false);
+    b.ln1b = s.Add(p + "ln1.bias", {C}, false);
+    b.qkv = Linear(&s, p + "attn.qkv", C, 3 * C);
+    b.attn_proj = Linear(&s, p + "attn.proj", C, C);
+    b.ln2w = s.Add(p + "ln2.weight", {C}, false);
+    b.ln2b = s.Add(p + "ln2.bias", {C}, false);
+    b.fc = Linear(&s, p + "mlp.fc", C, 4 * C);
+    b.mlp_proj = Linear(&s, p + "mlp.proj", 4 * C, C);
+    m->blocks_.push_back(std::move(b));
+  }
+  m->lnfw_ = s.Add("lnf.weight", {C}, false);
+  m->lnfb_ = s.Add("lnf.bias", {C}, false);
+  s.Finalize();
+  return m;
+}
+
+void Gpt::InitWeights(uint64_t seed, float std) {
+  Rng rng(seed);
+  const float proj_std = std / std::sqrt(2.0f * config_.n_layer);
+  auto normal = [&](int idx, float sd) {
+    float* p = store_.param(idx);
+    for (int64_t i = 0; i < store_.info(idx).size; ++i) p[i] = static_cast<float>(rng.Normal() * sd);
+  };
+  auto fill = [&](int idx, float v) {
+    std::fill(store_.param(idx), store_.param(idx) + store_.info(idx).size, v);
+  };
+  normal(wte_, std);
+  normal(wpe_, std);
+  for (Block& b : blocks_) {
+    fill(b.ln1w, 1.0f);
+    fill(b.ln1b, 0.0f);
+    fill(b.ln2w, 1.0f);
+    fill(b.ln2b, 0.0f);
+    normal(b.qkv.weight_index(), std);
+    fill(b.qkv.bias_index(), 0.0f);
+    normal(b.attn_proj.weight_index(), proj_std);
+    fill(b.attn_proj.bias_index(), 0.0f);
+    normal(b.fc.weight_index(), std);
+    fill(b.fc.bias_index(), 0.0f);
+    normal(b.mlp_proj.weight_index(), proj_std);
+    fill(b.mlp_proj.bias_index(), 0.0f);
+  }
+  fill(lnfw_, 1.0f);
+  fill(lnfb_, 0.0f);
+}
+
+double Gpt::flops_per_token(int T) const {
+  // 6 FLOPs per parameter per token for the matmuls (the tied head counts once through wte),
+  // minus the position table which is a lookup; plus causal attention's QK^T and AV:
+  // 6 * L * T * C on average per token (forward 2*2*T/2*C, times 3 for backward).
+  const double n = static_cast<double>(num_parameters()) -
+                   static_cast<double>(config_.max_seq_len) * config_.n_embd;
+  return 6.0 * n + 6.0 * config_.n_layer * T * config_.n_embd;
+}
+
+void Gpt::Allocate(int B, int T) {
+  if (B == B_ && T == T_) return;
+  B_ = B;
+  T_ = T;
+  const int64_t N = static_cast<int64_t>(B) * T;
+  const int64_t C = config_.n_embd, V = config_.vocab_size, NH = config_.n_head;
+  const int64_t att = static_cast<int64_t>(B) * NH * T * T;
+  inputs_.assign(N, 0);
+  targets_.assign(N, 0);
+  encoded_.assign(N * C, 0);
+  lnf_.assign(N * C, 0);
+  lnf_mean_.assign(N, 0);
+  lnf_rstd_.assign(N, 0);
+  probs_.assign(N * V, 0);
+  losses_.assign(N, 0);
+  acts_.assign(config_.n_layer, BlockActs{});
+  for (BlockActs& a : acts_) {
+    a.ln1.assign(N * C, 0);
+    a.ln1_mean.assign(N, 0);
+    a.ln1_rstd.assign(N, 0);
+    a.qkv.assign(N * 3 * C, 0);
+    a.att.assign(att, 0);
+    a.atty.assign(N * C, 0);
+    a.res2.assign(N * C, 0);
+    a.ln2.assign(N * C, 0);
+    a.ln2_mean.assign(N, 0);
+    a.ln2_rstd.assign(N, 0);
+    a.fch.assign(N * 4 * C, 0);
+    a.fch_gelu.assign(N * 4 * C, 0);
+    a.res3.assign(N * C, 0);
+  }
+  dres_.assign(N * C, 0);
+  dln_.assign(N * C, 0);
+  dqkv_.assign(N * 3 * C, 0);
+  datty_.assign(N * C, 0);
+  dfch_.assign(N * 4 * C, 0);
+  dfch_gelu_.assign(N * 4 * C, 0);
+  att_scratch_.assign(att, 0);
+  dlnf_.assign(N * C, 0);
+}
+
+const float* Gpt::block_output(int l) const { return acts_[l].res3.data(); }
+
+absl::StatusOr<double> Gpt::Forward(const int32_t* inputs, const int32_t* targets, int B,
+                                    int T) {
+  if (B <= 0 || T <= 0 || T > config_.max_seq_len) {
+    return absl::InvalidArgumentError(absl::StrCat("batch shape B=", B, " T=", T,
+                                                   " must be positive with T <= max_seq_len ",
+                                                   config_.max_seq_len));
+  }
+  const int N = B * T, C = config_.n_embd, V = config_.vocab_size, NH = config_.n_head;
+  for (int i = 0; i < N; ++i) {
+    if (inputs[i] < 0 || inputs[i] >= V || (targets && (targets[i] < 0 || targets[i] >= V))) {
+      return absl::InvalidArgumentError(absl::StrCat("token at position ", i,
+                                                     " is outside the vocabulary [0, ", V, ")"));
+    }
+  }
+  Allocate(B, T);
+  std::copy(inputs, inputs + N, inputs_.begin());
+  ops::encoder_forward(encoded_.data(), inputs, store_.param(wte_), store_.param(wpe_), B, T, C);
+  const float* x = encoded_.data();
+  for (int l = 0; l < config_.n_layer; ++l) {
+    const Block& b = blocks_[l];
+    BlockActs& a = acts_[l];
+    ops::layernorm_forward(a.ln1.data(), a.ln1_mean.data(), a.ln1_rstd.data(), x,
+                           store_.param(b.ln1w), store_.param(b.ln1b), N, C);
+    b.qkv.Forward(a.qkv.data(), a.ln1.data(), N);
+    ops::attention_forward(a.atty.data(), a.att.data(), a.qkv.data(), B, T, C, NH);
+    b.attn_proj.Forward(a.res2.data(), a.atty.data(), N);
+    ops::residual_forward(a.res2.data(), a.res2.data(), x, static_cast<int64_t>(N) * C);
+    ops::layernorm_forward(a.ln2.data(), a.ln2_mean.data(), a.ln2_rstd.data(), a.res2.data(),
+                           store_.param(b.ln2w), store_.param(b.ln2b), N, C);
+    b.fc.Forward(a.fch.data(), a.ln2.data(), N);
+    ops::gelu_forward(a.fch_gelu.data(), a.fch.data(), static_cast<int64_t>(N) * 4 * C);
+    b.mlp_proj.Forward(a.res3.data(), a.fch_gelu.data(), N);
+    ops::residual_forward(a.res3.data(), a.res3.data(), a.res2.data(),
+                          static_cast<int64_t>(N) * C);
+    x = a.res3.data();
+  }
+  ops::layernorm_forward(lnf_.data(), lnf_mean_.data(), lnf_rstd_.data(), x,
+                         store_.param(lnfw_), store_.param(lnfb_), N, C);
+  if (targets == nullptr) return 0.0;
+  std::copy(targets, targets + N, targets_.begin());
+  return ops::lm_head_crossentropy_forward(losses_.data(), probs_.data(), lnf_.data(),
+                                           store_.param(wte_), targets, N, C, V);
+}
+
+void Gpt::Backward(float loss_scale) {
+  const int B = B_, T = T_, N = B * T, C = config_.n_embd, V = config_.vocab_size,
+            NH = config_.n_head, L = config_.n_layer;
+  Zero(dlnf_);
+  ops::lm_head_crossentropy_backward(dlnf_.data(), store_.grad(wte_), probs_.data(), lnf_.data(),
+                                     store_.param(wte_), targets_.data(), N, C, V, loss_scale);
+  // dres_ carries d loss / d residual stream, flowing down through the blocks.
+  Zero(dres_);
+  const float* top = L > 0 ? acts_[L - 1].res3.data() : encoded_.data();
+  ops::layernorm_backward(dres_.data(), store_.grad(lnfw_), store_.grad(lnfb_), dlnf_.data(), top,
+                          store_.param(lnfw_), lnf_mean_.data(), lnf_rstd_.data(), N, C);
+  for (int l = L - 1; l >= 0; --l) {
+    const Block& b = blocks_[l];
+    BlockActs& a = acts_[l];
+    const float* x = l > 0 ? acts_[l - 1].res3.data() : encoded_.data();
+    // MLP branch: res3 = res2 + proj(gelu(fc(ln2(res2)))).
+    Zero(dfch_gelu_);
+    b.mlp_proj.Backward(dfch_gelu_.data(), dres_.data(), a.fch_gelu.data(), N);
+    Zero(dfch_);
+    ops::gelu_backward(dfch_.data(), a.fch.data(), dfch_gelu_.data(),
+                       static_cast<int64_t>(N) * 4 * C);
+    Zero(dln_);
+    b.fc.Backward(dln_.data(), dfch_.data(), a.ln2.data(), N);
+    ops::layernorm_backward(dres_.data(), store_.grad(b.ln2w), store_.grad(b.ln2b), dln_.data(),
+                            a.res2.data(), store_.param(b.ln2w), a.ln2_mean.data(),
+                            a.ln2_rstd.data(), N, C);
+    // Attention branch: res2 = x + proj(attn(qkv(ln1(x)))).
+    Zero(datty_);
+    b.attn_proj.Backward(datty_.data(), dres_.data(), a.atty.data(), N);
+    Zero(dqkv_);
+    ops::attention_backward(dqkv_.data(), att_scratch_.data(), datty_.data(), a.qkv.data(),
+                            a.att.data(), B, T, C, NH);
+    Zero(dln_);
+    b.qkv.Backward(dln_.data(), dqkv_.data(), a.ln1.data(), N);
+    ops::layernorm_backward(dres_.data(), store_.grad(b.ln1w), store_.grad(b.ln1b), dln_.data(), x,
+                            store_.param(b.ln1w), a.ln1_mean.data(), a.ln1_rstd.data(), N, C);
+  }
+  ops::encoder_backward(store_.grad(wte_), store_.grad(wpe_), dres_.data(), inputs_.data(), B, T,
+                        C);
+}
+
+}  // namespace qtrain

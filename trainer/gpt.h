@@ -1,0 +1,80 @@
+// GPT-2 style model on the CPU reference ops: pre-LN blocks, learned positions, LM head tied
+// to the token embedding. Holds parameters (ParamStore) and the activations of one batch.
+#ifndef QTRAIN_TRAINER_GPT_H_
+#define QTRAIN_TRAINER_GPT_H_
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "trainer/linear.h"
+#include "trainer/param_store.h"
+
+namespace qtrain {
+
+struct GptConfig {
+  int n_layer = 0;
+  int n_embd = 0;
+  int n_head = 0;
+  int vocab_size = 256;
+  int max_seq_len = 0;
+};
+
+class Gpt {
+ public:
+  // Validates the shape and registers every parameter (zero-initialised).
+  static absl::StatusOr<std::unique_ptr<Gpt>> Create(const GptConfig& config);
+
+  // GPT-2 init: N(0, std) weights, residual projections N(0, std/sqrt(2L)), zero biases,
+  // layernorm weight 1.
+  void InitWeights(uint64_t seed, float std);
+
+  // Runs the model on inputs (B,T). With targets (B,T), returns the mean cross-entropy and
+  // keeps what Backward needs; without, returns 0 and computes the final hidden states only.
+  // B and T may change between calls (buffers grow); T <= max_seq_len.
+  absl::StatusOr<double> Forward(const int32_t* inputs, const int32_t* targets, int B, int T);
+
+  // Accumulates into the gradients d(loss_scale * mean loss)/d params of the last Forward.
+  void Backward(float loss_scale);
+
+  ParamStore& params() { return store_; }
+  const ParamStore& params() const { return store_; }
+  const GptConfig& config() const { return config_; }
+  int64_t num_parameters() const { return store_.num_elements(); }
+  // Model FLOPs per token of forward+backward (6N + attention), for throughput figures.
+  double flops_per_token(int T) const;
+
+  // Residual stream after block l of the last Forward, (B,T,C).
+  const float* block_output(int l) const;
+
+ private:
+  explicit Gpt(const GptConfig& config) : config_(config) {}
+  void Allocate(int B, int T);
+
+  struct Block {
+    int ln1w, ln1b, ln2w, ln2b;
+    Linear qkv, attn_proj, fc, mlp_proj;
+  };
+  struct BlockActs {
+    std::vector<float> ln1, ln1_mean, ln1_rstd, qkv, att, atty, res2, ln2, ln2_mean,
+        ln2_rstd, fch, fch_gelu, res3;
+  };
+
+  GptConfig config_;
+  ParamStore store_;
+  int wte_ = -1, wpe_ = -1, lnfw_ = -1, lnfb_ = -1;
+  std::vector<Block> blocks_;
+
+  // Activations of the last Forward.
+  int B_ = 0, T_ = 0;
+  std::vector<int32_t> inputs_, targets_;
+  std::vector<float> encoded_, lnf_, lnf_mean_, lnf_rstd_, probs_, losses_;
+  std::vector<BlockActs> acts_;
+  // Backward scratch.
+  std::vector<float> dres_, dln_, dqkv_, datty_, dfch_, dfch_gelu_, att_scratch_, dlnf_;
+};
+
+}  // namespace qtrain
+
+#endif  // QTRAIN_TRAINER_GPT_H_

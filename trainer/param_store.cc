@@ -1,0 +1,38 @@
+// ParamStore: named views into contiguous parameter and gradient buffers.
+#include "trainer/param_store.h"
+
+#include <algorithm>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+
+namespace qtrain {
+
+int ParamStore::Add(const std::string& name, std::vector<int64_t> shape, bool decay) {
+  ParamInfo info;
+  info.name = name;
+  info.size = 1;
+  for (int64_t d : shape) info.size *= d;
+  info.shape = std::move(shape);
+  info.offset = total_;
+  info.decay = decay;
+  total_ += info.size;
+  infos_.push_back(std::move(info));
+  return static_cast<int>(infos_.size()) - 1;
+}
+
+void ParamStore::Finalize() {
+  params_.assign(total_, 0.0f);
+  grads_.assign(total_, 0.0f);
+}
+
+absl::StatusOr<int> ParamStore::Find(const std::string& name) const {
+  for (int i = 0; i < size(); ++i) {
+    if (infos_[i].name == name) return i;
+  }
+  return absl::NotFoundError(absl::StrCat("no parameter named '", name, "'"));
+}
+
+void ParamStore::ZeroGrads() { std::fill(grads_.begin(), grads_.end(), 0.0f); }
+
+}  // namespace qtrain

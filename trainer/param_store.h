@@ -1,0 +1,55 @@
+// Named tensors over one contiguous fp32 buffer each for parameters, gradients and the two
+// AdamW moments (llm.c's layout: one allocation, one all-reduce, one optimizer pass).
+#ifndef QTRAIN_TRAINER_PARAM_STORE_H_
+#define QTRAIN_TRAINER_PARAM_STORE_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace qtrain {
+
+struct ParamInfo {
+  std::string name;
+  std::vector<int64_t> shape;
+  int64_t offset = 0;  // in elements, into each buffer
+  int64_t size = 0;
+  bool decay = false;  // AdamW weight decay applies (2-D weights)
+};
+
+class ParamStore {
+ public:
+  // Adds a tensor; returns its index. Call all Adds before Finalize.
+  int Add(const std::string& name, std::vector<int64_t> shape, bool decay);
+  // Allocates the buffers (zeroed).
+  void Finalize();
+
+  int64_t num_elements() const { return total_; }
+  int size() const { return static_cast<int>(infos_.size()); }
+  const ParamInfo& info(int i) const { return infos_[i]; }
+  const std::vector<ParamInfo>& infos() const { return infos_; }
+  absl::StatusOr<int> Find(const std::string& name) const;
+
+  float* param(int i) { return params_.data() + infos_[i].offset; }
+  const float* param(int i) const { return params_.data() + infos_[i].offset; }
+  float* grad(int i) { return grads_.data() + infos_[i].offset; }
+  const float* grad(int i) const { return grads_.data() + infos_[i].offset; }
+
+  std::vector<float>& params() { return params_; }
+  const std::vector<float>& params() const { return params_; }
+  std::vector<float>& grads() { return grads_; }
+  const std::vector<float>& grads() const { return grads_; }
+
+  void ZeroGrads();
+
+ private:
+  std::vector<ParamInfo> infos_;
+  int64_t total_ = 0;
+  std::vector<float> params_, grads_;
+};
+
+}  // namespace qtrain
+
+#endif  // QTRAIN_TRAINER_PARAM_STORE_H_

@@ -1,0 +1,32 @@
+// The training loop: job spec -> model, data, optimizer -> steps with evaluation,
+// checkpoints, metrics and a progress line.
+#ifndef QTRAIN_TRAINER_TRAINER_H_
+#define QTRAIN_TRAINER_TRAINER_H_
+
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "configs/job_spec.pb.h"
+
+namespace qtrain {
+
+struct RunOptions {
+  // "" starts fresh; "latest" resumes from the newest checkpoint in out_dir; anything else
+  // is a checkpoint path.
+  std::string resume;
+  bool quiet = false;  // no progress lines (tests)
+};
+
+struct RunResult {
+  int steps_done = 0;
+  double final_train_loss = 0;
+  double final_val_loss = 0;
+  double tokens_per_s = 0;  // mean over the run, warm-up step excluded
+};
+
+// Runs the validated job to spec.training().steps() steps.
+absl::StatusOr<RunResult> RunTraining(const JobSpec& spec, const RunOptions& options);
+
+}  // namespace qtrain
+
+#endif  // QTRAIN_TRAINER_TRAINER_H_
