@@ -123,7 +123,8 @@ bool SameValue(const pb::Message& a, const pb::Message& b, const pb::FieldDescri
     case pb::FieldDescriptor::CPPTYPE_STRING:
       QT_SAME_(String);
     case pb::FieldDescriptor::CPPTYPE_MESSAGE:
-      // Whole sub-messages compare by their deterministic bytes.
+      // Elements of a repeated message field (the schema has no maps, so equal messages
+      // serialize to equal bytes).
       return (rep ? ra->GetRepeatedMessage(a, f, index) : ra->GetMessage(a, f))
                  .SerializeAsString() ==
              (rep ? rb->GetRepeatedMessage(b, f, index) : rb->GetMessage(b, f)).SerializeAsString();
