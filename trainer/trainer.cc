@@ -116,6 +116,7 @@ absl::StatusOr<RunResult> RunTraining(const JobSpec& spec, const RunOptions& opt
   RunResult result;
   double timed_seconds = 0;
   int timed_steps = 0;
+  double ema_step = 0;  // recent step time, for the ETA
   for (int step = start_step; step < steps; ++step) {
     const auto t0 = Clock::now();
     const float lr = schedule.LrAt(step);
@@ -138,7 +139,7 @@ absl::StatusOr<RunResult> RunTraining(const JobSpec& spec, const RunOptions& opt
       timed_seconds += seconds;
       ++timed_steps;
     }
-    const double mean_step = timed_steps > 0 ? timed_seconds / timed_steps : seconds;
+    ema_step = ema_step == 0 || step == start_step + 1 ? seconds : 0.9 * ema_step + 0.1 * seconds;
     const double tok_s = tokens_per_step / seconds;
     const int done = step + 1;
     MetricRow row = {{"train_loss", loss}, {"lr", lr}, {"grad_norm", grad_norm},
@@ -156,7 +157,7 @@ absl::StatusOr<RunResult> RunTraining(const JobSpec& spec, const RunOptions& opt
     if (!options.quiet && (done % log_every == 0 || last || step == start_step)) {
       std::printf("step %5d/%d | loss %.4f | lr %.2e | norm %.2f | %s tok/s | %.0f ms | ETA %s\n",
                   done, steps, loss, lr, grad_norm, FormatRate(tok_s).c_str(), seconds * 1e3,
-                  FormatDuration(mean_step * (steps - done)).c_str());
+                  FormatDuration(ema_step * (steps - done)).c_str());
       std::fflush(stdout);
     }
     if ((ckpt_every > 0 && done % ckpt_every == 0) || last) {
