@@ -1,0 +1,33 @@
+// Device memory, copies, streams and device count behind absl::Status, for host code built by
+// g++ without the CUDA include path (Bazel rejects /usr/local/cuda/include in copts): the
+// trainer's GPU path and the GPU parity tests use these instead of the runtime API.
+#ifndef QTRAIN_OPS_CUDA_DEVICE_H_
+#define QTRAIN_OPS_CUDA_DEVICE_H_
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+// The runtime's own typedef (driver_types.h); a repeated identical typedef is legal C++.
+typedef struct CUstream_st* cudaStream_t;
+
+namespace qtrain::ops {
+
+// Number of CUDA devices; 0 (not an error) when there is no device or no driver.
+absl::StatusOr<int> DeviceCount();
+// ResourceExhausted when the device is out of memory. bytes == 0 gives nullptr.
+absl::StatusOr<void*> DeviceMalloc(int64_t bytes);
+absl::Status DeviceFree(void* ptr);  // null is a no-op
+// Synchronous copies (the default stream), bytes >= 0.
+absl::Status CopyHostToDevice(void* dst, const void* src, int64_t bytes);
+absl::Status CopyDeviceToHost(void* dst, const void* src, int64_t bytes);
+absl::StatusOr<cudaStream_t> CreateStream();
+absl::Status DestroyStream(cudaStream_t stream);
+// Waits for the work queued so far; asynchronous kernel faults surface here.
+absl::Status SynchronizeStream(cudaStream_t stream);
+absl::Status SynchronizeDevice();
+
+}  // namespace qtrain::ops
+
+#endif  // QTRAIN_OPS_CUDA_DEVICE_H_
