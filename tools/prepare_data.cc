@@ -1,0 +1,92 @@
+// prepare_data: turns the Brown corpus (or plain text files) into byte-level token shards,
+// one per genre and split (train_<g>.bin, val_<g>.bin), plus index.tsv locating every file.
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "tools/corpus.h"
+
+ABSL_FLAG(std::string, brown_dir, "",
+          "Brown corpus directory (files ca01 .. cr09, 'word/tag' tokens; tags are stripped)");
+ABSL_FLAG(std::vector<std::string>, text_files, {},
+          "comma-separated plain text files, used as is (genre 'text'); instead of --brown_dir");
+ABSL_FLAG(std::string, out_dir, "", "where the shards and index.tsv go (created if needed)");
+ABSL_FLAG(int, val_every, 10,
+          "within each genre, file index % N == 0 goes to val (0: no val split; a genre with a "
+          "single file always goes to train)");
+
+namespace qtrain {
+namespace {
+
+absl::Status Run() {
+  const std::string brown_dir = absl::GetFlag(FLAGS_brown_dir);
+  const std::vector<std::string> text_files = absl::GetFlag(FLAGS_text_files);
+  const std::string out_dir = absl::GetFlag(FLAGS_out_dir);
+  if (brown_dir.empty() == text_files.empty()) {
+    return absl::InvalidArgumentError("give exactly one of --brown_dir and --text_files");
+  }
+  if (out_dir.empty()) return absl::InvalidArgumentError("--out_dir is required");
+
+  absl::StatusOr<std::vector<SourceDocument>> docs =
+      brown_dir.empty() ? LoadTextFiles(text_files) : LoadBrownCorpus(brown_dir);
+  if (!docs.ok()) return docs.status();
+  absl::StatusOr<PrepareSummary> summary =
+      WriteSplitShards(*docs, out_dir, absl::GetFlag(FLAGS_val_every));
+  if (!summary.ok()) return summary.status();
+
+  absl::PrintF("%-6s %11s %9s %12s %10s\n", "genre", "train_files", "val_files",
+               "train_tokens", "val_tokens");
+  GenreCounts total;
+  for (const auto& [genre, c] : summary->genres) {
+    absl::PrintF("%-6s %11d %9d %12d %10d\n", genre, c.train_files, c.val_files,
+                 c.train_tokens, c.val_tokens);
+    total.train_files += c.train_files;
+    total.val_files += c.val_files;
+    total.train_tokens += c.train_tokens;
+    total.val_tokens += c.val_tokens;
+  }
+  absl::PrintF("%-6s %11d %9d %12d %10d\n", "total", total.train_files, total.val_files,
+               total.train_tokens, total.val_tokens);
+  for (const std::string& name : summary->stale_removed) {
+    absl::PrintF("removed stale shard %s/%s\n", out_dir, name);
+  }
+  absl::PrintF("wrote %d shards and index.tsv to %s\n", summary->shards_written.size(),
+               out_dir);
+  return absl::OkStatus();
+}
+
+}  // namespace
+}  // namespace qtrain
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "prepare_data --brown_dir=DIR | --text_files=a.txt,b.txt --out_dir=DIR [--val_every=10]\n"
+      "Byte-level tokens (vocab 256); every document starts with the end-of-text byte 0x03.");
+  std::vector<char*> rest = absl::ParseCommandLine(argc, argv);
+  // Under `bazel run` the process starts in the runfiles tree; relative paths mean the
+  // caller's directory.
+  if (const char* wd = std::getenv("BUILD_WORKING_DIRECTORY"); wd != nullptr && *wd != '\0') {
+    if (::chdir(wd) != 0) {
+      absl::FPrintF(stderr, "prepare_data: error: cannot change to '%s'\n", wd);
+      return 1;
+    }
+  }
+  if (rest.size() > 1) {
+    absl::FPrintF(stderr, "prepare_data: error: unexpected argument '%s'\n", rest[1]);
+    return 2;
+  }
+  absl::Status status = qtrain::Run();
+  if (!status.ok()) {
+    absl::FPrintF(stderr, "prepare_data: error: %s\n", status.message());
+    return 1;
+  }
+  return 0;
+}

