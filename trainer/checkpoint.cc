@@ -65,6 +65,11 @@ absl::Status SaveCheckpoint(const std::string& out_dir, const ParamStore& params
     }
   };
   add("model/", params.params());
+  for (int i = 0; i < params.num_buffers(); ++i) {
+    const std::vector<float>& b = params.buffer(i);
+    views.push_back({"buffer/" + params.buffer_name(i), "F32", {static_cast<int64_t>(b.size())},
+                     b.data(), b.size() * sizeof(float)});
+  }
   if (optimizer != nullptr) {
     add("adam_m/", optimizer->m());
     add("adam_v/", optimizer->v());
@@ -116,6 +121,13 @@ absl::StatusOr<TrainState> LoadCheckpoint(const std::string& path, ParamStore* p
     return absl::OkStatus();
   };
   RETURN_IF_ERROR(load("model/", params->params()));
+  for (int i = 0; i < params->num_buffers(); ++i) {
+    const std::string name = "buffer/" + params->buffer_name(i);
+    ASSIGN_OR_RETURN(const Tensor* t, st.Get(name, path));
+    std::vector<float>& b = params->buffer(i);
+    RETURN_IF_ERROR(t->CopyTo(b.data(), static_cast<int64_t>(b.size()),
+                              absl::StrCat(path, ": tensor '", name, "'")));
+  }
   TrainState state;
   if (optimizer != nullptr) {
     RETURN_IF_ERROR(load("adam_m/", optimizer->m()));

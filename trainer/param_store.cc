@@ -33,6 +33,12 @@ absl::StatusOr<int> ParamStore::Find(const std::string& name) const {
   return absl::NotFoundError(absl::StrCat("no parameter named '", name, "'"));
 }
 
+int ParamStore::AddBuffer(const std::string& name, int64_t size, float init) {
+  buffer_names_.push_back(name);
+  buffers_.emplace_back(size, init);
+  return static_cast<int>(buffers_.size()) - 1;
+}
+
 void ParamStore::ZeroGrads() { std::fill(grads_.begin(), grads_.end(), 0.0f); }
 
 }  // namespace qtrain

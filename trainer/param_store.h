@@ -44,7 +44,18 @@ class ParamStore {
 
   void ZeroGrads();
 
+  // Buffers: non-trainable state that checkpoints must carry (quantizer init flags, FP8 amax
+  // histories, the rank of a low-rank module). Each is its own vector and may be added at any
+  // time; indices stay valid.
+  int AddBuffer(const std::string& name, int64_t size, float init = 0.0f);
+  int num_buffers() const { return static_cast<int>(buffers_.size()); }
+  const std::string& buffer_name(int i) const { return buffer_names_[i]; }
+  std::vector<float>& buffer(int i) { return buffers_[i]; }
+  const std::vector<float>& buffer(int i) const { return buffers_[i]; }
+
  private:
+  std::vector<std::string> buffer_names_;
+  std::vector<std::vector<float>> buffers_;
   std::vector<ParamInfo> infos_;
   int64_t total_ = 0;
   std::vector<float> params_, grads_;
