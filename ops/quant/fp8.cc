@@ -13,10 +13,10 @@ namespace qtrain::ops {
 namespace {
 
 struct Fp8Params {
-  int mbits;         // explicit mantissa bits
-  int bias;          // exponent bias
-  int max_code;      // magnitude code of the largest finite value
-  int overflow_code; // magnitude code written for overflow under kNoSat
+  int mbits;          // explicit mantissa bits
+  int bias;           // exponent bias
+  int max_code;       // magnitude code of the largest finite value
+  int overflow_code;  // magnitude code written for overflow under kNoSat
 };
 
 constexpr Fp8Params ParamsOf(Fp8Format format) {
@@ -24,9 +24,7 @@ constexpr Fp8Params ParamsOf(Fp8Format format) {
                                     : Fp8Params{2, 15, 0x7B, 0x7C};  // 57344; inf
 }
 
-const char* FormatName(Fp8Format format) {
-  return format == Fp8Format::kE4M3 ? "E4M3" : "E5M2";
-}
+const char* FormatName(Fp8Format format) { return format == Fp8Format::kE4M3 ? "E4M3" : "E5M2"; }
 
 float DecodeSlow(uint8_t code, Fp8Format format) {
   const Fp8Params p = ParamsOf(format);
@@ -64,8 +62,7 @@ const DecodeTable& TableOf(Fp8Format format) {
 absl::Status CheckArrayArgs(const char* op, const void* out, const void* in, int64_t n,
                             float scale) {
   QT_CHECK_ARG(n >= 0, op, ": n = ", n, " must be >= 0");
-  QT_CHECK_ARG(n == 0 || (out != nullptr && in != nullptr), op,
-               ": null out or in with n = ", n);
+  QT_CHECK_ARG(n == 0 || (out != nullptr && in != nullptr), op, ": null out or in with n = ", n);
   QT_CHECK_ARG(std::isfinite(scale) && scale > 0.0f, op, ": scale = ", scale,
                " must be finite and > 0");
   return absl::OkStatus();
@@ -136,8 +133,7 @@ bool fp8_is_inf(uint8_t code, Fp8Format format) {
 }
 
 template <typename F>
-absl::Status fp8_encode_array(uint8_t* out, const F* in, int64_t n, float scale,
-                              Fp8Format format) {
+absl::Status fp8_encode_array(uint8_t* out, const F* in, int64_t n, float scale, Fp8Format format) {
   RETURN_IF_ERROR(CheckArrayArgs("fp8_encode_array", out, in, n, scale));
   const F s = static_cast<F>(scale);
   for (int64_t i = 0; i < n; ++i) out[i] = fp8_encode(static_cast<double>(in[i] * s), format);
@@ -145,8 +141,7 @@ absl::Status fp8_encode_array(uint8_t* out, const F* in, int64_t n, float scale,
 }
 
 template <typename F>
-absl::Status fp8_decode_array(F* out, const uint8_t* in, int64_t n, float scale,
-                              Fp8Format format) {
+absl::Status fp8_decode_array(F* out, const uint8_t* in, int64_t n, float scale, Fp8Format format) {
   RETURN_IF_ERROR(CheckArrayArgs("fp8_decode_array", out, in, n, scale));
   const DecodeTable& table = TableOf(format);
   const F s = static_cast<F>(scale);
@@ -185,8 +180,7 @@ float fp8_scale_from_amax(float amax, Fp8Format format, int margin, float fallba
   return s;
 }
 
-absl::StatusOr<DelayedScaler> DelayedScaler::Create(Fp8Format format, int history_len,
-                                                    int margin) {
+absl::StatusOr<DelayedScaler> DelayedScaler::Create(Fp8Format format, int history_len, int margin) {
   QT_CHECK_ARG(history_len >= 1, "DelayedScaler(", FormatName(format),
                "): history_len = ", history_len, " must be >= 1");
   QT_CHECK_ARG(margin >= 0 && margin <= 64, "DelayedScaler(", FormatName(format),
@@ -194,9 +188,9 @@ absl::StatusOr<DelayedScaler> DelayedScaler::Create(Fp8Format format, int histor
   return DelayedScaler(format, history_len, margin);
 }
 
-absl::StatusOr<DelayedScaler> DelayedScaler::Restore(
-    Fp8Format format, int margin, const std::vector<float>& history_oldest_first,
-    float scale) {
+absl::StatusOr<DelayedScaler> DelayedScaler::Restore(Fp8Format format, int margin,
+                                                     const std::vector<float>& history_oldest_first,
+                                                     float scale) {
   ASSIGN_OR_RETURN(DelayedScaler scaler,
                    Create(format, static_cast<int>(history_oldest_first.size()), margin));
   for (size_t i = 0; i < history_oldest_first.size(); ++i) {
@@ -233,13 +227,10 @@ std::vector<float> DelayedScaler::history() const {
   return h;
 }
 
-#define QT_FP8_INSTANTIATE(F)                                                          \
-  template absl::Status fp8_encode_array<F>(uint8_t*, const F*, int64_t, float,        \
-                                            Fp8Format);                                \
-  template absl::Status fp8_decode_array<F>(F*, const uint8_t*, int64_t, float,        \
-                                            Fp8Format);                                \
-  template absl::Status fp8_quantize_dequantize<F>(F*, const F*, int64_t, float,       \
-                                                   Fp8Format);                         \
+#define QT_FP8_INSTANTIATE(F)                                                                \
+  template absl::Status fp8_encode_array<F>(uint8_t*, const F*, int64_t, float, Fp8Format);  \
+  template absl::Status fp8_decode_array<F>(F*, const uint8_t*, int64_t, float, Fp8Format);  \
+  template absl::Status fp8_quantize_dequantize<F>(F*, const F*, int64_t, float, Fp8Format); \
   template F amax<F>(const F*, int64_t);
 
 QT_FP8_INSTANTIATE(float)

@@ -1,5 +1,6 @@
 // FP8 (E4M3 "fn" and E5M2) conversions, fake quantization and per-tensor scaling (delayed and
-// current) for the CPU reference. Bit-exact with CUDA's __nv_cvt_float_to_fp8 (docs/quantization.md).
+// current) for the CPU reference. Bit-exact with CUDA's __nv_cvt_float_to_fp8
+// (docs/quantization.md).
 #ifndef QTRAIN_OPS_QUANT_FP8_H_
 #define QTRAIN_OPS_QUANT_FP8_H_
 
@@ -25,15 +26,12 @@ enum class Fp8Saturation { kSatFinite, kNoSat };
 inline constexpr uint8_t kFp8CanonicalNaN = 0x7F;
 
 // Largest finite value: 448 (E4M3) or 57344 (E5M2).
-constexpr float fp8_max(Fp8Format format) {
-  return format == Fp8Format::kE4M3 ? 448.0f : 57344.0f;
-}
+constexpr float fp8_max(Fp8Format format) { return format == Fp8Format::kE4M3 ? 448.0f : 57344.0f; }
 
 // Round-to-nearest-even of x to the format, subnormals exact, then overflow per `sat`; NaN ->
 // kFp8CanonicalNaN; the sign of zero is kept (-0.0 and negative underflow give 0x80). Takes
 // double so that float and double callers round the exact value once (float -> double is exact).
-uint8_t fp8_encode(double x, Fp8Format format,
-                   Fp8Saturation sat = Fp8Saturation::kSatFinite);
+uint8_t fp8_encode(double x, Fp8Format format, Fp8Saturation sat = Fp8Saturation::kSatFinite);
 
 // Exact value of a code (every FP8 value is a float). NaN codes give a quiet NaN.
 float fp8_decode(uint8_t code, Fp8Format format);
@@ -46,18 +44,15 @@ bool fp8_is_inf(uint8_t code, Fp8Format format);  // always false for E4M3
 // does the same float multiply followed by cvt.rn.satfinite.
 // out (n) codes, in (n). InvalidArgument if scale is not finite and > 0.
 template <typename F>
-absl::Status fp8_encode_array(uint8_t* out, const F* in, int64_t n, float scale,
-                              Fp8Format format);
+absl::Status fp8_encode_array(uint8_t* out, const F* in, int64_t n, float scale, Fp8Format format);
 // out (n) = decode(in) / scale (an IEEE division in F, not a multiply by 1/scale).
 template <typename F>
-absl::Status fp8_decode_array(F* out, const uint8_t* in, int64_t n, float scale,
-                              Fp8Format format);
+absl::Status fp8_decode_array(F* out, const uint8_t* in, int64_t n, float scale, Fp8Format format);
 // Fake quantization: out (n) = decode(encode(in * scale)) / scale, in (n); out may alias in.
 // Saturating: +-inf in -> +-fp8_max/scale out, NaN stays NaN. The backward is the identity
 // (straight-through), so there is no separate backward op.
 template <typename F>
-absl::Status fp8_quantize_dequantize(F* out, const F* in, int64_t n, float scale,
-                                     Fp8Format format);
+absl::Status fp8_quantize_dequantize(F* out, const F* in, int64_t n, float scale, Fp8Format format);
 
 // max |in[i]| over in (n); 0 for n == 0; inf if any element is infinite, NaN if any is NaN
 // (either way the scaling below keeps its previous scale).
@@ -85,8 +80,7 @@ class DelayedScaler {
   // history_len >= 1; margin in [0, 64] (a negative margin would clip the largest values on
   // purpose, which no recipe here wants).
   static absl::StatusOr<DelayedScaler> Create(Fp8Format format,
-                                              int history_len = kDefaultHistoryLen,
-                                              int margin = 0);
+                                              int history_len = kDefaultHistoryLen, int margin = 0);
   // Rebuilds a scaler from saved state (checkpoint resume): history oldest first, its length
   // is the window; scale must be finite and > 0.
   static absl::StatusOr<DelayedScaler> Restore(Fp8Format format, int margin,

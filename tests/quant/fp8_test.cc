@@ -216,12 +216,12 @@ TEST(Fp8Encode, MidpointsTieToEvenAndNeighboursRoundToNearest) {
 
 TEST(Fp8Encode, NamedTiesAndSubnormals) {
   const Fp8Format e4 = Fp8Format::kE4M3, e5 = Fp8Format::kE5M2;
-  EXPECT_EQ(fp8_encode(1.0625, e4), 0x38);  // 1 + 1/16: between 1 (even) and 1.125
-  EXPECT_EQ(fp8_encode(1.1875, e4), 0x3A);  // between 1.125 (odd) and 1.25 (even)
-  EXPECT_EQ(fp8_encode(std::ldexp(1.0, -10), e4), 0x00);     // half the min subnormal
-  EXPECT_EQ(fp8_encode(-std::ldexp(1.0, -10), e4), 0x80);    // ... keeps its sign
-  EXPECT_EQ(fp8_encode(std::ldexp(1.001, -10), e4), 0x01);   // just above: min subnormal
-  EXPECT_EQ(fp8_encode(3 * std::ldexp(1.0, -10), e4), 0x02);  // 1.5 * min subnormal: to 2
+  EXPECT_EQ(fp8_encode(1.0625, e4), 0x38);                  // 1 + 1/16: between 1 (even) and 1.125
+  EXPECT_EQ(fp8_encode(1.1875, e4), 0x3A);                  // between 1.125 (odd) and 1.25 (even)
+  EXPECT_EQ(fp8_encode(std::ldexp(1.0, -10), e4), 0x00);    // half the min subnormal
+  EXPECT_EQ(fp8_encode(-std::ldexp(1.0, -10), e4), 0x80);   // ... keeps its sign
+  EXPECT_EQ(fp8_encode(std::ldexp(1.001, -10), e4), 0x01);  // just above: min subnormal
+  EXPECT_EQ(fp8_encode(3 * std::ldexp(1.0, -10), e4), 0x02);   // 1.5 * min subnormal: to 2
   EXPECT_EQ(fp8_encode(15 * std::ldexp(1.0, -10), e4), 0x08);  // 7.5 ulps: up to min normal
   EXPECT_EQ(fp8_encode(std::ldexp(1.0, -17), e5), 0x00);
   EXPECT_EQ(fp8_encode(3 * std::ldexp(1.0, -17), e5), 0x02);
