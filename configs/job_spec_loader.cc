@@ -649,17 +649,8 @@ absl::Status RejectUnimplemented(const JobSpec& spec) {
     if (!field.empty())
       lines.push_back(absl::StrCat(field, ": ", feature, " is not implemented yet"));
   };
-  const PrecisionSpec& p = spec.precision();
-  const LinearPrecision linear = p.linear() == PRECISION_UNSPECIFIED ? FULL : p.linear();
   // clang-format off
   if (spec.device() == CUDA) reject("device", "CUDA training");
-  if (linear != FULL) reject("precision.linear", LinearPrecision_Name(linear) + " Linears");
-  if (p.overrides_size() > 0) reject("precision.overrides", "per-layer precision");
-  reject(ChangedField(p.fp8(), "precision.fp8"), "FP8 training");
-  reject(ChangedField(p.qat(), "precision.qat"), "quantization-aware training");
-  reject(ChangedField(p.aux_lowrank(), "precision.aux_lowrank"), "the auxiliary low-rank module");
-  reject(ChangedField(p.tweo(), "precision.tweo"), "the TWEO outlier loss");
-  reject(ChangedField(p.distill(), "precision.distill"), "teacher distillation");
   if (spec.optimizer().zero1()) reject("optimizer.zero1", "ZeRO-1 optimizer sharding");
   reject(ChangedField(spec.distributed(), "distributed"), "data-parallel training");
   reject(ChangedField(spec.parameter_service(), "parameter_service"), "the parameter service");

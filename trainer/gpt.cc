@@ -7,6 +7,8 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "ops/cpu_ops.h"
+#include "ops/status_macros.h"
+#include "ops/tweo.h"
 #include "trainer/rng.h"
 
 namespace qtrain {
@@ -37,12 +39,13 @@ absl::StatusOr<std::unique_ptr<Gpt>> Gpt::Create(const GptConfig& c) {
     Block b;
     b.ln1w = s.Add(p + "ln1.weight", {C}, false);
     b.ln1b = s.Add(p + "ln1.bias", {C}, false);
-    b.qkv = Linear(&s, p + "attn.qkv", C, 3 * C);
-    b.attn_proj = Linear(&s, p + "attn.proj", C, C);
+    const PrecisionConfig& pc = c.precision;
+    b.qkv = Linear(&s, p + "attn.qkv", C, 3 * C, pc.For(p + "attn.qkv"));
+    b.attn_proj = Linear(&s, p + "attn.proj", C, C, pc.For(p + "attn.proj"));
     b.ln2w = s.Add(p + "ln2.weight", {C}, false);
     b.ln2b = s.Add(p + "ln2.bias", {C}, false);
-    b.fc = Linear(&s, p + "mlp.fc", C, 4 * C);
-    b.mlp_proj = Linear(&s, p + "mlp.proj", 4 * C, C);
+    b.fc = Linear(&s, p + "mlp.fc", C, 4 * C, pc.For(p + "mlp.fc"));
+    b.mlp_proj = Linear(&s, p + "mlp.proj", 4 * C, C, pc.For(p + "mlp.proj"));
     m->blocks_.push_back(std::move(b));
   }
   m->lnfw_ = s.Add("lnf.weight", {C}, false);
@@ -134,7 +137,7 @@ void Gpt::Allocate(int B, int T) {
 const float* Gpt::block_output(int l) const { return acts_[l].res3.data(); }
 
 absl::StatusOr<double> Gpt::Forward(const int32_t* inputs, const int32_t* targets, int B,
-                                    int T) {
+                                    int T, bool training) {
   if (B <= 0 || T <= 0 || T > config_.max_seq_len) {
     return absl::InvalidArgumentError(absl::StrCat("batch shape B=", B, " T=", T,
                                                    " must be positive with T <= max_seq_len ",
@@ -148,6 +151,7 @@ absl::StatusOr<double> Gpt::Forward(const int32_t* inputs, const int32_t* target
     }
   }
   Allocate(B, T);
+  training_ = training;
   std::copy(inputs, inputs + N, inputs_.begin());
   ops::encoder_forward(encoded_.data(), inputs, store_.param(wte_), store_.param(wpe_), B, T, C);
   const float* x = encoded_.data();
@@ -156,33 +160,46 @@ absl::StatusOr<double> Gpt::Forward(const int32_t* inputs, const int32_t* target
     BlockActs& a = acts_[l];
     ops::layernorm_forward(a.ln1.data(), a.ln1_mean.data(), a.ln1_rstd.data(), x,
                            store_.param(b.ln1w), store_.param(b.ln1b), N, C);
-    b.qkv.Forward(a.qkv.data(), a.ln1.data(), N);
+    RETURN_IF_ERROR(blocks_[l].qkv.Forward(a.qkv.data(), a.ln1.data(), N, training));
     ops::attention_forward(a.atty.data(), a.att.data(), a.qkv.data(), B, T, C, NH);
-    b.attn_proj.Forward(a.res2.data(), a.atty.data(), N);
+    RETURN_IF_ERROR(blocks_[l].attn_proj.Forward(a.res2.data(), a.atty.data(), N, training));
     ops::residual_forward(a.res2.data(), a.res2.data(), x, static_cast<int64_t>(N) * C);
     ops::layernorm_forward(a.ln2.data(), a.ln2_mean.data(), a.ln2_rstd.data(), a.res2.data(),
                            store_.param(b.ln2w), store_.param(b.ln2b), N, C);
-    b.fc.Forward(a.fch.data(), a.ln2.data(), N);
+    RETURN_IF_ERROR(blocks_[l].fc.Forward(a.fch.data(), a.ln2.data(), N, training));
     ops::gelu_forward(a.fch_gelu.data(), a.fch.data(), static_cast<int64_t>(N) * 4 * C);
-    b.mlp_proj.Forward(a.res3.data(), a.fch_gelu.data(), N);
+    RETURN_IF_ERROR(blocks_[l].mlp_proj.Forward(a.res3.data(), a.fch_gelu.data(), N, training));
     ops::residual_forward(a.res3.data(), a.res3.data(), a.res2.data(),
                           static_cast<int64_t>(N) * C);
     x = a.res3.data();
   }
   ops::layernorm_forward(lnf_.data(), lnf_mean_.data(), lnf_rstd_.data(), x,
                          store_.param(lnfw_), store_.param(lnfb_), N, C);
+  tweo_loss_ = 0;
+  if (config_.tweo.enabled) {
+    const TweoOptions& tw = config_.tweo;
+    for (int l = 0; l < config_.n_layer; ++l) {
+      tweo_loss_ += ops::tweo_forward(acts_[l].res3.data(), static_cast<int64_t>(N) * C, tw.tau,
+                                      tw.p, tw.eps);
+    }
+    tweo_loss_ *= tw.lambda / config_.n_layer;
+  }
   if (targets == nullptr) return 0.0;
   std::copy(targets, targets + N, targets_.begin());
   return ops::lm_head_crossentropy_forward(losses_.data(), probs_.data(), lnf_.data(),
                                            store_.param(wte_), targets, N, C, V);
 }
 
-void Gpt::Backward(float loss_scale) {
+absl::Status Gpt::Backward(float loss_scale, const float* extra_dlogits) {
   const int B = B_, T = T_, N = B * T, C = config_.n_embd, V = config_.vocab_size,
             NH = config_.n_head, L = config_.n_layer;
   Zero(dlnf_);
   ops::lm_head_crossentropy_backward(dlnf_.data(), store_.grad(wte_), probs_.data(), lnf_.data(),
                                      store_.param(wte_), targets_.data(), N, C, V, loss_scale);
+  if (extra_dlogits != nullptr) {
+    ops::matmul_backward(dlnf_.data(), store_.grad(wte_), static_cast<float*>(nullptr),
+                         extra_dlogits, lnf_.data(), store_.param(wte_), N, C, V);
+  }
   // dres_ carries d loss / d residual stream, flowing down through the blocks.
   Zero(dres_);
   const float* top = L > 0 ? acts_[L - 1].res3.data() : encoded_.data();
@@ -192,30 +209,92 @@ void Gpt::Backward(float loss_scale) {
     const Block& b = blocks_[l];
     BlockActs& a = acts_[l];
     const float* x = l > 0 ? acts_[l - 1].res3.data() : encoded_.data();
+    if (config_.tweo.enabled) {
+      // The outlier term's gradient joins the residual stream at this block's output.
+      const TweoOptions& tw = config_.tweo;
+      ops::tweo_backward(dres_.data(), a.res3.data(), static_cast<int64_t>(N) * C, tw.tau, tw.p,
+                         tw.eps, loss_scale * tw.lambda / L);
+    }
     // MLP branch: res3 = res2 + proj(gelu(fc(ln2(res2)))).
     Zero(dfch_gelu_);
-    b.mlp_proj.Backward(dfch_gelu_.data(), dres_.data(), a.fch_gelu.data(), N);
+    RETURN_IF_ERROR(blocks_[l].mlp_proj.Backward(dfch_gelu_.data(), dres_.data(),
+                                                 a.fch_gelu.data(), N, training_));
     Zero(dfch_);
     ops::gelu_backward(dfch_.data(), a.fch.data(), dfch_gelu_.data(),
                        static_cast<int64_t>(N) * 4 * C);
     Zero(dln_);
-    b.fc.Backward(dln_.data(), dfch_.data(), a.ln2.data(), N);
+    RETURN_IF_ERROR(blocks_[l].fc.Backward(dln_.data(), dfch_.data(), a.ln2.data(), N, training_));
     ops::layernorm_backward(dres_.data(), store_.grad(b.ln2w), store_.grad(b.ln2b), dln_.data(),
                             a.res2.data(), store_.param(b.ln2w), a.ln2_mean.data(),
                             a.ln2_rstd.data(), N, C);
     // Attention branch: res2 = x + proj(attn(qkv(ln1(x)))).
     Zero(datty_);
-    b.attn_proj.Backward(datty_.data(), dres_.data(), a.atty.data(), N);
+    RETURN_IF_ERROR(blocks_[l].attn_proj.Backward(datty_.data(), dres_.data(), a.atty.data(), N,
+                                                  training_));
     Zero(dqkv_);
     ops::attention_backward(dqkv_.data(), att_scratch_.data(), datty_.data(), a.qkv.data(),
                             a.att.data(), B, T, C, NH);
     Zero(dln_);
-    b.qkv.Backward(dln_.data(), dqkv_.data(), a.ln1.data(), N);
+    RETURN_IF_ERROR(blocks_[l].qkv.Backward(dln_.data(), dqkv_.data(), a.ln1.data(), N, training_));
     ops::layernorm_backward(dres_.data(), store_.grad(b.ln1w), store_.grad(b.ln1b), dln_.data(), x,
                             store_.param(b.ln1w), a.ln1_mean.data(), a.ln1_rstd.data(), N, C);
   }
   ops::encoder_backward(store_.grad(wte_), store_.grad(wpe_), dres_.data(), inputs_.data(), B, T,
                         C);
+  return absl::OkStatus();
+}
+
+std::vector<BlockStats> Gpt::block_stats() const {
+  std::vector<BlockStats> out(config_.n_layer);
+  const int64_t n = static_cast<int64_t>(B_) * T_ * config_.n_embd;
+  for (int l = 0; l < config_.n_layer && n > 0; ++l) {
+    ops::activation_stats(acts_[l].res3.data(), n, &out[l].peak, &out[l].kurtosis);
+  }
+  return out;
+}
+
+void Gpt::Logits(std::vector<float>* logits) const {
+  const int N = B_ * T_;
+  logits->assign(static_cast<size_t>(N) * config_.vocab_size, 0.0f);
+  ops::matmul_forward(logits->data(), lnf_.data(), store_.param(wte_),
+                      static_cast<const float*>(nullptr), N, config_.n_embd, config_.vocab_size);
+}
+
+std::vector<Linear*> Gpt::linears() {
+  std::vector<Linear*> out;
+  for (Block& b : blocks_) {
+    for (Linear* l : {&b.qkv, &b.attn_proj, &b.fc, &b.mlp_proj}) out.push_back(l);
+  }
+  return out;
+}
+
+absl::Status Gpt::InitQuantizers() {
+  for (Linear* l : linears()) RETURN_IF_ERROR(l->InitQuantizers());
+  return absl::OkStatus();
+}
+
+std::vector<int> Gpt::ApplyRankSchedule(int step) {
+  std::vector<int> reset;
+  for (Linear* l : linears()) l->ApplyRankSchedule(step, &reset);
+  return reset;
+}
+
+std::vector<int> Gpt::phi_ranks() const {
+  std::vector<int> out;
+  for (const Block& b : blocks_) {
+    out.push_back(std::max({b.qkv.phi_rank(), b.attn_proj.phi_rank(), b.fc.phi_rank(),
+                            b.mlp_proj.phi_rank()}));
+  }
+  return out;
+}
+
+void Gpt::SaveStateToBuffers() {
+  for (Linear* l : linears()) l->SaveStateToBuffers();
+}
+
+absl::Status Gpt::RestoreStateFromBuffers() {
+  for (Linear* l : linears()) RETURN_IF_ERROR(l->RestoreStateFromBuffers());
+  return absl::OkStatus();
 }
 
 }  // namespace qtrain

@@ -10,8 +10,15 @@
 #include "absl/status/statusor.h"
 #include "trainer/linear.h"
 #include "trainer/param_store.h"
+#include "trainer/precision.h"
 
 namespace qtrain {
+
+// TWEO: L += lambda * (1/L_blocks) * sum_l mean((|A_l| / (tau + eps))^p) over block outputs.
+struct TweoOptions {
+  bool enabled = false;
+  double lambda = 0.01, tau = 3.0, p = 4.0, eps = 1e-6;
+};
 
 struct GptConfig {
   int n_layer = 0;
@@ -19,6 +26,13 @@ struct GptConfig {
   int n_head = 0;
   int vocab_size = 256;
   int max_seq_len = 0;
+  PrecisionConfig precision;  // per-Linear modes (default: all full precision)
+  TweoOptions tweo;
+};
+
+// Per block: the largest |activation| of its output and the output's kurtosis.
+struct BlockStats {
+  double peak = 0, kurtosis = 0;
 };
 
 class Gpt {
@@ -30,13 +44,36 @@ class Gpt {
   // layernorm weight 1.
   void InitWeights(uint64_t seed, float std);
 
-  // Runs the model on inputs (B,T). With targets (B,T), returns the mean cross-entropy and
-  // keeps what Backward needs; without, returns 0 and computes the final hidden states only.
-  // B and T may change between calls (buffers grow); T <= max_seq_len.
-  absl::StatusOr<double> Forward(const int32_t* inputs, const int32_t* targets, int B, int T);
+  // Runs the model on inputs (B,T). With targets (B,T), returns the mean cross-entropy (the
+  // task loss; the TWEO term is tweo_loss()) and keeps what Backward needs; without, returns 0
+  // and computes the final hidden states only. B and T may change between calls; T <=
+  // max_seq_len. `training` lets quantizers advance their state (evaluation does not).
+  absl::StatusOr<double> Forward(const int32_t* inputs, const int32_t* targets, int B, int T,
+                                 bool training = false);
 
-  // Accumulates into the gradients d(loss_scale * mean loss)/d params of the last Forward.
-  void Backward(float loss_scale);
+  // Accumulates into the gradients d(loss_scale * (task loss + TWEO term))/d params of the last
+  // Forward. extra_dlogits (B*T, V), when given, is added to the gradient of the logits
+  // (distillation).
+  absl::Status Backward(float loss_scale, const float* extra_dlogits = nullptr);
+
+  // TWEO term of the last Forward (0 when disabled).
+  double tweo_loss() const { return tweo_loss_; }
+  // Peak |A_l| and kurtosis of each block output of the last Forward.
+  std::vector<BlockStats> block_stats() const;
+  // Logits (B*T, V) of the last Forward: final hidden states @ wte^T.
+  void Logits(std::vector<float>* logits) const;
+
+  // Quantizers: step init from the current weights and Phi init (call once weights are final,
+  // not after a resume); QVGen rank decay for the step about to run (returns the parameter
+  // tensors whose optimizer state must be reset); per-block Phi rank (max over its Linears).
+  absl::Status InitQuantizers();
+  std::vector<int> ApplyRankSchedule(int step);
+  std::vector<int> phi_ranks() const;
+  // Non-trainable state (FP8 scalers) <-> checkpoint buffers.
+  void SaveStateToBuffers();
+  absl::Status RestoreStateFromBuffers();
+  // Every Linear, block by block (qkv, attn.proj, mlp.fc, mlp.proj).
+  std::vector<Linear*> linears();
 
   ParamStore& params() { return store_; }
   const ParamStore& params() const { return store_; }
@@ -73,6 +110,8 @@ class Gpt {
   std::vector<BlockActs> acts_;
   // Backward scratch.
   std::vector<float> dres_, dln_, dqkv_, datty_, dfch_, dfch_gelu_, att_scratch_, dlnf_;
+  double tweo_loss_ = 0;
+  bool training_ = false;
 };
 
 }  // namespace qtrain

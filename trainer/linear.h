@@ -1,37 +1,104 @@
-// One Linear layer of the model: y (N,OC) = x (N,C) @ W (OC,C)^T + b. The place where each
-// Linear's precision mode (full, fp8, qat + low-rank Phi) lives, so the model code above it
-// never changes with precision.
+// One Linear layer of the model: y (N,OC) = x (N,C) @ W (OC,C)^T + b, in the precision the job
+// spec gives it. The place where each Linear's precision mode lives, so the model code above
+// it never changes with precision:
+//   kFull: plain fp32 (CPU reference).
+//   kFp8:  x, W quantized to E4M3 and the output gradient to E5M2 (HYBRID), per-tensor delayed
+//          or current scaling, all three GEMMs on the FP8 values, straight-through to x and W.
+//   kQat:  LSQ/LSQ+ fake quantization of W (per channel or group, learned steps) and of x
+//          (per tensor with a learned step, or per token, dynamic), plus QVGen's auxiliary
+//          low-rank module Phi: y += L diag(gamma) R Q(x), which decays to rank 0.
 #ifndef QTRAIN_TRAINER_LINEAR_H_
 #define QTRAIN_TRAINER_LINEAR_H_
 
+#include <memory>
 #include <string>
+#include <vector>
 
+#include "absl/status/status.h"
+#include "ops/quant/fp8.h"
+#include "ops/quant/lsq.h"
 #include "trainer/param_store.h"
+#include "trainer/precision.h"
 
 namespace qtrain {
 
 class Linear {
  public:
   Linear() = default;
-  // Registers weight (OC,C) and bias (OC) in `store` as "<name>.weight" / "<name>.bias".
-  Linear(ParamStore* store, const std::string& name, int in_features, int out_features);
+  // Registers weight (OC,C), bias (OC) and the mode's parameters and buffers in `store` as
+  // "<name>.weight", "<name>.bias", "<name>.w_scale", ... (see linear.cc).
+  Linear(ParamStore* store, const std::string& name, int in_features, int out_features,
+         const LinearOptions& options = {});
 
   const std::string& name() const { return name_; }
   int in_features() const { return in_; }
   int out_features() const { return out_; }
   int weight_index() const { return w_; }
   int bias_index() const { return b_; }
+  const LinearOptions& options() const { return opt_; }
 
-  // out (N,OC) = inp (N,C) W^T + b.
-  void Forward(float* out, const float* inp, int N) const;
-  // dinp (N,C) +=, dW +=, db += from dout (N,OC). dinp may be null.
-  void Backward(float* dinp, const float* dout, const float* inp, int N) const;
+  // out (N,OC) from inp (N,C). With training, quantizer state advances (FP8 amax histories,
+  // first-batch activation step init); evaluation leaves it alone.
+  absl::Status Forward(float* out, const float* inp, int N, bool training);
+  // dinp (N,C) +=, and every parameter gradient +=, from dout (N,OC) of the last Forward.
+  absl::Status Backward(float* dinp, const float* dout, const float* inp, int N, bool training);
+
+  // Sets the weight quantizers' steps from the current weights (LSQ init or MSE search) and
+  // Phi from the rank-r SVD of W - Q(W). Activation steps initialise on the next training
+  // Forward. Call after the weights are final (init or loaded), not after a resume.
+  absl::Status InitQuantizers();
+  // Rank decay (QVGen) for the 0-based step about to run: sets gamma, and at period ends drops
+  // the bottom half and re-factorises by SVD. Appends the indices of re-factorised parameter
+  // tensors (whose optimizer moments no longer mean anything) to `reset`.
+  void ApplyRankSchedule(int step, std::vector<int>* reset);
+  // Current rank of Phi (0 when absent or decayed away).
+  int phi_rank() const;
+  // Activation quantizer statistics for PTQ calibration: while calibrating, Forward records
+  // max |x| and does not quantize activations.
+  void set_calibrating(bool on) { calibrating_ = on; }
+  float calibrated_amax() const { return calib_amax_; }
+  // Sets a per-tensor static activation step s = amax / Qp (PTQ).
+  absl::Status SetActivationStepFromAmax(float amax);
+
+  // FP8 scaler state <-> checkpoint buffers.
+  void SaveStateToBuffers();
+  absl::Status RestoreStateFromBuffers();
+
+  // The weight the forward uses: Q(W) (+ L diag(gamma) R folded in when fold_phi), (OC,C).
+  absl::Status EffectiveWeight(std::vector<float>* w, bool fold_phi);
+  ops::LsqConfig weight_lsq_config() const;
+  ops::LsqConfig act_lsq_config() const;
+  int w_scale_index() const { return ws_; }
+  int w_zero_index() const { return wz_; }
+  int x_scale_index() const { return xs_; }
+  int x_zero_index() const { return xz_; }
 
  private:
+  absl::Status QuantizeWeight();
+  absl::Status ForwardQat(float* out, const float* inp, int N, bool training);
+  absl::Status BackwardQat(float* dinp, const float* dout, const float* inp, int N);
+  absl::Status ForwardFp8(float* out, const float* inp, int N, bool training);
+  absl::Status BackwardFp8(float* dinp, const float* dout, int N, bool training);
+  void ClampSteps();
+
   ParamStore* store_ = nullptr;
   std::string name_;
   int in_ = 0, out_ = 0;
+  LinearOptions opt_;
   int w_ = -1, b_ = -1;
+  // QAT: weight step/offset (params), activation step/offset (params), init flags (buffer).
+  int ws_ = -1, wz_ = -1, xs_ = -1, xz_ = -1, qinit_ = -1;
+  // Phi: L (OC, r), R (r, C) (params); rank and gamma (buffers).
+  int phi_l_ = -1, phi_r_ = -1, phi_rank_ = -1, phi_gamma_ = -1, rmax_ = 0;
+  // FP8 scalers for x, W, dout and their checkpoint buffers.
+  std::vector<ops::DelayedScaler> scalers_;
+  int fp8_hist_ = -1, fp8_scale_ = -1;
+
+  bool calibrating_ = false;
+  float calib_amax_ = 0;
+
+  // Saved for backward / scratch.
+  std::vector<float> xq_, wq_, gq_, dxq_, dwq_, hidden_;
 };
 
 }  // namespace qtrain

@@ -16,6 +16,7 @@
 #include "trainer/checkpoint.h"
 #include "trainer/data_loader.h"
 #include "trainer/gpt.h"
+#include "trainer/model_setup.h"
 #include "trainer/metrics.h"
 #include "trainer/optimizer.h"
 #include "trainer/rng.h"
@@ -67,9 +68,19 @@ absl::StatusOr<RunResult> RunTraining(const JobSpec& spec, const RunOptions& opt
   const ModelSpec& ms = spec.model();
   const TrainingSpec& ts = spec.training();
   const int B = ts.batch_size(), T = ts.seq_len(), accum = ts.grad_accum();
-  GptConfig gc{ms.n_layer(), ms.n_embd(), ms.n_head(), ms.vocab_size(), ms.max_seq_len()};
+  ASSIGN_OR_RETURN(GptConfig gc, ModelConfigFromSpec(spec));
   ASSIGN_OR_RETURN(std::unique_ptr<Gpt> model, Gpt::Create(gc));
   model->InitWeights(spec.seed(), ms.init_std());
+  if (!ts.init_from().empty() && options.resume.empty()) {
+    ASSIGN_OR_RETURN(int loaded, LoadWeights(ts.init_from(), &model->params(), IsQuantizerParam));
+    if (!options.quiet) {
+      std::printf("initialised %d weight tensors from %s\n", loaded, ts.init_from().c_str());
+    }
+  }
+  std::unique_ptr<Teacher> teacher;
+  if (!spec.precision().distill().teacher_checkpoint().empty()) {
+    ASSIGN_OR_RETURN(teacher, Teacher::Load(spec));
+  }
 
   const OptimizerSpec& os = spec.optimizer();
   AdamWConfig ac{os.beta1(), os.beta2(), os.eps(), os.weight_decay(), os.grad_clip()};
@@ -90,10 +101,14 @@ absl::StatusOr<RunResult> RunTraining(const JobSpec& spec, const RunOptions& opt
       ASSIGN_OR_RETURN(path, LatestCheckpoint(out_dir));
     }
     ASSIGN_OR_RETURN(TrainState state, LoadCheckpoint(path, &model->params(), &optimizer));
+    RETURN_IF_ERROR(model->RestoreStateFromBuffers());
     RETURN_IF_ERROR(train->Seek(state.data));
     ASSIGN_OR_RETURN(rng, Rng::Deserialize(state.rng));
     start_step = state.step;
     if (!options.quiet) std::printf("resumed from %s at step %d\n", path.c_str(), start_step);
+  } else {
+    // Quantizer steps and Phi start from the final initial weights (random or init_from).
+    RETURN_IF_ERROR(model->InitQuantizers());
   }
   ASSIGN_OR_RETURN(MetricsLog metrics,
                    MetricsLog::Open(out_dir + "/metrics.jsonl",
@@ -120,13 +135,26 @@ absl::StatusOr<RunResult> RunTraining(const JobSpec& spec, const RunOptions& opt
   for (int step = start_step; step < steps; ++step) {
     const auto t0 = Clock::now();
     const float lr = schedule.LrAt(step);
+    // QVGen rank decay; re-factorised Phi tensors start their optimizer state afresh.
+    for (int idx : model->ApplyRankSchedule(step)) {
+      const ParamInfo& info = model->params().info(idx);
+      std::fill_n(optimizer.m().begin() + info.offset, info.size, 0.0f);
+      std::fill_n(optimizer.v().begin() + info.offset, info.size, 0.0f);
+    }
     model->params().ZeroGrads();
-    double loss = 0;
+    double loss = 0, tweo = 0, distill = 0;
     for (int micro = 0; micro < accum; ++micro) {
       RETURN_IF_ERROR(train->Next(x.data(), y.data()));
-      ASSIGN_OR_RETURN(double l, model->Forward(x.data(), y.data(), B, T));
-      model->Backward(1.0f / accum);
+      ASSIGN_OR_RETURN(double l, model->Forward(x.data(), y.data(), B, T, /*training=*/true));
+      const float* dlogits = nullptr;
+      if (teacher) {
+        ASSIGN_OR_RETURN(double d, teacher->Loss(model.get(), x.data(), B, T, 1.0f / accum));
+        distill += d / accum;
+        dlogits = teacher->dlogits();
+      }
+      RETURN_IF_ERROR(model->Backward(1.0f / accum, dlogits));
       loss += l / accum;
+      tweo += model->tweo_loss() / accum;
     }
     if (!std::isfinite(loss)) {
       return absl::InternalError(absl::StrCat("train loss became ", loss, " at step ", step + 1,
@@ -144,6 +172,7 @@ absl::StatusOr<RunResult> RunTraining(const JobSpec& spec, const RunOptions& opt
     const int done = step + 1;
     MetricRow row = {{"train_loss", loss}, {"lr", lr}, {"grad_norm", grad_norm},
                      {"tokens_per_s", tok_s}, {"step_ms", seconds * 1e3}};
+    AddModelMetrics(*model, spec, tweo, distill, teacher != nullptr, &row);
     const bool last = done == steps;
     if ((eval_every > 0 && done % eval_every == 0) || last) {
       ASSIGN_OR_RETURN(double vl, Evaluate(model.get(), val.get(), spec.eval().batches(), B, T));
@@ -161,6 +190,7 @@ absl::StatusOr<RunResult> RunTraining(const JobSpec& spec, const RunOptions& opt
       std::fflush(stdout);
     }
     if ((ckpt_every > 0 && done % ckpt_every == 0) || last) {
+      model->SaveStateToBuffers();
       TrainState state{done, train->position(), rng.Serialize(), spec_text};
       RETURN_IF_ERROR(SaveCheckpoint(out_dir, model->params(), &optimizer, state,
                                      spec.checkpoint().keep_last()));

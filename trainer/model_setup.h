@@ -1,0 +1,48 @@
+// From a validated job spec to the model's C++ config, plus the pieces of a step that depend
+// on the precision block: the distillation teacher and the per-block model metrics.
+#ifndef QTRAIN_TRAINER_MODEL_SETUP_H_
+#define QTRAIN_TRAINER_MODEL_SETUP_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "configs/job_spec.pb.h"
+#include "ops/distill.h"
+#include "trainer/gpt.h"
+#include "trainer/metrics.h"
+
+namespace qtrain {
+
+absl::StatusOr<GptConfig> ModelConfigFromSpec(const JobSpec& spec);
+
+// Parameters that a full-precision checkpoint lacks and InitQuantizers sets: LSQ steps and
+// offsets, Phi factors.
+bool IsQuantizerParam(const std::string& name);
+
+// A frozen full-precision copy of the model, loaded from precision.distill.teacher_checkpoint.
+class Teacher {
+ public:
+  static absl::StatusOr<std::unique_ptr<Teacher>> Load(const JobSpec& spec);
+  // Runs the teacher on inputs (B,T), compares with the student's logits of its last Forward
+  // and returns the distillation loss; dlogits() then holds scale * weight * d loss / d logits.
+  absl::StatusOr<double> Loss(const Gpt* student, const int32_t* inputs, int B, int T,
+                              float scale);
+  const float* dlogits() const { return dlogits_.data(); }
+
+ private:
+  std::unique_ptr<Gpt> model_;
+  ops::DistillLoss loss_ = ops::DistillLoss::kMse;
+  float weight_ = 1;
+  std::vector<float> teacher_logits_, student_logits_, dlogits_;
+};
+
+// Adds per-step model metrics: tweo_loss, distill_loss, and per block l "peak_act.l",
+// "kurtosis.l" (block output statistics) and "phi_rank.l" when Phi is on.
+void AddModelMetrics(const Gpt& model, const JobSpec& spec, double tweo, double distill,
+                     bool has_teacher, MetricRow* row);
+
+}  // namespace qtrain
+
+#endif  // QTRAIN_TRAINER_MODEL_SETUP_H_

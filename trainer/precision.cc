@@ -1,0 +1,84 @@
+// PrecisionConfig: job spec precision block -> per-Linear options.
+#include "trainer/precision.h"
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+
+namespace qtrain {
+namespace {
+
+LinearMode ModeOf(LinearPrecision p) {
+  switch (p) {
+    case FP8:
+      return LinearMode::kFp8;
+    case QAT:
+      return LinearMode::kQat;
+    default:
+      return LinearMode::kFull;
+  }
+}
+
+ops::QuantGranularity GranularityOf(qtrain::QuantGranularity g) {
+  switch (g) {
+    case qtrain::PER_TENSOR:
+      return ops::QuantGranularity::kPerTensor;
+    case qtrain::PER_GROUP:
+      return ops::QuantGranularity::kPerGroup;
+    default:
+      return ops::QuantGranularity::kPerChannel;
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<PrecisionConfig> PrecisionConfig::FromSpec(const PrecisionSpec& spec) {
+  PrecisionConfig c;
+  LinearOptions& o = c.base_;
+  o.mode = ModeOf(spec.linear());
+  o.fp8.delayed = spec.fp8().scaling() != CURRENT;
+  o.fp8.history_len = spec.fp8().amax_history_len() > 0 ? spec.fp8().amax_history_len() : 16;
+  o.fp8.margin = spec.fp8().margin();
+  const QatSpec& q = spec.qat();
+  o.qat.weight_bits = q.weight_bits() > 0 ? q.weight_bits() : 4;
+  o.qat.weight_granularity = GranularityOf(q.weight_granularity());
+  o.qat.group_size = q.group_size() > 0 ? q.group_size() : 128;
+  o.qat.weight_asymmetric = q.weight_asymmetric();
+  o.qat.act_bits = q.act_bits();
+  if (q.act_bits() == 0) {
+    o.qat.act = ActQuant::kNone;
+  } else if (q.act_granularity() == qtrain::PER_TOKEN) {
+    o.qat.act = ActQuant::kPerToken;
+  } else {
+    o.qat.act = ActQuant::kPerTensor;
+  }
+  o.qat.act_asymmetric = q.act_asymmetric();
+  o.qat.scale_init = q.scale_init() == MSE_SEARCH ? ops::LsqInit::kMseSearch : ops::LsqInit::kLsq;
+  const AuxLowRankSpec& a = spec.aux_lowrank();
+  o.phi.enabled = a.enabled();
+  o.phi.rank = a.rank() > 0 ? a.rank() : 32;
+  o.phi.decay_period = a.decay_period();
+  o.phi.start_step = a.start_step();
+  for (const LayerOverride& ov : spec.overrides()) {
+    c.overrides_.emplace_back(ov.match(), ModeOf(ov.precision()));
+  }
+  return c;
+}
+
+bool PrecisionConfig::Matches(const std::string& pattern, const std::string& name) {
+  if (pattern == "*") return true;
+  if (absl::EndsWith(pattern, ".*")) {
+    return absl::StartsWith(name, pattern.substr(0, pattern.size() - 1));
+  }
+  return pattern == name;
+}
+
+LinearOptions PrecisionConfig::For(const std::string& linear_name) const {
+  LinearOptions o = base_;
+  for (const auto& [pattern, mode] : overrides_) {
+    if (Matches(pattern, linear_name)) o.mode = mode;
+  }
+  if (o.mode != LinearMode::kQat) o.phi.enabled = false;
+  return o;
+}
+
+}  // namespace qtrain

@@ -1,0 +1,69 @@
+// Per-Linear precision, resolved from the job spec's precision block (default + overrides):
+// the validated C++ form that trainer/linear.h consumes.
+#ifndef QTRAIN_TRAINER_PRECISION_H_
+#define QTRAIN_TRAINER_PRECISION_H_
+
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "configs/job_spec.pb.h"
+#include "ops/quant/fp8.h"
+#include "ops/quant/lsq.h"
+
+namespace qtrain {
+
+enum class LinearMode { kFull, kFp8, kQat };
+
+struct Fp8Options {
+  bool delayed = true;  // false: current scaling
+  int history_len = 16;
+  int margin = 0;
+};
+
+enum class ActQuant { kNone, kPerTensor, kPerToken };
+
+struct QatOptions {
+  int weight_bits = 4;
+  ops::QuantGranularity weight_granularity = ops::QuantGranularity::kPerChannel;
+  int group_size = 128;
+  bool weight_asymmetric = false;
+  int act_bits = 0;  // 0: activations stay in full precision
+  ActQuant act = ActQuant::kNone;
+  bool act_asymmetric = false;
+  ops::LsqInit scale_init = ops::LsqInit::kLsq;
+};
+
+struct PhiOptions {
+  bool enabled = false;
+  int rank = 32;
+  int decay_period = 0;  // 0: no decay, Phi stays at full rank
+  int start_step = 0;
+};
+
+struct LinearOptions {
+  LinearMode mode = LinearMode::kFull;
+  Fp8Options fp8;
+  QatOptions qat;
+  PhiOptions phi;  // only on kQat Linears
+};
+
+// The precision of every Linear of a model: a default and ordered overrides by name pattern.
+class PrecisionConfig {
+ public:
+  static absl::StatusOr<PrecisionConfig> FromSpec(const PrecisionSpec& spec);
+  // The options of the Linear named e.g. "block.3.attn.qkv"; the last matching override wins.
+  LinearOptions For(const std::string& linear_name) const;
+  // True when `pattern` ("*", "block.<i>.*", "block.<i>.attn.qkv", ...) names `linear_name`.
+  static bool Matches(const std::string& pattern, const std::string& linear_name);
+
+  const LinearOptions& base() const { return base_; }
+
+ private:
+  LinearOptions base_;
+  std::vector<std::pair<std::string, LinearMode>> overrides_;
+};
+
+}  // namespace qtrain
+
+#endif  // QTRAIN_TRAINER_PRECISION_H_
