@@ -2,6 +2,7 @@
 #include "trainer/gpt.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -32,11 +33,11 @@ TEST(Gpt, InitialLossNearLogVocab) {
   EXPECT_FALSE(m->Forward(x.data(), y.data(), 2, 17).ok());
 }
 
-// Every parameter tensor's gradient, sampled, against central differences of the loss. The
-// model runs in float, so the step and tolerance are loose; the ops are checked in float64
-// one by one in tests/ops.
-TEST(Gpt, GradientsMatchFiniteDifferences) {
-  auto m = *Gpt::Create({2, 16, 2, 13, 7});
+// Every parameter tensor's gradient, sampled, against central differences of the loss (task
+// loss plus the TWEO term when on). The model runs in float, so the step and tolerance are
+// loose; the ops are checked in float64 one by one in tests/ops.
+void CheckGradients(const GptConfig& config) {
+  auto m = *Gpt::Create(config);
   m->InitWeights(5, 0.3f);  // large init: gradients well above float noise
   const int B = 2, T = 7;
   std::vector<int32_t> x(B * T), y(B * T);
@@ -48,7 +49,8 @@ TEST(Gpt, GradientsMatchFiniteDifferences) {
   ParamStore& p = m->params();
   p.ZeroGrads();
   ASSERT_TRUE(m->Forward(x.data(), y.data(), B, T).ok());
-  m->Backward(1.0f);
+  ASSERT_TRUE(m->Backward(1.0f).ok());
+  auto objective = [&]() { return *m->Forward(x.data(), y.data(), B, T) + m->tweo_loss(); };
   const std::vector<float> grads = p.grads();
   int checked = 0;
   for (const ParamInfo& info : p.infos()) {
@@ -57,9 +59,9 @@ TEST(Gpt, GradientsMatchFiniteDifferences) {
       const float orig = p.params()[i];
       const float h = 1e-2f;
       p.params()[i] = orig + h;
-      const double lp = *m->Forward(x.data(), y.data(), B, T);
+      const double lp = objective();
       p.params()[i] = orig - h;
-      const double lm = *m->Forward(x.data(), y.data(), B, T);
+      const double lm = objective();
       p.params()[i] = orig;
       const double fd = (lp - lm) / (2 * h);
       EXPECT_NEAR(grads[i], fd, 2e-3 + 2e-2 * std::fabs(fd)) << info.name << " elem " << i - info.offset;
@@ -67,6 +69,40 @@ TEST(Gpt, GradientsMatchFiniteDifferences) {
     }
   }
   EXPECT_EQ(checked, 3 * p.size());
+}
+
+TEST(Gpt, GradientsMatchFiniteDifferences) {
+  GptConfig c{2, 16, 2, 13, 7};
+  CheckGradients(c);
+}
+
+TEST(Gpt, GradientsWithTweoMatchFiniteDifferences) {
+  GptConfig c{2, 16, 2, 13, 7};
+  c.tweo.enabled = true;
+  c.tweo.lambda = 0.5;  // large enough to matter against the task loss
+  c.tweo.tau = 1.0;
+  CheckGradients(c);
+}
+
+TEST(Gpt, TweoLossMatchesFormula) {
+  GptConfig c{3, 16, 2, 13, 7};
+  c.tweo.enabled = true;
+  auto m = *Gpt::Create(c);
+  m->InitWeights(2, 0.5f);
+  std::vector<int32_t> x(7, 3), y(7, 4);
+  ASSERT_TRUE(m->Forward(x.data(), y.data(), 1, 7).ok());
+  double want = 0;
+  for (int l = 0; l < 3; ++l) {
+    const float* a = m->block_output(l);
+    double s = 0;
+    for (int i = 0; i < 7 * 16; ++i) s += std::pow(std::fabs(a[i]) / (3.0 + 1e-6), 4.0);
+    want += s / (7 * 16);
+  }
+  want *= 0.01 / 3;
+  EXPECT_NEAR(m->tweo_loss(), want, 1e-9 + 1e-6 * want);
+  const std::vector<BlockStats> st = m->block_stats();
+  ASSERT_EQ(st.size(), 3u);
+  for (const BlockStats& b : st) EXPECT_GT(b.peak, 0);
 }
 
 }  // namespace

@@ -1,0 +1,227 @@
+// Linear in each precision mode: FP8 emulation, QAT with Phi (init = best rank-r fit of the
+// quantization error, rank decay to 0, then the pure quantized path), gradients of Phi.
+#include "trainer/linear.h"
+
+#include <cmath>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "ops/cpu_ops.h"
+#include "ops/lowrank.h"
+#include "ops/quant/fp8.h"
+#include "ops/quant/lsq.h"
+#include "trainer/rng.h"
+
+namespace qtrain {
+namespace {
+
+constexpr int C = 24, OC = 20, N = 5;
+
+std::vector<float> Random(int64_t n, uint64_t seed, float sd = 1.0f) {
+  Rng rng(seed);
+  std::vector<float> v(n);
+  for (float& x : v) x = static_cast<float>(rng.Normal() * sd);
+  return v;
+}
+
+struct Fixture {
+  ParamStore store;
+  Linear lin;
+  Fixture(const LinearOptions& o) {
+    lin = Linear(&store, "l", C, OC, o);
+    store.Finalize();
+    std::vector<float> w = Random(OC * C, 1, 0.5f), b = Random(OC, 2, 0.1f);
+    std::copy(w.begin(), w.end(), store.param(lin.weight_index()));
+    std::copy(b.begin(), b.end(), store.param(lin.bias_index()));
+  }
+};
+
+LinearOptions QatOptions4(bool phi, int rank = 8, int period = 0) {
+  LinearOptions o;
+  o.mode = LinearMode::kQat;
+  o.qat.weight_bits = 4;
+  o.qat.act = ActQuant::kNone;
+  o.phi.enabled = phi;
+  o.phi.rank = rank;
+  o.phi.decay_period = period;
+  return o;
+}
+
+TEST(Linear, PhiInitIsBestRankRFitOfQuantizationError) {
+  Fixture f(QatOptions4(true, 8));
+  ASSERT_TRUE(f.lin.InitQuantizers().ok());
+  EXPECT_EQ(f.lin.phi_rank(), 8);
+  std::vector<float> qw, eff;
+  ASSERT_TRUE(f.lin.EffectiveWeight(&qw, /*fold_phi=*/false).ok());
+  ASSERT_TRUE(f.lin.EffectiveWeight(&eff, /*fold_phi=*/true).ok());
+  const float* w = f.store.param(f.lin.weight_index());
+  std::vector<float> err(OC * C), L(OC * 8), R(8 * C);
+  double resid = 0;
+  for (int i = 0; i < OC * C; ++i) {
+    err[i] = w[i] - qw[i];
+    resid += double(w[i] - eff[i]) * (w[i] - eff[i]);
+  }
+  std::vector<double> sv;
+  ops::lowrank_factorize(L.data(), R.data(), err.data(), OC, C, 8, 8, &sv);
+  double tail = 0;
+  for (size_t i = 8; i < sv.size(); ++i) tail += sv[i] * sv[i];
+  // Eckart-Young: the residual of Q(W) + L R is exactly the discarded spectrum.
+  EXPECT_NEAR(resid, tail, 1e-4 * tail);
+  EXPECT_GT(sv[0], 0.0);
+}
+
+TEST(Linear, RankDecayHalvesEachPeriodThenPhiIsGone) {
+  const int T = 4;
+  Fixture f(QatOptions4(true, 8, T));
+  ASSERT_TRUE(f.lin.InitQuantizers().ok());
+  std::vector<int> expected_rank = {8, 4, 2, 1, 0, 0};
+  for (int step = 0; step < 6 * T; ++step) {
+    std::vector<int> reset;
+    f.lin.ApplyRankSchedule(step, &reset);
+    const int period = step / T;
+    EXPECT_EQ(f.lin.phi_rank(), expected_rank[period]) << "step " << step;
+    // A re-factorisation happens exactly at the first step of periods 1..4.
+    EXPECT_EQ(!reset.empty(), step % T == 0 && period >= 1 && period <= 4) << "step " << step;
+    const std::vector<float>& gamma = f.store.buffer(f.store.num_buffers() - 1);
+    const int k = f.lin.phi_rank();
+    const float u = 0.5f * (1 + std::cos(float(M_PI) * (step % T) / T));
+    for (int j = 0; j < 8; ++j) {
+      const float want = j < k / 2 ? 1.0f : (j < k ? u : 0.0f);
+      EXPECT_FLOAT_EQ(gamma[j], want) << "step " << step << " component " << j;
+    }
+  }
+  // Rank 0: the output is exactly the quantized path Q(x) Q(W)^T + b.
+  std::vector<float> x = Random(N * C, 3), out(N * OC), ref(N * OC), qw;
+  ASSERT_TRUE(f.lin.Forward(out.data(), x.data(), N, true).ok());
+  ASSERT_TRUE(f.lin.EffectiveWeight(&qw, true).ok());
+  ops::matmul_forward(ref.data(), x.data(), qw.data(), f.store.param(f.lin.bias_index()), N, C, OC);
+  for (int i = 0; i < N * OC; ++i) EXPECT_EQ(out[i], ref[i]) << i;
+}
+
+TEST(Linear, RefactorisationKeepsTheTopHalfProduct) {
+  Fixture f(QatOptions4(true, 8, 2));
+  ASSERT_TRUE(f.lin.InitQuantizers().ok());
+  std::vector<int> reset;
+  f.lin.ApplyRankSchedule(0, &reset);
+  // Expected after the period: L[:, :4] R[:4, :].
+  const float* L = f.store.param(f.lin.weight_index() + 3);  // weight, bias, w_scale, phi_l
+  const float* R = f.store.param(f.lin.weight_index() + 4);
+  std::vector<double> want(OC * C, 0.0);
+  for (int o = 0; o < OC; ++o)
+    for (int j = 0; j < 4; ++j)
+      for (int c = 0; c < C; ++c) want[o * C + c] += double(L[o * 8 + j]) * R[j * C + c];
+  f.lin.ApplyRankSchedule(2, &reset);
+  ASSERT_EQ(f.lin.phi_rank(), 4);
+  for (int o = 0; o < OC; ++o)
+    for (int c = 0; c < C; ++c) {
+      double got = 0;
+      for (int j = 0; j < 4; ++j) got += double(L[o * 8 + j]) * R[j * C + c];
+      EXPECT_NEAR(got, want[o * C + c], 1e-5);
+    }
+  for (int o = 0; o < OC; ++o)
+    for (int j = 4; j < 8; ++j) EXPECT_EQ(L[o * 8 + j], 0.0f);
+}
+
+// d(sum(dout * out))/d(L, R) against central differences (Phi is smooth in L and R).
+TEST(Linear, PhiGradientsMatchFiniteDifferences) {
+  Fixture f(QatOptions4(true, 4));
+  ASSERT_TRUE(f.lin.InitQuantizers().ok());
+  const int l_idx = f.lin.weight_index() + 3, r_idx = f.lin.weight_index() + 4;
+  ASSERT_EQ(f.store.info(l_idx).name, "l.phi_l");
+  ASSERT_EQ(f.store.info(r_idx).name, "l.phi_r");
+  // Larger factors so the Phi term stands above float noise.
+  for (int idx : {l_idx, r_idx})
+    for (int64_t i = 0; i < f.store.info(idx).size; ++i) f.store.param(idx)[i] *= 5;
+  std::vector<float> x = Random(N * C, 4), dout = Random(N * OC, 5), out(N * OC), dx(N * C, 0);
+  f.store.ZeroGrads();
+  ASSERT_TRUE(f.lin.Forward(out.data(), x.data(), N, true).ok());
+  ASSERT_TRUE(f.lin.Backward(dx.data(), dout.data(), x.data(), N, true).ok());
+  auto objective = [&]() {
+    std::vector<float> o(N * OC);
+    EXPECT_TRUE(f.lin.Forward(o.data(), x.data(), N, false).ok());
+    double s = 0;
+    for (int i = 0; i < N * OC; ++i) s += double(o[i]) * dout[i];
+    return s;
+  };
+  for (int idx : {l_idx, r_idx}) {
+    for (int64_t i = 0; i < f.store.info(idx).size; i += 7) {
+      float* p = f.store.param(idx) + i;
+      const float orig = *p, h = 1e-2f;
+      *p = orig + h;
+      const double up = objective();
+      *p = orig - h;
+      const double down = objective();
+      *p = orig;
+      const double fd = (up - down) / (2 * h);
+      EXPECT_NEAR(f.store.grad(idx)[i], fd, 2e-3 + 1e-3 * std::fabs(fd)) << f.store.info(idx).name << "[" << i << "]";
+    }
+  }
+}
+
+TEST(Linear, Fp8CurrentScalingUsesFp8OperandsInAllThreeGemms) {
+  LinearOptions o;
+  o.mode = LinearMode::kFp8;
+  o.fp8.delayed = false;
+  Fixture f(o);
+  std::vector<float> x = Random(N * C, 6, 3.0f), out(N * OC), ref(N * OC);
+  ASSERT_TRUE(f.lin.Forward(out.data(), x.data(), N, true).ok());
+  const float* w = f.store.param(f.lin.weight_index());
+  std::vector<float> xq(N * C), wq(OC * C);
+  const float sx = ops::fp8_current_scale(ops::amax(x.data(), N * C), ops::Fp8Format::kE4M3);
+  const float sw = ops::fp8_current_scale(ops::amax(w, OC * C), ops::Fp8Format::kE4M3);
+  ASSERT_TRUE(ops::fp8_quantize_dequantize(xq.data(), x.data(), N * C, sx, ops::Fp8Format::kE4M3).ok());
+  ASSERT_TRUE(ops::fp8_quantize_dequantize(wq.data(), w, OC * C, sw, ops::Fp8Format::kE4M3).ok());
+  ops::matmul_forward(ref.data(), xq.data(), wq.data(), f.store.param(f.lin.bias_index()), N, C, OC);
+  for (int i = 0; i < N * OC; ++i) ASSERT_EQ(out[i], ref[i]) << i;
+  // Backward: dgrad and wgrad from the E5M2 gradient and the E4M3 operands.
+  std::vector<float> dout = Random(N * OC, 7, 1e-3f), dx(N * C, 0), dxr(N * C, 0), dwr(OC * C, 0);
+  f.store.ZeroGrads();
+  ASSERT_TRUE(f.lin.Backward(dx.data(), dout.data(), x.data(), N, true).ok());
+  std::vector<float> gq(N * OC);
+  const float sg = ops::fp8_current_scale(ops::amax(dout.data(), N * OC), ops::Fp8Format::kE5M2);
+  ASSERT_TRUE(ops::fp8_quantize_dequantize(gq.data(), dout.data(), N * OC, sg, ops::Fp8Format::kE5M2).ok());
+  int differ = 0;
+  for (int i = 0; i < N * OC; ++i) differ += gq[i] != dout[i];
+  EXPECT_GT(differ, 0) << "E5M2 rounding should change some gradients";
+  ops::matmul_backward(dxr.data(), dwr.data(), static_cast<float*>(nullptr), gq.data(), xq.data(),
+                       wq.data(), N, C, OC);
+  for (int i = 0; i < N * C; ++i) ASSERT_EQ(dx[i], dxr[i]) << i;
+  for (int i = 0; i < OC * C; ++i) ASSERT_EQ(f.store.grad(f.lin.weight_index())[i], dwr[i]) << i;
+}
+
+TEST(Linear, Fp8DelayedScalingUsesHistoryAndSurvivesSaveRestore) {
+  LinearOptions o;
+  o.mode = LinearMode::kFp8;
+  o.fp8.delayed = true;
+  o.fp8.history_len = 3;
+  Fixture f(o);
+  std::vector<float> x = Random(N * C, 8, 100.0f), out(N * OC), out2(N * OC);
+  // First step: scale 1 (no history yet); 100-sigma inputs saturate E4M3's 448 at scale 1.
+  ASSERT_TRUE(f.lin.Forward(out.data(), x.data(), N, true).ok());
+  ASSERT_TRUE(f.lin.Forward(out2.data(), x.data(), N, true).ok());
+  int changed = 0;
+  for (int i = 0; i < N * OC; ++i) changed += out[i] != out2[i];
+  EXPECT_GT(changed, 0) << "the second step should use the scale from the first step's amax";
+  f.lin.SaveStateToBuffers();
+  ParamStore store2;
+  Linear lin2(&store2, "l", C, OC, o);
+  store2.Finalize();
+  store2.params() = f.store.params();
+  for (int i = 0; i < f.store.num_buffers(); ++i) store2.buffer(i) = f.store.buffer(i);
+  ASSERT_TRUE(lin2.RestoreStateFromBuffers().ok());
+  std::vector<float> a(N * OC), b(N * OC);
+  ASSERT_TRUE(f.lin.Forward(a.data(), x.data(), N, true).ok());
+  ASSERT_TRUE(lin2.Forward(b.data(), x.data(), N, true).ok());
+  EXPECT_EQ(a, b);
+}
+
+TEST(Linear, QatRequiresInit) {
+  Fixture f(QatOptions4(false));
+  std::vector<float> x = Random(N * C, 9), out(N * OC);
+  absl::Status s = f.lin.Forward(out.data(), x.data(), N, true);
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("l:"), std::string::npos) << s;
+}
+
+}  // namespace
+}  // namespace qtrain
