@@ -58,11 +58,20 @@ uint8_t BruteForceEncode(double x, Fp8Format f, Fp8Saturation sat) {
   if (std::isnan(x)) return 0x7F;
   const int sign = std::signbit(x) ? 0x80 : 0;
   const double a = std::fabs(x);
-  std::vector<std::pair<int, double>> cands = FiniteNonNegative(f);
-  if (sat == Fp8Saturation::kNoSat) {
-    cands.push_back(f == Fp8Format::kE4M3 ? std::make_pair(0x7F, 480.0)
-                                          : std::make_pair(0x7C, 65536.0));
-  }
+  // Candidate lists per (format, saturation), built once.
+  static const auto* const kCands = [] {
+    auto* c = new std::vector<std::pair<int, double>>[4];
+    for (int i = 0; i < 4; ++i) {
+      const Fp8Format fi = i / 2 ? Fp8Format::kE5M2 : Fp8Format::kE4M3;
+      c[i] = FiniteNonNegative(fi);
+      if (i % 2)
+        c[i].push_back(fi == Fp8Format::kE4M3 ? std::make_pair(0x7F, 480.0)
+                                              : std::make_pair(0x7C, 65536.0));
+    }
+    return c;
+  }();
+  const auto& cands =
+      kCands[(f == Fp8Format::kE5M2 ? 2 : 0) + (sat == Fp8Saturation::kNoSat ? 1 : 0)];
   if (std::isinf(a)) return static_cast<uint8_t>(sign | cands.back().first);
   int best = -1;
   double best_d = INFINITY;
