@@ -174,6 +174,56 @@ absl::Status Linear::SetActivationStepFromAmax(float amax) {
   return absl::OkStatus();
 }
 
+absl::Status Linear::SetWeightStepFromAbsmax() {
+  if (opt_.mode != LinearMode::kQat) {
+    return absl::FailedPreconditionError(absl::StrCat(name_, ": not a QAT Linear"));
+  }
+  const ops::LsqConfig cfg = weight_lsq_config();
+  ASSIGN_OR_RETURN(ops::QuantRange r, ops::quant_range(cfg.bits, cfg.mode));
+  ASSIGN_OR_RETURN(int64_t nscales, ops::lsq_num_scales(cfg, out_, in_));
+  if (cfg.mode != ops::LsqMode::kSymmetric || nscales != 1) {
+    return absl::UnimplementedError(
+        absl::StrCat(name_, ": absmax weight calibration supports symmetric per-tensor steps"));
+  }
+  const float a = ops::amax(store_->param(w_), static_cast<int64_t>(out_) * in_);
+  store_->param(ws_)[0] = a > 0 ? a / r.qp : 1.0f;
+  store_->buffer(qinit_)[0] = 1;
+  return absl::OkStatus();
+}
+
+absl::Status Linear::LoadQuantized(const std::vector<int32_t>& codes,
+                                   const std::vector<float>& steps,
+                                   const std::vector<float>* zeros) {
+  if (opt_.mode != LinearMode::kQat) {
+    return absl::FailedPreconditionError(absl::StrCat(name_, ": not a QAT Linear"));
+  }
+  const int64_t ns = store_->info(ws_).size;
+  if (static_cast<int64_t>(steps.size()) != ns || (wz_ >= 0) != (zeros != nullptr) ||
+      (zeros != nullptr && static_cast<int64_t>(zeros->size()) != ns) ||
+      static_cast<int64_t>(codes.size()) != static_cast<int64_t>(out_) * in_) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        name_, ": exported codes/steps/zero points do not fit the layer (", codes.size(),
+        " codes, ", steps.size(), " steps for ", out_, "x", in_, " with ", ns, " steps)"));
+  }
+  std::copy(steps.begin(), steps.end(), store_->param(ws_));
+  if (zeros != nullptr) std::copy(zeros->begin(), zeros->end(), store_->param(wz_));
+  RETURN_IF_ERROR(ops::lsq_dequantize(store_->param(w_), codes.data(), store_->param(ws_),
+                                      wz_ >= 0 ? store_->param(wz_) : nullptr, out_, in_,
+                                      weight_lsq_config()));
+  store_->buffer(qinit_)[0] = 1;
+  if (phi_rank_ >= 0) store_->buffer(phi_rank_)[0] = 0;
+  return absl::OkStatus();
+}
+
+absl::Status Linear::WeightCodes(std::vector<int32_t>* codes, bool fold_phi) {
+  std::vector<float> w;
+  RETURN_IF_ERROR(EffectiveWeight(&w, fold_phi));
+  codes->resize(w.size());
+  return ops::lsq_quantize_codes(codes->data(), w.data(), store_->param(ws_),
+                                 wz_ >= 0 ? store_->param(wz_) : nullptr, out_, in_,
+                                 weight_lsq_config());
+}
+
 absl::Status Linear::Forward(float* out, const float* inp, int N, bool training) {
   if (calibrating_) {
     const float a = ops::amax(inp, static_cast<int64_t>(N) * in_);

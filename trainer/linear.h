@@ -60,6 +60,17 @@ class Linear {
   // Sets a per-tensor static activation step s = amax / Qp (PTQ).
   absl::Status SetActivationStepFromAmax(float amax);
 
+  // PTQ: per-tensor (or per-scale) weight steps from absmax, s = max|W| / Qp; marks the weight
+  // quantizer initialised.
+  absl::Status SetWeightStepFromAbsmax();
+  // Loads exported integer codes (OC,C) with their steps (and offsets): W becomes the
+  // dequantized weight, so Q(W) reproduces the codes; Phi is absent (rank 0).
+  absl::Status LoadQuantized(const std::vector<int32_t>& codes, const std::vector<float>& steps,
+                             const std::vector<float>* zeros);
+  // Integer codes of Q(W) (optionally of Q(W) + L diag(gamma) R, re-quantized with the same
+  // steps, when Phi has not decayed to 0 yet).
+  absl::Status WeightCodes(std::vector<int32_t>* codes, bool fold_phi);
+
   // FP8 scaler state <-> checkpoint buffers.
   void SaveStateToBuffers();
   absl::Status RestoreStateFromBuffers();

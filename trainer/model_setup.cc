@@ -4,7 +4,9 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "ops/status_macros.h"
+#include "configs/job_spec_loader.h"
 #include "trainer/checkpoint.h"
+#include "trainer/safetensors.h"
 
 namespace qtrain {
 
@@ -61,6 +63,35 @@ absl::StatusOr<double> Teacher::Loss(const Gpt* student, const int32_t* inputs, 
   ops::distill_backward(dlogits_.data(), student_logits_.data(), teacher_logits_.data(), N, V,
                         loss_, scale * weight_);
   return loss;
+}
+
+absl::StatusOr<double> EvaluateLoss(Gpt* model, DataLoader* val, int batches) {
+  val->Reset();
+  const int B = val->B(), T = val->T();
+  std::vector<int32_t> x(static_cast<size_t>(B) * T), y(static_cast<size_t>(B) * T);
+  double sum = 0;
+  for (int i = 0; i < batches; ++i) {
+    RETURN_IF_ERROR(val->Next(x.data(), y.data()));
+    ASSIGN_OR_RETURN(double loss, model->Forward(x.data(), y.data(), B, T));
+    sum += loss;
+  }
+  return sum / batches;
+}
+
+absl::StatusOr<JobSpec> JobSpecFromCheckpoint(const std::string& path) {
+  ASSIGN_OR_RETURN(SafeTensors st, ReadSafeTensors(path));
+  ASSIGN_OR_RETURN(std::string text, st.Meta("job_spec", path));
+  return ParseJobSpec(text, path + " (job_spec metadata)");
+}
+
+absl::StatusOr<std::unique_ptr<Gpt>> LoadModelForEval(const JobSpec& spec,
+                                                      const std::string& checkpoint) {
+  ASSIGN_OR_RETURN(GptConfig gc, ModelConfigFromSpec(spec));
+  ASSIGN_OR_RETURN(std::unique_ptr<Gpt> model, Gpt::Create(gc));
+  ASSIGN_OR_RETURN(TrainState state, LoadCheckpoint(checkpoint, &model->params(), nullptr));
+  (void)state;
+  RETURN_IF_ERROR(model->RestoreStateFromBuffers());
+  return model;
 }
 
 void AddModelMetrics(const Gpt& model, const JobSpec& spec, double tweo, double distill,

@@ -10,6 +10,7 @@
 #include "absl/status/statusor.h"
 #include "configs/job_spec.pb.h"
 #include "ops/distill.h"
+#include "trainer/data_loader.h"
 #include "trainer/gpt.h"
 #include "trainer/metrics.h"
 
@@ -37,6 +38,17 @@ class Teacher {
   float weight_ = 1;
   std::vector<float> teacher_logits_, student_logits_, dlogits_;
 };
+
+// Mean loss over `batches` batches from the start of `val` (the same batches every time).
+absl::StatusOr<double> EvaluateLoss(Gpt* model, DataLoader* val, int batches);
+
+// The job spec a checkpoint or export carries in its metadata ("job_spec"), validated.
+absl::StatusOr<JobSpec> JobSpecFromCheckpoint(const std::string& path);
+
+// A model built from `spec` with the weights, quantizer parameters and buffers of a qtrain
+// checkpoint (no optimizer state), ready to evaluate.
+absl::StatusOr<std::unique_ptr<Gpt>> LoadModelForEval(const JobSpec& spec,
+                                                      const std::string& checkpoint);
 
 // Adds per-step model metrics: tweo_loss, distill_loss, and per block l "peak_act.l",
 // "kurtosis.l" (block output statistics) and "phi_rank.l" when Phi is on.
