@@ -45,8 +45,8 @@ constexpr int kDefaultGradAccum = 1;
 constexpr int kDefaultEvalBatches = 8;
 constexpr int kDefaultKeepLast = 2;
 constexpr int kDefaultLogEvery = 1;
-constexpr char kDefaultTrainPattern[] = "data/brown/train_*.bin";
-constexpr char kDefaultValPattern[] = "data/brown/val_*.bin";
+constexpr char kDefaultTrainPattern[] = "data/brown/mixed_train.bin";
+constexpr char kDefaultValPattern[] = "data/brown/mixed_val.bin";
 constexpr int kDefaultAmaxHistoryLen = 16;
 constexpr int kDefaultAuxRank = 32;
 constexpr float kDefaultTweoLambda = 0.01f;
@@ -651,8 +651,7 @@ absl::Status RejectUnimplemented(const JobSpec& spec) {
   };
   // clang-format off
   if (spec.device() == CUDA) reject("device", "CUDA training");
-  if (spec.optimizer().zero1()) reject("optimizer.zero1", "ZeRO-1 optimizer sharding");
-  reject(ChangedField(spec.distributed(), "distributed"), "data-parallel training");
+  if (spec.distributed().backend() == DistributedSpec::NCCL) reject("distributed.backend", "NCCL data-parallel training (the GPU trainer)");
   reject(ChangedField(spec.parameter_service(), "parameter_service"), "the parameter service");
   reject(ChangedField(spec.federated(), "federated"), "federated training");
   if (spec.data().genres_size() > 0) reject("data.genres", "genre selection");

@@ -201,6 +201,30 @@ absl::StatusOr<PrepareSummary> WriteSplitShards(const std::vector<SourceDocument
     RETURN_IF_ERROR(WriteShard((fs::path(out_dir) / name).string(), tokens));
     summary.shards_written.push_back(name);
   }
+  // One shard per split with the genres interleaved document by document (round robin over
+  // genres in name order), so that a sequential reader sees every genre early: the default
+  // jobs train and evaluate on these; per-genre shards serve genre splits.
+  for (const std::string split : {"train", "val"}) {
+    std::map<std::string, std::vector<const SourceDocument*>> by_genre;
+    for (size_t i = 0; i < docs.size(); ++i) {
+      if (summary.index[i].split == split) by_genre[docs[i].genre].push_back(&docs[i]);
+    }
+    if (by_genre.empty()) continue;
+    std::vector<uint16_t> tokens;
+    for (size_t round = 0;; ++round) {
+      bool any = false;
+      for (const auto& [genre, list] : by_genre) {
+        if (round >= list.size()) continue;
+        any = true;
+        tokens.push_back(kEndOfTextToken);
+        for (unsigned char c : list[round]->text) tokens.push_back(c);
+      }
+      if (!any) break;
+    }
+    const std::string name = absl::StrCat("mixed_", split, ".bin");
+    RETURN_IF_ERROR(WriteShard((fs::path(out_dir) / name).string(), tokens));
+    summary.shards_written.push_back(name);
+  }
 
   std::string tsv = "file\tgenre\tsplit\tshard\toffset\tlength\n";
   for (const IndexEntry& e : summary.index) {
@@ -215,7 +239,8 @@ absl::StatusOr<PrepareSummary> WriteSplitShards(const std::vector<SourceDocument
   std::vector<fs::path> stale;
   for (fs::directory_iterator it(out_dir, ec), end; !ec && it != end; it.increment(ec)) {
     const std::string name = it->path().filename().string();
-    if ((absl::StartsWith(name, "train_") || absl::StartsWith(name, "val_")) &&
+    if ((absl::StartsWith(name, "train_") || absl::StartsWith(name, "val_") ||
+         absl::StartsWith(name, "mixed_")) &&
         absl::EndsWith(name, ".bin") && !written.count(name)) {
       stale.push_back(it->path());
     }

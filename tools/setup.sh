@@ -134,6 +134,7 @@ fetch_corpus() {
 shards_up_to_date() {
   local index="$BROWN_OUT/index.tsv"
   [[ -f "$index" ]] || return 1
+  [[ -f "$BROWN_OUT/mixed_train.bin" && -f "$BROWN_OUT/mixed_val.bin" ]] || return 1
   compgen -G "$BROWN_OUT/train_*.bin" >/dev/null || return 1
   # Any raw file (or the raw folder itself) newer than the index means the shards are stale.
   [[ -z "$(find "$BROWN_RAW" -newer "$index" -print -quit)" ]]

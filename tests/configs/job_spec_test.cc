@@ -225,8 +225,8 @@ TEST(Defaults, EmptyFieldsGetTheDocumentedValues) {
   EXPECT_EQ(spec.model().vocab_size(), 256);
   EXPECT_EQ(spec.model().max_seq_len(), 64);
   EXPECT_FLOAT_EQ(spec.model().init_std(), 0.02f);
-  EXPECT_EQ(spec.data().train_pattern(), "data/brown/train_*.bin");
-  EXPECT_EQ(spec.data().val_pattern(), "data/brown/val_*.bin");
+  EXPECT_EQ(spec.data().train_pattern(), "data/brown/mixed_train.bin");
+  EXPECT_EQ(spec.data().val_pattern(), "data/brown/mixed_val.bin");
   EXPECT_EQ(spec.precision().linear(), FULL);
   EXPECT_EQ(spec.precision().fp8().scaling(), DELAYED);
   EXPECT_EQ(spec.precision().fp8().amax_history_len(), 16);
@@ -691,18 +691,12 @@ struct UnimplementedCase {
 std::vector<UnimplementedCase> UnimplementedCases() {
   return {
       {"cuda", [](JobSpec* s) { s->set_device(CUDA); }, "device"},
-      {"zero1",
+      {"nccl",
        [](JobSpec* s) {
-         s->mutable_optimizer()->set_zero1(true);
-         s->mutable_distributed()->set_backend(DistributedSpec::MPI);
+         s->set_device(CUDA);
+         s->mutable_distributed()->set_backend(DistributedSpec::NCCL);
        },
-       "optimizer.zero1"},
-      {"mpi", [](JobSpec* s) { s->mutable_distributed()->set_backend(DistributedSpec::MPI); },
        "distributed.backend"},
-      {"bucket", [](JobSpec* s) { s->mutable_distributed()->set_bucket_mb(25); },
-       "distributed.bucket_mb"},
-      {"timeout", [](JobSpec* s) { s->mutable_distributed()->set_timeout_s(60); },
-       "distributed.timeout_s"},
       {"parameter service",
        [](JobSpec* s) { s->mutable_parameter_service()->set_address("localhost:50051"); },
        "parameter_service.address"},

@@ -88,7 +88,8 @@ TEST(WriteSplitShardsTest, SplitsByIndexWithinGenre) {
   EXPECT_THAT(splits, ElementsAre("a0:val", "a1:train", "a2:val", "a3:train", "a4:val",
                                   "b0:val", "b1:train", "c0:train"));
   EXPECT_THAT(s->shards_written, ElementsAre("train_a.bin", "train_b.bin", "train_c.bin",
-                                             "val_a.bin", "val_b.bin"));
+                                             "val_a.bin", "val_b.bin", "mixed_train.bin",
+                                             "mixed_val.bin"));
   EXPECT_EQ(s->genres["a"].val_files, 3);
   EXPECT_EQ(s->genres["a"].train_files, 2);
   // Each document: the end-of-text byte + "aN text\n" (8 bytes).
@@ -97,6 +98,15 @@ TEST(WriteSplitShardsTest, SplitsByIndexWithinGenre) {
   ASSERT_TRUE(val_a.ok()) << val_a.status();
   std::string expected = "\x03" "a0 text\n" "\x03" "a2 text\n" "\x03" "a4 text\n";
   EXPECT_EQ(std::string(val_a->begin(), val_a->end()), expected);
+  // The mixed shards interleave genres document by document: a1 b1 c0 a3 / a0 b0 a2 a4.
+  absl::StatusOr<std::vector<uint16_t>> mixed = ReadShard(dir + "/mixed_train.bin", 256);
+  ASSERT_TRUE(mixed.ok()) << mixed.status();
+  EXPECT_EQ(std::string(mixed->begin(), mixed->end()),
+            "\x03" "a1 text\n" "\x03" "b1 text\n" "\x03" "c0 text\n" "\x03" "a3 text\n");
+  mixed = ReadShard(dir + "/mixed_val.bin", 256);
+  ASSERT_TRUE(mixed.ok()) << mixed.status();
+  EXPECT_EQ(std::string(mixed->begin(), mixed->end()),
+            "\x03" "a0 text\n" "\x03" "b0 text\n" "\x03" "a2 text\n" "\x03" "a4 text\n");
 }
 
 TEST(WriteSplitShardsTest, ValEveryZeroMeansNoValidation) {
@@ -104,7 +114,7 @@ TEST(WriteSplitShardsTest, ValEveryZeroMeansNoValidation) {
   absl::StatusOr<PrepareSummary> s =
       WriteSplitShards(Docs({{"a0", "a"}, {"a1", "a"}}), dir, 0);
   ASSERT_TRUE(s.ok()) << s.status();
-  EXPECT_THAT(s->shards_written, ElementsAre("train_a.bin"));
+  EXPECT_THAT(s->shards_written, ElementsAre("train_a.bin", "mixed_train.bin"));
 }
 
 TEST(WriteSplitShardsTest, RemovesStaleShardsButNothingElse) {

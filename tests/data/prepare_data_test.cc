@@ -122,8 +122,9 @@ TEST(PrepareDataTest, BrownCorpusEndToEnd) {
   std::vector<std::string> shards;
   for (const auto& e : fs::directory_iterator(out)) shards.push_back(e.path().filename());
   std::sort(shards.begin(), shards.end());
-  EXPECT_THAT(shards, testing::ElementsAre("index.tsv", "train_a.bin", "train_b.bin",
-                                           "train_r.bin", "val_a.bin", "val_b.bin"));
+  EXPECT_THAT(shards, testing::ElementsAre("index.tsv", "mixed_train.bin", "mixed_val.bin",
+                                           "train_a.bin", "train_b.bin", "train_r.bin",
+                                           "val_a.bin", "val_b.bin"));
 
   auto rows = ReadTsv(out + "/index.tsv");
   ASSERT_EQ(rows.size(), 7u);
