@@ -8,11 +8,14 @@
 #include "ops/adamw.h"
 #include "ops/attention.h"
 #include "ops/crossentropy.h"
+#include "ops/distill.h"
 #include "ops/encoder.h"
 #include "ops/gelu.h"
 #include "ops/grad_norm.h"
 #include "ops/layernorm.h"
+#include "ops/lowrank.h"
 #include "ops/matmul.h"
 #include "ops/residual.h"
+#include "ops/tweo.h"
 
 #endif  // QTRAIN_OPS_CPU_OPS_H_
