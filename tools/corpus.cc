@@ -16,6 +16,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "ops/status_macros.h"
+#include "trainer/atomic_file.h"
 #include "trainer/shard.h"
 
 namespace qtrain {
@@ -32,42 +33,6 @@ absl::Status IoError(const std::string& message) {
   const int err = errno;
   if (err == 0) return absl::UnavailableError(message);
   return absl::ErrnoToStatus(err, message);
-}
-
-absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  std::error_code ec;
-  if (fs::is_directory(path, ec)) {
-    return absl::InvalidArgumentError(absl::StrCat("'", path, "' is a directory, not a file"));
-  }
-  errno = 0;
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return IoError(absl::StrCat("cannot open '", path, "'"));
-  std::ostringstream buf;
-  buf << in.rdbuf();
-  if (in.bad()) return absl::DataLossError(absl::StrCat("error reading '", path, "'"));
-  return buf.str();
-}
-
-// Writes through a temporary file and rename, like the shards, so index.tsv is never partial.
-absl::Status WriteFileAtomic(const std::string& path, const std::string& contents) {
-  const std::string tmp = absl::StrCat(path, ".tmp.", ::getpid());
-  {
-    errno = 0;
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) return IoError(absl::StrCat("cannot create '", tmp, "'"));
-    out << contents;
-    out.flush();
-    if (!out) {
-      std::remove(tmp.c_str());
-      return absl::DataLossError(absl::StrCat("error writing '", tmp, "'"));
-    }
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    absl::Status s = IoError(absl::StrCat("cannot rename '", tmp, "' to '", path, "'"));
-    std::remove(tmp.c_str());
-    return s;
-  }
-  return absl::OkStatus();
 }
 
 }  // namespace
@@ -231,7 +196,7 @@ absl::StatusOr<PrepareSummary> WriteSplitShards(const std::vector<SourceDocument
     absl::StrAppend(&tsv, e.file, "\t", e.genre, "\t", e.split, "\t", e.shard, "\t", e.offset,
                     "\t", e.length, "\n");
   }
-  RETURN_IF_ERROR(WriteFileAtomic((fs::path(out_dir) / "index.tsv").string(), tsv));
+  RETURN_IF_ERROR(WriteFileAtomically((fs::path(out_dir) / "index.tsv").string(), {tsv}));
 
   // Shards left from an earlier run with other inputs would be picked up by a glob such as
   // train_*.bin; only files of that naming scheme are touched.

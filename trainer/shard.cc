@@ -10,6 +10,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "trainer/atomic_file.h"
 
 namespace qtrain {
 namespace {
@@ -18,21 +19,6 @@ static_assert(sizeof(uint16_t) == 2 && sizeof(int32_t) == 4, "shard layout");
 
 absl::Status ErrnoError(int err, const std::string& what, const std::string& path) {
   return absl::ErrnoToStatus(err, absl::StrCat(what, " '", path, "'"));
-}
-
-// write(2) may write less than asked; loop until done.
-absl::Status WriteAll(int fd, const void* data, size_t size, const std::string& path) {
-  const char* p = static_cast<const char*>(data);
-  while (size > 0) {
-    ssize_t n = ::write(fd, p, size);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return ErrnoError(errno, "writing shard", path);
-    }
-    p += n;
-    size -= static_cast<size_t>(n);
-  }
-  return absl::OkStatus();
 }
 
 absl::Status ReadAll(int fd, void* data, size_t size, const std::string& path) {
@@ -50,13 +36,6 @@ absl::Status ReadAll(int fd, void* data, size_t size, const std::string& path) {
     size -= static_cast<size_t>(n);
   }
   return absl::OkStatus();
-}
-
-std::string DirName(const std::string& path) {
-  size_t slash = path.rfind('/');
-  if (slash == std::string::npos) return ".";
-  if (slash == 0) return "/";
-  return path.substr(0, slash);
 }
 
 // Closes the descriptor on every path out of a function.
@@ -80,36 +59,10 @@ absl::Status WriteShard(const std::string& path, absl::Span<const uint16_t> toke
   header[1] = kShardVersion;
   header[2] = static_cast<int32_t>(tokens.size());
 
-  std::string tmp = path + ".tmp.XXXXXX";
-  int fd = ::mkstemp(tmp.data());
-  if (fd < 0) return ErrnoError(errno, "creating a temporary file for shard", path);
-  absl::Status status = [&]() -> absl::Status {
-    FdCloser closer{fd};
-    // mkstemp creates 0600; shards are ordinary data files.
-    if (::fchmod(fd, 0644) != 0) return ErrnoError(errno, "setting mode of", tmp);
-    absl::Status s = WriteAll(fd, header, sizeof(header), tmp);
-    if (!s.ok()) return s;
-    s = WriteAll(fd, tokens.data(), tokens.size() * sizeof(uint16_t), tmp);
-    if (!s.ok()) return s;
-    if (::fsync(fd) != 0) return ErrnoError(errno, "fsync of", tmp);
-    closer.fd = -1;
-    if (::close(fd) != 0) return ErrnoError(errno, "closing", tmp);
-    if (::rename(tmp.c_str(), path.c_str()) != 0) {
-      return ErrnoError(errno, absl::StrCat("renaming '", tmp, "' to shard"), path);
-    }
-    return absl::OkStatus();
-  }();
-  if (!status.ok()) {
-    ::unlink(tmp.c_str());
-    return status;
-  }
-  // The rename is durable only once the directory entry is on disk.
-  int dir_fd = ::open(DirName(path).c_str(), O_RDONLY | O_DIRECTORY);
-  if (dir_fd >= 0) {
-    ::fsync(dir_fd);
-    ::close(dir_fd);
-  }
-  return absl::OkStatus();
+  return WriteFileAtomically(
+      path, {absl::string_view(reinterpret_cast<const char*>(header), sizeof(header)),
+             absl::string_view(reinterpret_cast<const char*>(tokens.data()),
+                               tokens.size() * sizeof(uint16_t))});
 }
 
 absl::StatusOr<std::vector<uint16_t>> ReadShard(const std::string& path,
