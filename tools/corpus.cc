@@ -28,12 +28,6 @@ bool IsBlank(char c) {
   return c == ' ' || c == '\t' || c == '\r' || c == '\n' || c == '\f' || c == '\v';
 }
 
-// errno as a status, never OK: iostreams do not promise to leave errno set.
-absl::Status IoError(const std::string& message) {
-  const int err = errno;
-  if (err == 0) return absl::UnavailableError(message);
-  return absl::ErrnoToStatus(err, message);
-}
 
 }  // namespace
 
