@@ -51,6 +51,12 @@ std::string CheckpointPath(const std::string& out_dir, int step) {
 absl::Status SaveCheckpoint(const std::string& out_dir, const ParamStore& params,
                             const AdamW* optimizer, const TrainState& state, int keep_last,
                             const WriteProgressHook& hook) {
+  if (optimizer != nullptr && optimizer->sharded()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "SaveCheckpoint: the optimizer owns parameters [", optimizer->begin(), ", ",
+        optimizer->end(), ") of ", optimizer->num_params(),
+        "; gather the ZeRO-1 shards into a full optimizer first"));
+  }
   std::error_code ec;
   fs::create_directories(CheckpointDir(out_dir), ec);
   if (ec) {
@@ -83,6 +89,8 @@ absl::Status SaveCheckpoint(const std::string& out_dir, const ParamStore& params
       {"data_epoch", absl::StrCat(state.data.epoch)},
       {"rng", state.rng},
       {"job_spec", state.job_spec},
+      {"world_size", absl::StrCat(state.world_size)},
+      {"global_batch", absl::StrCat(state.global_batch)},
   };
   const std::string path = CheckpointPath(out_dir, state.step);
   RETURN_IF_ERROR(WriteSafeTensors(path, views, meta, hook));
@@ -101,6 +109,10 @@ absl::Status SaveCheckpoint(const std::string& out_dir, const ParamStore& params
 
 absl::StatusOr<TrainState> LoadCheckpoint(const std::string& path, ParamStore* params,
                                           AdamW* optimizer) {
+  if (optimizer != nullptr && optimizer->sharded()) {
+    return absl::InvalidArgumentError(
+        "LoadCheckpoint: load into an optimizer that owns every parameter, then shard it");
+  }
   ASSIGN_OR_RETURN(SafeTensors st, ReadSafeTensors(path));
   ASSIGN_OR_RETURN(std::string format, st.Meta("format", path));
   if (format != kFormat) {
@@ -142,6 +154,15 @@ absl::StatusOr<TrainState> LoadCheckpoint(const std::string& path, ParamStore* p
   ASSIGN_OR_RETURN(state.rng, st.Meta("rng", path));
   ASSIGN_OR_RETURN(state.job_spec, st.Meta("job_spec", path));
   state.step = static_cast<int>(step);
+  // Written since data-parallel training; absent in older checkpoints.
+  if (st.metadata.count("world_size")) {
+    ASSIGN_OR_RETURN(int64_t world, MetaInt(st, "world_size", path));
+    state.world_size = static_cast<int>(world);
+  }
+  state.global_batch = 0;
+  if (st.metadata.count("global_batch")) {
+    ASSIGN_OR_RETURN(state.global_batch, MetaInt(st, "global_batch", path));
+  }
   return state;
 }
 

@@ -1,11 +1,15 @@
-// qtrain: trains the model a job spec describes. `qtrain --job=configs/tiny_cpu.textproto`.
+// qtrain: trains the model a job spec describes. `qtrain --job=configs/tiny_cpu.textproto`;
+// data-parallel under `mpirun -np N` or `srun --mpi=pmix` when the job sets distributed.backend.
 #include <cstdio>
+#include <memory>
 #include <string>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
 #include "configs/job_spec_loader.h"
+#include "distributed/distributed_context.h"
 #include "trainer/trainer.h"
 
 ABSL_FLAG(std::string, job, "", "path of the job spec (text protobuf), e.g. configs/tiny_cpu.textproto");
@@ -13,10 +17,29 @@ ABSL_FLAG(int, steps, -1, "override training.steps");
 ABSL_FLAG(std::string, out_dir, "", "override out_dir (checkpoints, metrics.jsonl)");
 ABSL_FLAG(std::string, resume, "",
           "resume: 'latest' (newest checkpoint in out_dir) or a checkpoint path");
+ABSL_FLAG(int, global_batch, -1,
+          "sequences per optimizer step over all ranks: sets training.batch_size to "
+          "global_batch / (ranks * grad_accum), so one job file serves any number of ranks that "
+          "divides it (and a checkpoint resumes on another number of ranks)");
+ABSL_FLAG(std::string, backend, "",
+          "override distributed.backend: 'mpi' (what the launch/ scripts pass, so any job file "
+          "runs data-parallel) or 'none'");
 ABSL_FLAG(bool, quiet, false, "no progress lines");
 
+namespace {
+
+// Prefixes messages with the rank when there are several, so interleaved output stays legible.
+std::string Prefix(const qtrain::DistributedContext* dist) {
+  if (dist == nullptr || dist->world_size() == 1) return "qtrain: ";
+  return absl::StrCat("qtrain: rank ", dist->rank(), ": ");
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage("qtrain --job=PATH [--steps=N] [--out_dir=DIR] [--resume=latest|PATH]");
+  absl::SetProgramUsageMessage(
+      "qtrain --job=PATH [--steps=N] [--out_dir=DIR] [--resume=latest|PATH] [--global_batch=N] "
+      "[--backend=mpi]");
   absl::ParseCommandLine(argc, argv);
   const std::string job = absl::GetFlag(FLAGS_job);
   if (job.empty()) {
@@ -30,12 +53,55 @@ int main(int argc, char** argv) {
   }
   if (absl::GetFlag(FLAGS_steps) >= 0) spec->mutable_training()->set_steps(absl::GetFlag(FLAGS_steps));
   if (!absl::GetFlag(FLAGS_out_dir).empty()) spec->set_out_dir(absl::GetFlag(FLAGS_out_dir));
+  if (const std::string backend = absl::GetFlag(FLAGS_backend); !backend.empty()) {
+    if (backend == "mpi") {
+      spec->mutable_distributed()->set_backend(qtrain::DistributedSpec::MPI);
+    } else if (backend == "none") {
+      spec->mutable_distributed()->set_backend(qtrain::DistributedSpec::BACKEND_UNSPECIFIED);
+    } else {
+      std::fprintf(stderr, "qtrain: --backend must be 'mpi' or 'none', got '%s'\n",
+                   backend.c_str());
+      return 2;
+    }
+  }
+
+  absl::StatusOr<std::unique_ptr<qtrain::DistributedContext>> dist =
+      qtrain::DistributedContext::Create(spec->distributed());
+  if (!dist.ok()) {
+    std::fprintf(stderr, "qtrain: %s\n", std::string(dist.status().message()).c_str());
+    return 1;
+  }
+  const int world = (*dist)->world_size();
+  if (const int global = absl::GetFlag(FLAGS_global_batch); global >= 0) {
+    const int per_step = world * spec->training().grad_accum();
+    if (global == 0 || global % per_step != 0) {
+      // Every rank sees the same numbers: all exit alike, rank 0 says why.
+      if ((*dist)->is_root()) {
+        std::fprintf(stderr,
+                     "qtrain: --global_batch=%d is not a positive multiple of ranks (%d) x "
+                     "training.grad_accum (%d)\n",
+                     global, world, spec->training().grad_accum());
+      }
+      return 1;
+    }
+    spec->mutable_training()->set_batch_size(global / per_step);
+  }
+
   qtrain::RunOptions options;
   options.resume = absl::GetFlag(FLAGS_resume);
   options.quiet = absl::GetFlag(FLAGS_quiet);
+  options.dist = dist->get();
   absl::StatusOr<qtrain::RunResult> result = qtrain::RunTraining(*spec, options);
   if (!result.ok()) {
-    std::fprintf(stderr, "qtrain: %s\n", std::string(result.status().message()).c_str());
+    // An error every rank holds (a spec mismatch, a checkpoint rank 0 could not read): rank 0
+    // reports it and all exit normally. An error of this rank alone: report it and stop the
+    // whole job, since the other ranks would wait for this one in the next collective.
+    const bool agreed = qtrain::IsAgreedError(result.status());
+    if (!agreed || (*dist)->is_root()) {
+      std::fprintf(stderr, "%s%s\n", Prefix(dist->get()).c_str(),
+                   std::string(result.status().message()).c_str());
+    }
+    if (!agreed) (*dist)->AbortJob(1);
     return 1;
   }
   return 0;

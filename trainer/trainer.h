@@ -10,11 +10,16 @@
 
 namespace qtrain {
 
+class DistributedContext;  // distributed/distributed_context.h
+
 struct RunOptions {
   // "" starts fresh; "latest" resumes from the newest checkpoint in out_dir; anything else
   // is a checkpoint path.
   std::string resume;
   bool quiet = false;  // no progress lines (tests)
+  // The ranks of a data-parallel job (qtrain's main makes it from the job's distributed
+  // section); null trains in this process alone, whatever distributed.backend says.
+  DistributedContext* dist = nullptr;
 };
 
 struct RunResult {
