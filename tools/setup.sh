@@ -48,7 +48,7 @@ BROWN_FILES=500
 PACKAGES=(
   g++ bazel-bootstrap libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libeigen3-dev libopenmpi-dev openmpi-bin nlohmann-json3-dev libgtest-dev
-  libgmock-dev slurm-wlm munge
+  libgmock-dev patchelf slurm-wlm munge
 )
 
 install_packages() {

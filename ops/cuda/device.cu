@@ -3,6 +3,8 @@
 
 #include <cuda_runtime.h>
 
+#include "absl/strings/str_cat.h"
+
 #include "ops/cuda/cuda_status.h"
 #include "ops/status_macros.h"
 
@@ -65,6 +67,45 @@ absl::Status SynchronizeStream(cudaStream_t stream) {
 absl::Status SynchronizeDevice() {
   CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
   return absl::OkStatus();
+}
+
+absl::Status DeviceMemset(void* ptr, int value, int64_t bytes) {
+  QT_CHECK_ARG(bytes >= 0, "DeviceMemset: bytes must be >= 0, got ", bytes);
+  if (bytes == 0) return absl::OkStatus();
+  CUDA_RETURN_IF_ERROR(cudaMemset(ptr, value, static_cast<size_t>(bytes)));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> DeviceDescription() {
+  int device = 0;
+  CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  cudaDeviceProp prop;
+  CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&prop, device));
+  return absl::StrCat(prop.name, ", sm_", prop.major, prop.minor, ", ", prop.multiProcessorCount,
+                      " SMs");
+}
+
+absl::StatusOr<cudaEvent_t> CreateEvent() {
+  cudaEvent_t event = nullptr;
+  CUDA_RETURN_IF_ERROR(cudaEventCreate(&event));
+  return event;
+}
+
+absl::Status DestroyEvent(cudaEvent_t event) {
+  CUDA_RETURN_IF_ERROR(cudaEventDestroy(event));
+  return absl::OkStatus();
+}
+
+absl::Status RecordEvent(cudaEvent_t event, cudaStream_t stream) {
+  CUDA_RETURN_IF_ERROR(cudaEventRecord(event, stream));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<float> ElapsedMs(cudaEvent_t start, cudaEvent_t end) {
+  CUDA_RETURN_IF_ERROR(cudaEventSynchronize(end));
+  float ms = 0;
+  CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, start, end));
+  return ms;
 }
 
 }  // namespace qtrain::ops

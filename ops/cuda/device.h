@@ -5,12 +5,14 @@
 #define QTRAIN_OPS_CUDA_DEVICE_H_
 
 #include <cstdint>
+#include <string>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 
 // The runtime's own typedef (driver_types.h); a repeated identical typedef is legal C++.
 typedef struct CUstream_st* cudaStream_t;
+typedef struct CUevent_st* cudaEvent_t;
 
 namespace qtrain::ops {
 
@@ -27,6 +29,15 @@ absl::Status DestroyStream(cudaStream_t stream);
 // Waits for the work queued so far; asynchronous kernel faults surface here.
 absl::Status SynchronizeStream(cudaStream_t stream);
 absl::Status SynchronizeDevice();
+// Sets bytes (>= 0) to the byte `value`, synchronously.
+absl::Status DeviceMemset(void* ptr, int value, int64_t bytes);
+// "NVIDIA H100 80GB HBM3, sm_90, 132 SMs" for logs and benchmark tables.
+absl::StatusOr<std::string> DeviceDescription();
+// Events for timing device work (benchmarks): elapsed milliseconds between two recorded events.
+absl::StatusOr<cudaEvent_t> CreateEvent();
+absl::Status DestroyEvent(cudaEvent_t event);
+absl::Status RecordEvent(cudaEvent_t event, cudaStream_t stream);
+absl::StatusOr<float> ElapsedMs(cudaEvent_t start, cudaEvent_t end);  // waits for `end`
 
 }  // namespace qtrain::ops
 

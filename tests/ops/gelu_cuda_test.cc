@@ -1,6 +1,6 @@
-// GPU parity of the CUDA GELU against the CPU reference (ops/gelu.h) on odd sizes, with the
-// outputs poisoned by NaN first and a NaN guard band past n that must stay untouched. Tagged
-// "gpu"; the argument checks need no device and run wherever the binary does.
+// GPU parity of the CUDA GELU (fp32 and BF16 storage) against the CPU reference (ops/gelu.h) on
+// odd sizes, with the outputs poisoned by NaN first and a NaN guard band past n that must stay
+// untouched. Tagged "gpu"; the argument checks need no device and run wherever the binary does.
 #include "ops/cuda/gelu_cuda.h"
 
 #include <cfloat>
@@ -11,6 +11,7 @@
 #include "gtest/gtest.h"
 #include "ops/cuda/device.h"
 #include "ops/gelu.h"
+#include "tests/ops/cuda_test_util.h"
 #include "tests/ops/grad_check.h"
 
 namespace qtrain::ops {
@@ -29,11 +30,8 @@ constexpr double kAtol = 1e-5, kRtol = 16 * FLT_EPSILON;
 // (4096 blocks x 256 threads) so the grid-stride loop runs several rounds.
 const int64_t kSizes[] = {1, 7, 257, 100003, 3 * 4096 * 256 + 13};
 
-bool HaveGpu() {
-  const absl::StatusOr<int> count = DeviceCount();
-  EXPECT_TRUE(count.ok()) << count.status();
-  return count.ok() && *count > 0;
-}
+// Skips without a device, or fails where QTRAIN_REQUIRE_GPU is set (tools/gpu_tests.sh).
+bool HaveGpu() { return testing::HaveGpu(); }
 
 #define SKIP_WITHOUT_GPU() \
   if (!HaveGpu()) GTEST_SKIP() << "no CUDA device"
@@ -162,6 +160,64 @@ TEST(GeluCudaTest, ForwardOnAStreamWithUnalignedPointers) {
   EXPECT_TRUE(std::isnan(got[0])) << "wrote before the start";
   got.erase(got.begin());
   ExpectMatchesAndGuardIntact(got, ref, n, "forward offset");
+}
+
+// ---- BF16 storage: inputs are BF16 values, the reference is the fp32 CPU op on them, and the
+// only extra error is the one rounding of the output (2^-8 relative) ----
+
+std::vector<float> Bf16Inputs(int64_t n, uint32_t seed) {
+  std::vector<float> x = Inputs(n, seed);
+  for (float& v : x) v = Bf16ToFloat(FloatToBf16(v));
+  return x;
+}
+
+TEST(GeluCudaTest, Bf16RejectsBadArguments) {
+  bf16 b{};
+  EXPECT_EQ(gelu_forward_cuda(&b, &b, -1, nullptr).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(gelu_forward_cuda(static_cast<bf16*>(nullptr), &b, 1, nullptr).code(),
+            absl::StatusCode::kInvalidArgument);
+  const absl::Status s = gelu_backward_cuda(&b, &b, static_cast<const bf16*>(nullptr), 2, nullptr);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("dout"), absl::string_view::npos) << s;
+  EXPECT_TRUE(gelu_forward_cuda(&b, &b, 0, nullptr).ok());
+}
+
+TEST(GeluCudaTest, Bf16ForwardMatchesCpuReference) {
+  SKIP_WITHOUT_GPU();
+  for (int64_t offset : {0, 1}) {  // 16-byte vector branch, element-wise branch
+    for (int64_t n : kSizes) {
+      const std::vector<float> x = Bf16Inputs(n, 11);
+      std::vector<float> ref(n);
+      gelu_forward(ref.data(), x.data(), n);
+      testing::DeviceArray<bf16> d_in(ToBf16(x), offset), d_out(n, offset);
+      const absl::Status s = gelu_forward_cuda(d_out.get(), d_in.get(), n, nullptr);
+      ASSERT_TRUE(s.ok()) << s;
+      ASSERT_TRUE(SynchronizeDevice().ok());
+      testing::ExpectNear(Bf16ToFloat(d_out.ToHost("bf16 forward")), ref, kAtol,
+                          testing::kBf16Eps, "bf16 forward");
+    }
+  }
+}
+
+TEST(GeluCudaTest, Bf16BackwardAccumulatesLikeCpuReference) {
+  SKIP_WITHOUT_GPU();
+  testing::TestStream stream;
+  for (int64_t offset : {0, 1}) {
+    for (int64_t n : kSizes) {
+      const std::vector<float> x = Bf16Inputs(n, 12);
+      const auto dy = testing::RandomBf16(n, 13), start = testing::RandomBf16(n, 14);
+      std::vector<float> ref = start.values;
+      gelu_backward(ref.data(), x.data(), dy.values.data(), n);
+      testing::DeviceArray<bf16> d_x(ToBf16(x), offset), d_dy(dy.bits, offset),
+          d_dx(start.bits, offset);
+      const absl::Status s =
+          gelu_backward_cuda(d_dx.get(), d_x.get(), d_dy.get(), n, stream.get());
+      ASSERT_TRUE(s.ok()) << s;
+      ASSERT_TRUE(stream.Sync().ok());
+      testing::ExpectNear(Bf16ToFloat(d_dx.ToHost("bf16 backward")), ref, kAtol,
+                          testing::kBf16Eps, "bf16 backward");
+    }
+  }
 }
 
 }  // namespace

@@ -1,0 +1,171 @@
+// CUDA fused softmax cross-entropy over the tied LM head: one block per row reads the BF16
+// logits twice (online max/sum, then softmax - onehot written in place).
+#include <cmath>
+
+#include <cuda_runtime.h>
+
+#include "ops/cuda/crossentropy_cuda.h"
+#include "ops/cuda/cuda_status.h"
+#include "ops/cuda/cuda_utils.cuh"
+#include "ops/status_macros.h"
+
+namespace qtrain::ops {
+namespace {
+
+using cu::Bf16x8;
+using cu::nv_bf16;
+
+constexpr int kThreads = 512;
+
+enum class Access { kScalar, kVec8 };
+
+// Online (max, sum of exp) merge.
+__device__ __forceinline__ void Merge(float& m, float& s, float m2, float s2) {
+  const float mn = fmaxf(m, m2);
+  if (mn == -INFINITY) return;  // both empty
+  s = s * __expf(m - mn) + s2 * __expf(m2 - mn);
+  m = mn;
+}
+
+template <Access kAccess>
+__global__ void crossentropy_softmax_kernel(float* __restrict__ losses,
+                                            nv_bf16* __restrict__ logits,
+                                            const int32_t* __restrict__ targets, int V,
+                                            float grad_scale) {
+  __shared__ float s_m[32], s_s[32];
+  const int64_t row = blockIdx.x;
+  nv_bf16* x = logits + row * V;
+  const int32_t target = targets[row];
+  constexpr int kPer = kAccess == Access::kVec8 ? 8 : 1;
+
+  float m = -INFINITY, s = 0.f;
+  for (int c = threadIdx.x * kPer; c < V; c += blockDim.x * kPer) {
+    if (kAccess == Access::kVec8) {
+      const Bf16x8 v = cu::Load8(x + c);
+      float vals[8];
+      float vm = -INFINITY;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        vals[k] = __bfloat162float(v.v[k]);
+        vm = fmaxf(vm, vals[k]);
+      }
+      float vs = 0.f;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) vs += __expf(vals[k] - vm);
+      Merge(m, s, vm, vs);
+    } else {
+      Merge(m, s, __bfloat162float(x[c]), 1.f);
+    }
+  }
+  // Warp then block merge, in a fixed order.
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, off);
+    const float s2 = __shfl_xor_sync(0xffffffffu, s, off);
+    Merge(m, s, m2, s2);
+  }
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) {
+    s_m[warp] = m;
+    s_s[warp] = s;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const int warps = blockDim.x / 32;
+    m = lane < warps ? s_m[lane] : -INFINITY;
+    s = lane < warps ? s_s[lane] : 0.f;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const float m2 = __shfl_xor_sync(0xffffffffu, m, off);
+      const float s2 = __shfl_xor_sync(0xffffffffu, s, off);
+      Merge(m, s, m2, s2);
+    }
+    if (lane == 0) {
+      s_m[0] = m;
+      s_s[0] = s;
+    }
+  }
+  __syncthreads();
+  const float maxv = s_m[0];
+  const float inv_sum = 1.f / s_s[0];
+  const bool valid = target >= 0 && target < V;
+  if (threadIdx.x == 0) {
+    // Read before the in-place overwrite below (the barrier orders it).
+    losses[row] = valid ? logf(s_s[0]) - (__bfloat162float(x[target]) - maxv) : NAN;
+  }
+  __syncthreads();
+  for (int c = threadIdx.x * kPer; c < V; c += blockDim.x * kPer) {
+    if (kAccess == Access::kVec8) {
+      Bf16x8 v = cu::Load8(x + c);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const float p = __expf(__bfloat162float(v.v[k]) - maxv) * inv_sum;
+        v.v[k] = __float2bfloat16_rn(grad_scale * (p - (c + k == target ? 1.f : 0.f)));
+      }
+      cu::Store8(x + c, v);
+    } else {
+      const float p = __expf(__bfloat162float(x[c]) - maxv) * inv_sum;
+      x[c] = __float2bfloat16_rn(grad_scale * (p - (c == target ? 1.f : 0.f)));
+    }
+  }
+}
+
+// One block: mean of losses with a fixed thread-to-element map and tree (deterministic).
+__global__ void mean_loss_kernel(double* __restrict__ out, const float* __restrict__ losses,
+                                 int N) {
+  __shared__ double scratch[32];
+  double acc = 0.0;
+  for (int i = threadIdx.x; i < N; i += blockDim.x) acc += static_cast<double>(losses[i]);
+  acc = cu::BlockSum(acc, scratch);
+  if (threadIdx.x == 0) *out = acc / N;
+}
+
+}  // namespace
+
+absl::Status crossentropy_softmax_cuda(float* losses, double* mean_loss, bf16* logits,
+                                       const int32_t* targets, int N, int V, float dloss,
+                                       cudaStream_t stream) {
+  QT_CHECK_ARG(N > 0 && V > 0, "crossentropy_softmax_cuda: N and V must be > 0, got N=", N,
+               " V=", V);
+  QT_CHECK_ARG(losses != nullptr && logits != nullptr && targets != nullptr,
+               "crossentropy_softmax_cuda: null pointer (losses=", losses != nullptr,
+               " logits=", logits != nullptr, " targets=", targets != nullptr, ")");
+  const float grad_scale = dloss / static_cast<float>(N);
+  if (V % 8 == 0 && cu::IsAligned(logits, 16)) {
+    crossentropy_softmax_kernel<Access::kVec8>
+        <<<N, kThreads, 0, stream>>>(losses, cu::Nv(logits), targets, V, grad_scale);
+  } else {
+    crossentropy_softmax_kernel<Access::kScalar>
+        <<<N, kThreads, 0, stream>>>(losses, cu::Nv(logits), targets, V, grad_scale);
+  }
+  CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  if (mean_loss != nullptr) {
+    mean_loss_kernel<<<1, 1024, 0, stream>>>(mean_loss, losses, N);
+    CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  }
+  return absl::OkStatus();
+}
+
+absl::Status lm_head_crossentropy_forward_cuda(MatmulContext& ctx, float* losses,
+                                               double* mean_loss, bf16* logits, const bf16* x,
+                                               const bf16* wte, const int32_t* targets, int N,
+                                               int C, int V, float dloss, cudaStream_t stream) {
+  QT_CHECK_ARG(losses != nullptr && targets != nullptr,
+               "lm_head_crossentropy_forward_cuda: null pointer (losses=", losses != nullptr,
+               " targets=", targets != nullptr, ")");
+  RETURN_IF_ERROR(matmul_forward_cuda(ctx, logits, x, wte, nullptr, N, C, V, stream));
+  RETURN_IF_ERROR(crossentropy_softmax_cuda(losses, mean_loss, logits, targets, N, V, dloss,
+                                            stream));
+  return absl::OkStatus();
+}
+
+absl::Status lm_head_crossentropy_backward_cuda(MatmulContext& ctx, bf16* dx, float* dwte,
+                                                const bf16* dlogits, const bf16* x,
+                                                const bf16* wte, int N, int C, int V,
+                                                cudaStream_t stream) {
+  RETURN_IF_ERROR(matmul_backward_cuda(ctx, dx, dwte, nullptr, dlogits, x, wte, N, C, V,
+                                       nullptr, 0, stream));
+  return absl::OkStatus();
+}
+
+}  // namespace qtrain::ops

@@ -1,0 +1,45 @@
+// Host API of the CUDA tied LM head fused with softmax cross-entropy: the logits GEMM on
+// cuBLASLt, then one kernel that computes the loss and overwrites the logits with dlogits in
+// place (never two copies of the logits). The reference is ops/crossentropy.h. All pointers
+// are device pointers; work is queued on `stream`.
+#ifndef QTRAIN_OPS_CUDA_CROSSENTROPY_CUDA_H_
+#define QTRAIN_OPS_CUDA_CROSSENTROPY_CUDA_H_
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "ops/cuda/bf16.h"
+#include "ops/cuda/matmul_cuda.h"
+
+typedef struct CUstream_st* cudaStream_t;
+
+namespace qtrain::ops {
+
+// logits (N,V) in, dlogits out, in place: per row, losses[n] = logsumexp(row) - row[target]
+// (fp32 math on the BF16 logits) and row = dloss / N * (softmax(row) - onehot(target)).
+// Fusing the backward's first step into the forward is what keeps one buffer: dloss (the
+// gradient of the mean loss, 1 for plain training) must be known up front. mean_loss (device,
+// one double, may be null) = the mean of losses in a fixed order (deterministic). A target
+// outside [0,V) gives a NaN loss (a kernel cannot return a status). 16-byte accesses when V % 8
+// == 0 and logits is 16-byte aligned; element-wise otherwise.
+absl::Status crossentropy_softmax_cuda(float* losses, double* mean_loss, bf16* logits,
+                                       const int32_t* targets, int N, int V, float dloss,
+                                       cudaStream_t stream);
+
+// logits (N,V) = x (N,C) @ wte (V,C)^T, then crossentropy_softmax_cuda on them: on return
+// `logits` holds dlogits for lm_head_crossentropy_backward_cuda.
+absl::Status lm_head_crossentropy_forward_cuda(MatmulContext& ctx, float* losses,
+                                               double* mean_loss, bf16* logits, const bf16* x,
+                                               const bf16* wte, const int32_t* targets, int N,
+                                               int C, int V, float dloss, cudaStream_t stream);
+
+// dx (N,C) += dlogits (N,V) @ wte (BF16); dwte (V,C) += dlogits^T @ x (fp32). Either output
+// may be null to skip it.
+absl::Status lm_head_crossentropy_backward_cuda(MatmulContext& ctx, bf16* dx, float* dwte,
+                                                const bf16* dlogits, const bf16* x,
+                                                const bf16* wte, int N, int C, int V,
+                                                cudaStream_t stream);
+
+}  // namespace qtrain::ops
+
+#endif  // QTRAIN_OPS_CUDA_CROSSENTROPY_CUDA_H_

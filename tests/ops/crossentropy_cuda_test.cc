@@ -1,0 +1,189 @@
+// GPU parity of the fused softmax cross-entropy and the tied LM head against the CPU reference
+// (ops/crossentropy.h): the softmax kernel on given BF16 logits against float64 (both access
+// branches, vocabularies from 7 to GPT-2's), the in-place dlogits, bad targets, the
+// deterministic mean, and the whole head (GEMMs included) forward and backward. Tagged "gpu".
+#include "ops/cuda/crossentropy_cuda.h"
+
+#include <cmath>
+#include <memory>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "ops/crossentropy.h"
+#include "tests/ops/cuda_test_util.h"
+#include "tests/ops/grad_check.h"
+
+namespace qtrain::ops {
+namespace {
+
+using testing::DeviceArray;
+using testing::kBf16Eps;
+using testing::RandomBf16;
+
+TEST(CrossentropyCudaTest, RejectsBadArguments) {
+  float f = 0;
+  bf16 b{};
+  int32_t t = 0;
+  absl::Status s = crossentropy_softmax_cuda(&f, nullptr, &b, &t, 0, 5, 1.f, nullptr);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("N=0"), absl::string_view::npos) << s;
+  s = crossentropy_softmax_cuda(&f, nullptr, &b, nullptr, 1, 5, 1.f, nullptr);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("targets=0"), absl::string_view::npos) << s;
+}
+
+struct SoftmaxShape {
+  int N, V, offset;  // offset shifts the logits off 16-byte alignment (element-wise branch)
+};
+
+TEST(CrossentropyCudaTest, SoftmaxKernelMatchesFloat64) {
+  QT_SKIP_WITHOUT_GPU();
+  testing::TestStream stream;
+  const SoftmaxShape shapes[] = {{1, 1, 0},   {3, 7, 0},      {16, 256, 0},     {5, 256, 1},
+                                 {9, 1000, 0}, {4, 50257, 0}, {4, 50304, 0}};
+  for (const SoftmaxShape& sh : shapes) {
+    for (float dloss : {1.0f, 0.25f}) {
+      SCOPED_TRACE(::testing::Message() << "N=" << sh.N << " V=" << sh.V << " offset="
+                                        << sh.offset << " dloss=" << dloss);
+      const int64_t n = static_cast<int64_t>(sh.N) * sh.V;
+      const auto logits = RandomBf16(n, 1, -8, 8);
+      std::vector<int32_t> targets = ops::testing::RandomTokens(sh.N, sh.V, 2);
+      targets[0] = sh.V - 1;  // the last element: the tail of the vector loop
+      std::vector<double> loss_ref(sh.N), dl_ref(n);
+      double mean_ref = 0;
+      for (int r = 0; r < sh.N; ++r) {
+        const float* row = logits.values.data() + static_cast<int64_t>(r) * sh.V;
+        double maxv = row[0];
+        for (int v = 1; v < sh.V; ++v) maxv = std::max<double>(maxv, row[v]);
+        double sum = 0;
+        for (int v = 0; v < sh.V; ++v) sum += std::exp(row[v] - maxv);
+        loss_ref[r] = std::log(sum) - (row[targets[r]] - maxv);
+        mean_ref += loss_ref[r] / sh.N;
+        for (int v = 0; v < sh.V; ++v) {
+          const double p = std::exp(row[v] - maxv) / sum;
+          dl_ref[static_cast<int64_t>(r) * sh.V + v] =
+              dloss / sh.N * (p - (v == targets[r] ? 1.0 : 0.0));
+        }
+      }
+      DeviceArray<bf16> d_logits(logits.bits, sh.offset);
+      DeviceArray<int32_t> d_targets(targets);
+      DeviceArray<float> d_losses(sh.N);
+      DeviceArray<double> d_mean(1);
+      QT_ASSERT_OK(crossentropy_softmax_cuda(d_losses.get(), d_mean.get(), d_logits.get(),
+                                             d_targets.get(), sh.N, sh.V, dloss, stream.get()));
+      QT_ASSERT_OK(stream.Sync());
+      const std::vector<float> losses = d_losses.ToHost("losses");
+      testing::ExpectNear(losses, loss_ref, 1e-5, 1e-5, "losses");
+      const std::vector<double> mean = d_mean.ToHost("mean");
+      EXPECT_NEAR(mean[0], mean_ref, 1e-5 * (1 + std::abs(mean_ref)));
+      // One BF16 rounding of dlogits; fast exp within a few fp32 ulp.
+      testing::ExpectNear(Bf16ToFloat(d_logits.ToHost("dlogits")), dl_ref,
+                          1e-6 * dloss / sh.N, kBf16Eps + 1e-5, "dlogits");
+    }
+  }
+}
+
+TEST(CrossentropyCudaTest, BadTargetGivesNanLossAndMeanIsDeterministic) {
+  QT_SKIP_WITHOUT_GPU();
+  const int N = 1000, V = 64;
+  const auto logits = RandomBf16(N * V, 3, -4, 4);
+  std::vector<int32_t> targets = ops::testing::RandomTokens(N, V, 4);
+  DeviceArray<int32_t> d_targets(targets);
+  DeviceArray<float> d_losses(N);
+  std::vector<double> means;
+  for (int run = 0; run < 2; ++run) {
+    DeviceArray<bf16> d_logits(logits.bits);
+    DeviceArray<double> d_mean(1);
+    QT_ASSERT_OK(crossentropy_softmax_cuda(d_losses.get(), d_mean.get(), d_logits.get(),
+                                           d_targets.get(), N, V, 1.f, nullptr));
+    QT_ASSERT_OK(SynchronizeDevice());
+    means.push_back(d_mean.ToHost("mean")[0]);
+  }
+  testing::ExpectBitwiseEqual(std::vector<double>{means[0]}, std::vector<double>{means[1]},
+                              "mean loss rerun");
+  targets[5] = V;
+  targets[7] = -1;
+  d_targets.Upload(targets);
+  DeviceArray<bf16> d_logits(logits.bits);
+  QT_ASSERT_OK(crossentropy_softmax_cuda(d_losses.get(), nullptr, d_logits.get(),
+                                         d_targets.get(), N, V, 1.f, nullptr));
+  const std::vector<float> losses = d_losses.ToHost("losses");
+  for (int i = 0; i < N; ++i) {
+    EXPECT_EQ(std::isnan(losses[i]), i == 5 || i == 7) << "row " << i;
+  }
+}
+
+struct HeadShape {
+  int N, C, V;
+};
+
+TEST(CrossentropyCudaTest, LmHeadForwardBackwardMatchCpu) {
+  QT_SKIP_WITHOUT_GPU();
+  testing::TestStream stream;
+  absl::StatusOr<std::unique_ptr<MatmulContext>> ctx = MatmulContext::Create();
+  ASSERT_TRUE(ctx.ok()) << ctx.status();
+  const HeadShape shapes[] = {{1, 8, 5}, {37, 64, 301}, {64, 128, 1024}, {128, 768, 4096}};
+  for (const HeadShape& sh : shapes) {
+    SCOPED_TRACE(::testing::Message() << "N=" << sh.N << " C=" << sh.C << " V=" << sh.V);
+    const int64_t nx = static_cast<int64_t>(sh.N) * sh.C, nw = static_cast<int64_t>(sh.V) * sh.C;
+    const auto x = RandomBf16(nx, 5, -2, 2), wte = RandomBf16(nw, 6, -0.2, 0.2);
+    const std::vector<int32_t> targets = ops::testing::RandomTokens(sh.N, sh.V, 7);
+    // dx starts at zero: a BF16 start of O(1) would round away increments of O(1/N).
+    testing::Bf16Data dx0;
+    dx0.bits.assign(nx, FloatToBf16(0.f));
+    dx0.values.assign(nx, 0.f);
+    const std::vector<float> dwte0 = testing::RandomFloats(nw, 9);
+    const float dloss = 1.0f;
+    std::vector<float> losses_ref(sh.N), probs(static_cast<size_t>(sh.N) * sh.V);
+    const double mean_ref = lm_head_crossentropy_forward(
+        losses_ref.data(), probs.data(), x.values.data(), wte.values.data(), targets.data(),
+        sh.N, sh.C, sh.V);
+    std::vector<float> dx_ref = dx0.values, dwte_ref = dwte0;
+    lm_head_crossentropy_backward(dx_ref.data(), dwte_ref.data(), probs.data(), x.values.data(),
+                                  wte.values.data(), targets.data(), sh.N, sh.C, sh.V, dloss);
+    // probs now holds the CPU dlogits: scales of the backward GEMMs' errors.
+    double max_logit = 0;
+    for (int64_t i = 0; i < nx; ++i) max_logit = std::max<double>(max_logit, std::abs(x.values[i]));
+    max_logit *= 0.2 * sh.C;  // |x| |wte| bound
+
+    DeviceArray<bf16> d_x(x.bits), d_wte(wte.bits), d_logits(static_cast<int64_t>(sh.N) * sh.V),
+        d_dx(dx0.bits);
+    DeviceArray<int32_t> d_targets(targets);
+    DeviceArray<float> d_losses(sh.N), d_dwte(dwte0);
+    DeviceArray<double> d_mean(1);
+    QT_ASSERT_OK(lm_head_crossentropy_forward_cuda(**ctx, d_losses.get(), d_mean.get(),
+                                                   d_logits.get(), d_x.get(), d_wte.get(),
+                                                   d_targets.get(), sh.N, sh.C, sh.V, dloss,
+                                                   stream.get()));
+    QT_ASSERT_OK(lm_head_crossentropy_backward_cuda(**ctx, d_dx.get(), d_dwte.get(),
+                                                    d_logits.get(), d_x.get(), d_wte.get(),
+                                                    sh.N, sh.C, sh.V, stream.get()));
+    QT_ASSERT_OK(stream.Sync());
+    // The logits are rounded to BF16 before the softmax: a loss moves by about 2^-9 |logit|.
+    const std::vector<float> losses = d_losses.ToHost("losses");
+    testing::ExpectNear(losses, losses_ref, 1e-4 + kBf16Eps * std::min(max_logit, 16.0), 1e-4,
+                        "losses");
+    EXPECT_NEAR(d_mean.ToHost("mean")[0], mean_ref, 1e-4 + kBf16Eps * std::min(max_logit, 16.0));
+    const std::vector<float> dx = Bf16ToFloat(d_dx.ToHost("dx"));
+    const std::vector<float> dwte = d_dwte.ToHost("dwte");
+    // Gradients relative to their own scale: rel. L2 error of the increments, and elementwise
+    // with an absolute floor of 2^-6 of the largest increment.
+    std::vector<float> inc_ref(nx), inc_got(nx);
+    for (int64_t i = 0; i < nx; ++i) {
+      inc_ref[i] = dx_ref[i] - dx0.values[i];
+      inc_got[i] = dx[i] - dx0.values[i];
+    }
+    EXPECT_LT(testing::RelL2(inc_got, inc_ref), 2e-2) << "dx";
+    testing::ExpectNear(dx, dx_ref, testing::MaxAbs(inc_ref) / 64, kBf16Eps, "dx");
+    std::vector<float> winc_ref(nw), winc_got(nw);
+    for (int64_t i = 0; i < nw; ++i) {
+      winc_ref[i] = dwte_ref[i] - dwte0[i];
+      winc_got[i] = dwte[i] - dwte0[i];
+    }
+    EXPECT_LT(testing::RelL2(winc_got, winc_ref), 2e-2) << "dwte";
+    testing::ExpectNear(dwte, dwte_ref, testing::MaxAbs(winc_ref) / 64, 1e-5, "dwte");
+  }
+}
+
+}  // namespace
+}  // namespace qtrain::ops
