@@ -1,0 +1,53 @@
+// The model on an accelerator. The CPU Gpt (trainer/gpt.h) stays the host container of the
+// parameters (init, init_from, checkpoints, resume); a DeviceModel holds the device copy
+// (FP32 master weights, BF16 compute copies, FP32 gradients, AdamW moments) and runs the steps.
+// The training loop (trainer/trainer.cc) drives either through the same calls.
+#ifndef QTRAIN_TRAINER_DEVICE_MODEL_H_
+#define QTRAIN_TRAINER_DEVICE_MODEL_H_
+
+#include <cstdint>
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "trainer/gpt.h"
+#include "trainer/optimizer.h"
+#include "trainer/param_store.h"
+
+namespace qtrain {
+
+class DeviceModel {
+ public:
+  virtual ~DeviceModel() = default;
+
+  // Host -> device: parameters (ParamStore layout, fp32) and, when opt is non-null, the AdamW
+  // moments and step. Device -> host for checkpoints: the same, into the host containers.
+  virtual absl::Status Upload(const ParamStore& params, const AdamW* opt) = 0;
+  virtual absl::Status Download(ParamStore* params, AdamW* opt) = 0;
+
+  // inputs, targets: host (B,T). Returns the mean cross-entropy (0 without targets).
+  virtual absl::StatusOr<double> Forward(const int32_t* inputs, const int32_t* targets, int B,
+                                         int T) = 0;
+  // Accumulates d(loss_scale * mean loss)/d params of the last Forward into the gradients.
+  virtual absl::Status Backward(float loss_scale) = 0;
+  virtual absl::Status ZeroGrads() = 0;
+
+  // The flat fp32 gradient buffer in device memory, ParamStore layout (for NCCL all-reduce).
+  virtual float* device_grads() = 0;
+  virtual int64_t num_parameters() const = 0;
+  // Sum of squares of the gradients (deterministic), for the global-norm clip.
+  virtual absl::StatusOr<double> GradSumSquares() = 0;
+  // Clips the gradients by min(1, grad_clip / grad_norm) and applies one AdamW update with
+  // step number t (1-based), refreshing the BF16 copies. Weight decay per tensor as AdamW.
+  virtual absl::Status Update(float lr, double grad_norm, const AdamWConfig& config, int t) = 0;
+  // Waits for the device's work (for step timing).
+  virtual absl::Status Synchronize() = 0;
+};
+
+// The CUDA implementation (trainer/cuda/); Unavailable with a clear message when no CUDA
+// device can be used.
+absl::StatusOr<std::unique_ptr<DeviceModel>> CreateCudaModel(const GptConfig& config,
+                                                             const ParamStore& layout);
+
+}  // namespace qtrain
+
+#endif  // QTRAIN_TRAINER_DEVICE_MODEL_H_
