@@ -76,6 +76,12 @@ TEST_F(DataParallelTest, TwoRanksMatchOneProcessWithTwiceTheBatch) {
   EXPECT_LT(diff, 2e-5) << "parameters after 10 steps differ by " << diff;
   EXPECT_GT(MaxAbsDiff(Weights(one, 5), Weights(one, 10)), 1e-3);  // it did train
 
+  // Fixed bucket order, same world size: a second run is bit-identical.
+  TinyJob again = Job("two_ranks_again");
+  ProcessResult r3 = Launch(again, 2, "--global_batch=8");
+  ASSERT_EQ(r3.exit_code, 0) << r3.output;
+  EXPECT_EQ(MaxAbsDiff(Weights(two, 10), Weights(again, 10)), 0.0);
+
   // The logged losses are global means: they match step by step, val included.
   MetricsRows m1 = ReadMetricsRows(one.out_dir), m2 = ReadMetricsRows(two.out_dir);
   ASSERT_EQ(m1.train_loss.size(), 10u);

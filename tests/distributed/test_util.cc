@@ -211,9 +211,14 @@ std::string EnvOf(pid_t pid, const std::string& name) {
   return "";
 }
 
-pid_t FindRank(pid_t mpirun_pid, int rank) {
-  for (pid_t child : ChildrenOf(mpirun_pid)) {
-    if (EnvOf(child, "OMPI_COMM_WORLD_RANK") == absl::StrCat(rank)) return child;
+pid_t FindRank(pid_t launcher_pid, int rank) {
+  // Breadth-first over the descendants: the launcher may be a shell around mpirun.
+  std::vector<pid_t> todo = {launcher_pid};
+  for (size_t i = 0; i < todo.size() && i < 1000; ++i) {
+    for (pid_t child : ChildrenOf(todo[i])) {
+      if (EnvOf(child, "OMPI_COMM_WORLD_RANK") == absl::StrCat(rank)) return child;
+      todo.push_back(child);
+    }
   }
   return -1;
 }

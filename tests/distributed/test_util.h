@@ -78,8 +78,9 @@ class Child {
 std::vector<pid_t> ChildrenOf(pid_t parent);
 // Value of variable `name` in the environment of process `pid` ("" when absent).
 std::string EnvOf(pid_t pid, const std::string& name);
-// The pid of MPI rank `rank` among the children of mpirun `mpirun_pid`; -1 when not found.
-pid_t FindRank(pid_t mpirun_pid, int rank);
+// The pid of MPI rank `rank` among the descendants of `launcher_pid` (mpirun, or a script
+// around it); -1 when not found.
+pid_t FindRank(pid_t launcher_pid, int rank);
 
 // The "model/..." tensors of a checkpoint as float vectors.
 absl::StatusOr<std::map<std::string, std::vector<float>>> ReadWeights(const std::string& path);
