@@ -15,8 +15,8 @@
 # Layout: DIR/<binary> with RUNPATH $ORIGIN/lib:/usr/local/cuda/lib64, DIR/lib/<soname> with
 # RUNPATH $ORIGIN, DIR/MANIFEST.txt. Left out (the node provides them): glibc, libstdc++,
 # libgcc_s, the driver (libcuda, libnvidia-*), libcudart, libcublas*, libcudnn*, NCCL and MPI.
-# Without patchelf each binary becomes a wrapper script that sets LD_LIBRARY_PATH and runs
-# DIR/.bin/<binary>.
+# Without patchelf (or with QTRAIN_BUNDLE_WRAPPERS=1) each binary becomes a wrapper script that
+# sets LD_LIBRARY_PATH and runs DIR/.bin/<binary>.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -106,7 +106,7 @@ if ((strip_debug)); then
   strip --strip-debug "${binaries[@]/#/$stage/}" "$stage"/lib/*.so* 2>/dev/null || true
 fi
 
-if command -v patchelf >/dev/null 2>&1; then
+if [[ -z "${QTRAIN_BUNDLE_WRAPPERS:-}" ]] && command -v patchelf >/dev/null 2>&1; then
   for b in "${binaries[@]}"; do
     patchelf --set-rpath '$ORIGIN/lib:/usr/local/cuda/lib64' "$stage/$b"
   done
@@ -116,7 +116,8 @@ if command -v patchelf >/dev/null 2>&1; then
   done
   mode="rpath"
 else
-  log "patchelf not found (apt-get install patchelf): writing wrapper scripts instead"
+  [[ -n "${QTRAIN_BUNDLE_WRAPPERS:-}" ]] ||
+    log "patchelf not found (apt-get install patchelf): writing wrapper scripts instead"
   mkdir -p "$stage/.bin"
   for b in "${binaries[@]}"; do
     mv "$stage/$b" "$stage/.bin/$b"

@@ -167,21 +167,22 @@ TEST(CrossentropyCudaTest, LmHeadForwardBackwardMatchCpu) {
     const std::vector<float> dx = Bf16ToFloat(d_dx.ToHost("dx"));
     const std::vector<float> dwte = d_dwte.ToHost("dwte");
     // Gradients relative to their own scale: rel. L2 error of the increments, and elementwise
-    // with an absolute floor of 2^-6 of the largest increment.
+    // with an absolute floor of 2^-4 of the largest increment. The BF16 logits (2^-8 |z|, with
+    // |z| up to ~10 here) move each probability by a few percent at worst; that sets the floor.
     std::vector<float> inc_ref(nx), inc_got(nx);
     for (int64_t i = 0; i < nx; ++i) {
       inc_ref[i] = dx_ref[i] - dx0.values[i];
       inc_got[i] = dx[i] - dx0.values[i];
     }
     EXPECT_LT(testing::RelL2(inc_got, inc_ref), 2e-2) << "dx";
-    testing::ExpectNear(dx, dx_ref, testing::MaxAbs(inc_ref) / 64, kBf16Eps, "dx");
+    testing::ExpectNear(dx, dx_ref, testing::MaxAbs(inc_ref) / 16, kBf16Eps, "dx");
     std::vector<float> winc_ref(nw), winc_got(nw);
     for (int64_t i = 0; i < nw; ++i) {
       winc_ref[i] = dwte_ref[i] - dwte0[i];
       winc_got[i] = dwte[i] - dwte0[i];
     }
     EXPECT_LT(testing::RelL2(winc_got, winc_ref), 2e-2) << "dwte";
-    testing::ExpectNear(dwte, dwte_ref, testing::MaxAbs(winc_ref) / 64, 1e-5, "dwte");
+    testing::ExpectNear(dwte, dwte_ref, testing::MaxAbs(winc_ref) / 16, 1e-5, "dwte");
   }
 }
 
