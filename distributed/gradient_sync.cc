@@ -39,6 +39,14 @@ absl::Status GradientSync::AllReduceMean(float* grads) {
   return absl::OkStatus();
 }
 
+absl::Status GradientSync::AllReduceSum(float* grads) {
+  if (comm_->world_size() == 1) return absl::OkStatus();
+  for (int64_t off = 0; off < n_; off += bucket_elems_) {
+    RETURN_IF_ERROR(comm_->AllReduceSum(grads + off, std::min(bucket_elems_, n_ - off)));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status GradientSync::ReduceScatterMean(float* grads) {
   const int world = comm_->world_size();
   if (world == 1) return absl::OkStatus();

@@ -23,8 +23,13 @@ class GradientSync {
   int64_t size() const { return n_; }
   int64_t bucket_elems() const { return bucket_elems_; }
 
-  // Plain data parallelism: grads[i] <- mean over ranks of grads[i], bucket by bucket.
+  // Plain data parallelism: grads[i] <- mean over ranks of grads[i], bucket by bucket. Host
+  // memory (the division runs on the CPU); for device buffers use AllReduceSum.
   absl::Status AllReduceMean(float* grads);
+  // grads[i] <- sum over ranks, bucket by bucket in the same fixed order, nothing else: works on
+  // whatever memory the communicator does (device memory for NCCL). The caller divides by the
+  // world size, e.g. in the loss scale of backward or the optimizer's gradient scale.
+  absl::Status AllReduceSum(float* grads);
 
   // ZeRO-1 layout: rank r owns [ShardBegin(r), ShardEnd(r)), contiguous shards of
   // ceil(n / world) values (the last ones shorter or empty).

@@ -71,15 +71,22 @@ absl::StatusOr<double> Evaluate(Gpt* model, DataLoader* val, int batches, int B,
   return sum / batches / dist->world_size();
 }
 
-// Rank 0 read a checkpoint into `model` (and `full_opt`); the others get the same state.
-absl::Status BroadcastResumeState(DistributedContext* dist, Gpt* model, AdamW* full_opt,
-                                  TrainState* state) {
+// Every rank takes rank 0's parameters and buffers (non-trainable state).
+absl::Status SyncReplicasFromRoot(DistributedContext* dist, Gpt* model) {
   if (dist->world_size() == 1) return absl::OkStatus();
   ParamStore& ps = model->params();
   RETURN_IF_ERROR(dist->comm().Broadcast(ps.params().data(), ps.num_elements() * 4, 0));
   for (int i = 0; i < ps.num_buffers(); ++i) {
     RETURN_IF_ERROR(dist->comm().Broadcast(ps.buffer(i).data(), ps.buffer(i).size() * 4, 0));
   }
+  return absl::OkStatus();
+}
+
+// Rank 0 read a checkpoint into `model` (and `full_opt`); the others get the same state.
+absl::Status BroadcastResumeState(DistributedContext* dist, Gpt* model, AdamW* full_opt,
+                                  TrainState* state) {
+  if (dist->world_size() == 1) return absl::OkStatus();
+  RETURN_IF_ERROR(SyncReplicasFromRoot(dist, model));
   RETURN_IF_ERROR(dist->comm().Broadcast(full_opt->m().data(), full_opt->m().size() * 4, 0));
   RETURN_IF_ERROR(dist->comm().Broadcast(full_opt->v().data(), full_opt->v().size() * 4, 0));
   int64_t fixed[7] = {state->step, state->data.shard, state->data.offset, state->data.epoch,
@@ -296,6 +303,11 @@ absl::StatusOr<RunResult> RunTraining(const JobSpec& spec, const RunOptions& opt
     } else {
       RETURN_IF_ERROR(sync.AllReduceMean(grads));
       grad_norm = optimizer.Step(&model->params(), lr);
+    }
+    if (step == start_step && options.resume.empty()) {
+      // Quantizers that initialise on the first training batch (QAT activation steps) did so
+      // from each rank's own slice of it; rank 0's values win, so the replicas stay identical.
+      RETURN_IF_ERROR(SyncReplicasFromRoot(dist, model.get()));
     }
     const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
     // The first step of a process warms caches and allocations: keep it out of the mean.

@@ -18,6 +18,7 @@ namespace {
 
 namespace fs = std::filesystem;
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 constexpr double kDeadline = 120;
 
@@ -147,6 +148,22 @@ TEST_F(DataParallelTest, ResumesOnAnotherNumberOfRanks) {
   EXPECT_NE(r.exit_code, 0);
   EXPECT_THAT(r.output, HasSubstr("global batch of 8 sequences (2 ranks)"));
   EXPECT_THAT(r.output, HasSubstr("--global_batch=8"));
+}
+
+TEST_F(DataParallelTest, QuantizedModelsKeepTheirReplicasIdentical) {
+  // QAT activation steps initialise from the first training batch, which each rank sees only a
+  // slice of; FP8 amax histories follow each rank's own activations. The replicas must still
+  // hold identical parameters at every checkpoint (qtrain compares them and stops if not).
+  for (const std::string precision :
+       {"linear: QAT qat { weight_bits: 4 act_bits: 8 }", "linear: FP8"}) {
+    SCOPED_TRACE(precision);
+    TinyJob job = Job(precision[8] == 'Q' ? "dp_qat" : "dp_fp8");
+    job.precision = precision;
+    ProcessResult r = Launch(job, 2, "");
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_THAT(r.output, Not(HasSubstr("diverged")));
+    EXPECT_TRUE(fs::exists(CheckpointPath(job.out_dir, 10)));
+  }
 }
 
 TEST_F(DataParallelTest, GradientAccumulationOnTwoRanksMatchesOneRank) {

@@ -102,6 +102,13 @@ TEST(GradientSync, BucketedMeansAndShardsMatchClosedForms) {
     for (int64_t i = 0; i < n; ++i) g[i] = Val(r, i);
     ASSERT_TRUE(sync.AllReduceMean(g.data()).ok());
     EXPECT_EQ(g, mean);
+    for (int64_t i = 0; i < n; ++i) g[i] = Val(r, i);
+    ASSERT_TRUE(sync.AllReduceSum(g.data()).ok());
+    for (int64_t i = 0; i < n; ++i) {
+      float sum = 0;
+      for (int q = 0; q < w; ++q) sum += Val(q, i);
+      ASSERT_EQ(g[i], sum) << i;
+    }
 
     // Shards tile [0, n) in rank order.
     EXPECT_EQ(sync.ShardBegin(0), 0);

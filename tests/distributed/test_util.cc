@@ -70,6 +70,7 @@ std::string TinyJob::Text() const {
       "data { train_pattern: \"", corpus_dir, "/train_*.bin\" val_pattern: \"", corpus_dir,
       "/val_*.bin\" }\n",
       "optimizer { lr: 0.01", zero1 ? " zero1: true" : "", " }\n",
+      precision.empty() ? "" : absl::StrCat("precision { ", precision, " }\n"),
       "schedule { warmup_steps: 2 }\n",
       "training { steps: ", steps, " batch_size: ", batch_size, " seq_len: 32 grad_accum: ",
       grad_accum, " }\n",

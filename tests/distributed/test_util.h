@@ -36,6 +36,7 @@ struct TinyJob {
   bool zero1 = false;
   int timeout_s = 60;
   int grad_accum = 1;
+  std::string precision;  // body of a `precision { }` section; empty: none
   std::string Text() const;
   // Writes Text() to <TmpDir>/<name>.textproto and returns the path.
   std::string Write() const;
