@@ -86,6 +86,15 @@ int main(int argc, char** argv) {
     }
     spec->mutable_training()->set_batch_size(global / per_step);
   }
+  // The overrides may have made the job invalid (warmup longer than --steps, ...): every rank
+  // judges the same spec, rank 0 says why.
+  if (absl::Status valid = (*dist)->AllOk(qtrain::ValidateJobSpec(*spec), "job spec");
+      !valid.ok()) {
+    if ((*dist)->is_root()) {
+      std::fprintf(stderr, "qtrain: %s\n", std::string(valid.message()).c_str());
+    }
+    return 1;
+  }
 
   qtrain::RunOptions options;
   options.resume = absl::GetFlag(FLAGS_resume);
