@@ -166,6 +166,29 @@ absl::StatusOr<TrainState> LoadCheckpoint(const std::string& path, ParamStore* p
   return state;
 }
 
+absl::StatusOr<int> LoadWeights(const std::string& path, ParamStore* params,
+                                const std::function<bool(const std::string&)>& may_be_missing) {
+  ASSIGN_OR_RETURN(SafeTensors st, ReadSafeTensors(path));
+  int loaded = 0;
+  for (const ParamInfo& info : params->infos()) {
+    const std::string name = "model/" + info.name;
+    auto it = st.tensors.find(name);
+    if (it == st.tensors.end()) {
+      if (may_be_missing(info.name)) continue;
+      return absl::NotFoundError(absl::StrCat(path, ": no tensor '", name, "' for the model"));
+    }
+    if (it->second.shape != info.shape) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          path, ": tensor '", name, "' has shape [", absl::StrJoin(it->second.shape, ","),
+          "], the model expects [", absl::StrJoin(info.shape, ","), "]"));
+    }
+    RETURN_IF_ERROR(it->second.CopyTo(params->params().data() + info.offset, info.size,
+                                      absl::StrCat(path, ": tensor '", name, "'")));
+    ++loaded;
+  }
+  return loaded;
+}
+
 absl::StatusOr<std::string> LatestCheckpoint(const std::string& out_dir) {
   const std::string dir = CheckpointDir(out_dir);
   std::error_code ec;

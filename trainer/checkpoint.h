@@ -6,6 +6,7 @@
 #ifndef QTRAIN_TRAINER_CHECKPOINT_H_
 #define QTRAIN_TRAINER_CHECKPOINT_H_
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -43,6 +44,13 @@ absl::Status SaveCheckpoint(const std::string& out_dir, const ParamStore& params
 // and shapes must match the model exactly, and a mismatch is named.
 absl::StatusOr<TrainState> LoadCheckpoint(const std::string& path, ParamStore* params,
                                           AdamW* optimizer);
+
+// Loads only the weights ("model/<name>") of a checkpoint into `params`, e.g. a full-precision
+// checkpoint into a QAT model. Tensors of the model that the file lacks are allowed only when
+// `may_be_missing(name)` says so (quantizer steps, Phi factors: initialised afterwards); they
+// are left as they are. Returns the number of tensors loaded.
+absl::StatusOr<int> LoadWeights(const std::string& path, ParamStore* params,
+                                const std::function<bool(const std::string&)>& may_be_missing);
 
 // The newest complete checkpoint in <out_dir>/checkpoints (temporary files of an interrupted
 // save are ignored); NotFound when there is none.

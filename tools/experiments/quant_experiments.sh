@@ -9,9 +9,12 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=${1:-out/experiments}
 mkdir -p "$out"
-bazel build //trainer:qtrain //tools:ptq //tools:export //tools:eval_export >"$out/build.log" 2>&1 ||
-  { echo "build failed: see $out/build.log" >&2; exit 1; }
-bin=bazel-bin
+# QTRAIN_BIN: a folder with trainer/qtrain and tools/{ptq,export,eval_export} built already.
+bin=${QTRAIN_BIN:-bazel-bin}
+if [[ -z "${QTRAIN_BIN:-}" ]]; then
+  bazel build //trainer:qtrain //tools:ptq //tools:export //tools:eval_export >"$out/build.log" 2>&1 ||
+    { echo "build failed: see $out/build.log" >&2; exit 1; }
+fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 steps_fp=${STEPS_FP:-600}
 steps_qat=${STEPS_QAT:-300}
@@ -31,7 +34,15 @@ logging { every_steps: 100 }
 $5
 JOB
 }
-run() { echo "== $1"; "$bin/trainer/qtrain" --job="$out/$1.textproto" --out_dir="$out/$1" "${@:2}" | grep -E "^(step .*val|done)"; }
+run() {  # run NAME --steps=N: skipped when an earlier invocation finished it
+  local steps=${2#--steps=}
+  if [[ -f "$out/$1/metrics.jsonl" && $(wc -l < "$out/$1/metrics.jsonl") -eq $steps ]] &&
+     compgen -G "$out/$1/checkpoints/step_*.safetensors" > /dev/null; then
+    echo "== $1: done earlier"; return
+  fi
+  echo "== $1"
+  "$bin/trainer/qtrain" --job="$out/$1.textproto" --out_dir="$out/$1" "${@:2}" | grep -E "^(step .*val|done)"
+}
 last_ckpt() { ls "$out/$1"/checkpoints/step_*.safetensors | tail -1; }
 
 # (b) full precision with TWEO off (also the baseline of (a)) and on.
@@ -48,9 +59,12 @@ done
 # 32 and halves every 40 steps: 32 -> 0 after 6 periods (240 steps), the rest runs without it.
 init=$(last_ckpt fp)
 qat='linear: QAT qat { weight_bits: 4 act_bits: 4 }'
+# The fair full-precision baseline of (a): the same 300 extra steps without quantization.
+job fp_cont 1e-3 20 "init_from: \"$init\"" ""
 job qat_w4a4 1e-3 20 "init_from: \"$init\"" "precision { $qat }"
 job qat_w4a4_phi 1e-3 20 "init_from: \"$init\"" \
   "precision { $qat aux_lowrank { enabled: true rank: 32 decay_period: 40 } }"
+run fp_cont --steps="$steps_qat"
 run qat_w4a4 --steps="$steps_qat"
 run qat_w4a4_phi --steps="$steps_qat"
 for r in qat_w4a4 qat_w4a4_phi; do

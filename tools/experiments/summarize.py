@@ -18,9 +18,10 @@ def last(rs, key):
 def main():
     out = sys.argv[1]
     m = {r: rows(os.path.join(out, r, "metrics.jsonl"))
-         for r in ("fp", "fp_tweo", "qat_w4a4", "qat_w4a4_phi")}
-    fp_val = last(m["fp"], "val_loss")
+         for r in ("fp", "fp_tweo", "fp_cont", "qat_w4a4", "qat_w4a4_phi")}
+    fp_val = last(m["fp_cont"], "val_loss")
     print("### (a) W4A4 QAT from the full-precision checkpoint\n")
+    print(f"Baseline: full precision continued for the same steps (fp_cont): val loss {fp_val:.4f}.\n")
     print("| run | final val loss | gap to FP | val loss from packed export | mean grad norm (first 50 / last 50 steps) | Phi rank at steps 1, 41, 121, 241 |")
     print("|---|---|---|---|---|---|")
     for r in ("qat_w4a4", "qat_w4a4_phi"):
@@ -31,7 +32,7 @@ def main():
         g = [x["grad_norm"] for x in rs]
         ranks = [str(int(rs[i]["phi_rank.0"])) if "phi_rank.0" in rs[i] else "-" for i in (0, 40, 120, 240) if i < len(rs)]
         print(f"| {r} | {v:.4f} | {v - fp_val:+.4f} | {ev} | {sum(g[:50]) / 50:.3f} / {sum(g[-50:]) / 50:.3f} | {', '.join(ranks)} |")
-    print(f"\nfull-precision baseline (fp, {len(m['fp'])} steps): val loss {fp_val:.4f}\n")
+    print(f"\nThe starting checkpoint (fp, {len(m['fp'])} steps): val loss {last(m['fp'], 'val_loss'):.4f}\n")
     print("### (b) TWEO on and off (full-precision training, then per-tensor PTQ)\n")
     layers = sorted({k.split(".")[1] for k in m["fp"][-1] if k.startswith("peak_act.")}, key=int)
     print("| run | final val loss | peak |A_l| per block (last step) | kurtosis per block | W8A8 PTQ val loss (delta) | W4A4 PTQ val loss (delta) |")
