@@ -1,5 +1,6 @@
 // CUDA fused softmax cross-entropy over the tied LM head: one block per row reads the BF16
-// logits twice (online max/sum, then softmax - onehot written in place).
+// logits (online max/sum), then writes softmax - onehot in place; rows up to 64K entries stay
+// in registers between the two, so they are read once.
 #include <cmath>
 
 #include <cuda_runtime.h>
@@ -110,6 +111,100 @@ __global__ void crossentropy_softmax_kernel(float* __restrict__ losses,
   }
 }
 
+// As crossentropy_softmax_kernel<kVec8>, but each of kRegThreads threads keeps its kChunks
+// 16-byte pieces of the row in registers between the two passes, so the logits are read from
+// memory once instead of twice. For V <= kRegThreads * 8 * kMaxRegChunks.
+constexpr int kRegThreads = 1024;
+constexpr int kMaxRegChunks = 8;
+
+template <int kChunks>
+__global__ void __launch_bounds__(kRegThreads)
+    crossentropy_softmax_reg_kernel(float* __restrict__ losses, nv_bf16* __restrict__ logits,
+                                    const int32_t* __restrict__ targets, int V,
+                                    float grad_scale) {
+  __shared__ float s_m[32], s_s[32];
+  const int64_t row = blockIdx.x;
+  nv_bf16* x = logits + row * V;
+  const int32_t target = targets[row];
+  Bf16x8 v[kChunks];
+#pragma unroll
+  for (int j = 0; j < kChunks; ++j) {
+    const int c = (j * kRegThreads + static_cast<int>(threadIdx.x)) * 8;
+    if (c < V) v[j] = cu::Load8(x + c);
+  }
+  float m = -INFINITY, s = 0.f;
+#pragma unroll
+  for (int j = 0; j < kChunks; ++j) {
+    const int c = (j * kRegThreads + static_cast<int>(threadIdx.x)) * 8;
+    if (c < V) {
+      float vm = -INFINITY;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) vm = fmaxf(vm, __bfloat162float(v[j].v[k]));
+      float vs = 0.f;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) vs += __expf(__bfloat162float(v[j].v[k]) - vm);
+      Merge(m, s, vm, vs);
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, off);
+    const float s2 = __shfl_xor_sync(0xffffffffu, s, off);
+    Merge(m, s, m2, s2);
+  }
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) {
+    s_m[warp] = m;
+    s_s[warp] = s;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    m = s_m[lane];  // kRegThreads / 32 == 32 warps
+    s = s_s[lane];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const float m2 = __shfl_xor_sync(0xffffffffu, m, off);
+      const float s2 = __shfl_xor_sync(0xffffffffu, s, off);
+      Merge(m, s, m2, s2);
+    }
+    if (lane == 0) {
+      const bool valid = target >= 0 && target < V;
+      // Read before the overwrite below (the barrier orders it).
+      losses[row] = valid ? logf(s) - (__bfloat162float(x[target]) - m) : NAN;
+      s_m[0] = m;
+      s_s[0] = s;
+    }
+  }
+  __syncthreads();
+  const float maxv = s_m[0];
+  const float inv_sum = 1.f / s_s[0];
+#pragma unroll
+  for (int j = 0; j < kChunks; ++j) {
+    const int c = (j * kRegThreads + static_cast<int>(threadIdx.x)) * 8;
+    if (c < V) {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const float p = __expf(__bfloat162float(v[j].v[k]) - maxv) * inv_sum;
+        v[j].v[k] = __float2bfloat16_rn(grad_scale * (p - (c + k == target ? 1.f : 0.f)));
+      }
+      cu::Store8(x + c, v[j]);
+    }
+  }
+}
+
+template <int kChunks>
+void LaunchReg(int chunks, int N, float* losses, nv_bf16* logits, const int32_t* targets, int V,
+               float grad_scale, cudaStream_t stream) {
+  if constexpr (kChunks <= kMaxRegChunks) {
+    if (chunks == kChunks) {
+      crossentropy_softmax_reg_kernel<kChunks>
+          <<<N, kRegThreads, 0, stream>>>(losses, logits, targets, V, grad_scale);
+    } else {
+      LaunchReg<kChunks + 1>(chunks, N, losses, logits, targets, V, grad_scale, stream);
+    }
+  }
+}
+
 // One block: mean of losses with a fixed thread-to-element map and tree (deterministic).
 __global__ void mean_loss_kernel(double* __restrict__ out, const float* __restrict__ losses,
                                  int N) {
@@ -131,7 +226,10 @@ absl::Status crossentropy_softmax_cuda(float* losses, double* mean_loss, bf16* l
                "crossentropy_softmax_cuda: null pointer (losses=", losses != nullptr,
                " logits=", logits != nullptr, " targets=", targets != nullptr, ")");
   const float grad_scale = dloss / static_cast<float>(N);
-  if (V % 8 == 0 && cu::IsAligned(logits, 16)) {
+  const int reg_chunks = (V / 8 + kRegThreads - 1) / kRegThreads;
+  if (V % 8 == 0 && cu::IsAligned(logits, 16) && reg_chunks <= kMaxRegChunks) {
+    LaunchReg<1>(reg_chunks, N, losses, cu::Nv(logits), targets, V, grad_scale, stream);
+  } else if (V % 8 == 0 && cu::IsAligned(logits, 16)) {
     crossentropy_softmax_kernel<Access::kVec8>
         <<<N, kThreads, 0, stream>>>(losses, cu::Nv(logits), targets, V, grad_scale);
   } else {
@@ -162,9 +260,10 @@ absl::Status lm_head_crossentropy_forward_cuda(MatmulContext& ctx, float* losses
 absl::Status lm_head_crossentropy_backward_cuda(MatmulContext& ctx, bf16* dx, float* dwte,
                                                 const bf16* dlogits, const bf16* x,
                                                 const bf16* wte, int N, int C, int V,
-                                                cudaStream_t stream) {
+                                                cudaStream_t stream, GradWrite dwte_write,
+                                                GradWrite dx_write) {
   RETURN_IF_ERROR(matmul_backward_cuda(ctx, dx, dwte, nullptr, dlogits, x, wte, N, C, V,
-                                       nullptr, 0, stream));
+                                       nullptr, 0, stream, nullptr, dwte_write, dx_write));
   return absl::OkStatus();
 }
 

@@ -34,11 +34,13 @@ absl::Status lm_head_crossentropy_forward_cuda(MatmulContext& ctx, float* losses
                                                int C, int V, float dloss, cudaStream_t stream);
 
 // dx (N,C) += dlogits (N,V) @ wte (BF16); dwte (V,C) += dlogits^T @ x (fp32). Either output
-// may be null to skip it.
+// may be null to skip it; either is written over instead with its GradWrite kOverwrite.
 absl::Status lm_head_crossentropy_backward_cuda(MatmulContext& ctx, bf16* dx, float* dwte,
                                                 const bf16* dlogits, const bf16* x,
                                                 const bf16* wte, int N, int C, int V,
-                                                cudaStream_t stream);
+                                                cudaStream_t stream,
+                                                GradWrite dwte_write = GradWrite::kAccumulate,
+                                                GradWrite dx_write = GradWrite::kAccumulate);
 
 }  // namespace qtrain::ops
 

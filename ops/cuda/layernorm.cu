@@ -1,5 +1,6 @@
-// CUDA layernorm: fused residual-add + layernorm forward (one warp per row) and a two-pass
-// deterministic backward, with validating launchers.
+// CUDA layernorm: fused residual-add + layernorm forward (one warp per row) and a deterministic
+// backward (dinp one warp per row; weight/bias partials per chunk of rows, then reduced in
+// order), with validating launchers.
 #include <algorithm>
 
 #include <cuda_runtime.h>
@@ -110,73 +111,104 @@ __global__ void layernorm_forward_kernel(nv_bf16* __restrict__ residual, nv_bf16
   }
 }
 
-// Per block: kBwdRowsPerBlock rows. Warps compute dinp row by row; then each thread owns
-// columns and sums dweight/dbias partials over the block's rows in row order.
+// dinp, one warp per row (as the forward): dinp += (w dy - mean(w dy) - norm mean(w dy norm))
+// rstd, formed in fp32 and rounded once.
 template <Access kAccess>
-__global__ void layernorm_backward_kernel(nv_bf16* __restrict__ dinp, float* __restrict__ partial,
-                                          const nv_bf16* __restrict__ dout,
-                                          const nv_bf16* __restrict__ inp,
-                                          const nv_bf16* __restrict__ weight,
-                                          const float* __restrict__ mean,
-                                          const float* __restrict__ rstd, int N, int C) {
+__global__ void layernorm_backward_dinp_kernel(nv_bf16* __restrict__ dinp,
+                                               const nv_bf16* __restrict__ dout,
+                                               const nv_bf16* __restrict__ inp,
+                                               const nv_bf16* __restrict__ weight,
+                                               const float* __restrict__ mean,
+                                               const float* __restrict__ rstd, int N, int C) {
   using R = Row<kAccess>;
   constexpr int kPer = R::kPer;
   const int lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (row >= N) return;
+  const int64_t off = row * C;
+  const float m = mean[row], s = rstd[row];
+  float dnorm_sum = 0.f, dnorm_norm_sum = 0.f;
+  for (int c = lane * kPer; c < C; c += 32 * kPer) {
+    float x[kPer], dy[kPer], w[kPer];
+    R::Load(x, inp + off + c);
+    R::Load(dy, dout + off + c);
+    R::Load(w, weight + c);
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const float dnorm = w[k] * dy[k];
+      dnorm_sum += dnorm;
+      dnorm_norm_sum += dnorm * ((x[k] - m) * s);
+    }
+  }
+  const float dnorm_mean = cu::WarpSum(dnorm_sum) / C;
+  const float dnorm_norm_mean = cu::WarpSum(dnorm_norm_sum) / C;
+  for (int c = lane * kPer; c < C; c += 32 * kPer) {
+    float x[kPer], dy[kPer], w[kPer], dx[kPer];
+    R::Load(x, inp + off + c);
+    R::Load(dy, dout + off + c);
+    R::Load(w, weight + c);
+    R::Load(dx, dinp + off + c);
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const float norm = (x[k] - m) * s;
+      dx[k] += (w[k] * dy[k] - dnorm_mean - norm * dnorm_norm_mean) * s;
+    }
+    R::StoreRounded(dinp + off + c, dx);
+  }
+}
+
+// dweight/dbias partial sums over one chunk of kBwdRowsPerBlock rows (blockIdx.y) for 32*kPer
+// columns (blockIdx.x): lane l owns kPer consecutive columns, warp w sums rows w, w + kWarps,
+// ... in order, then the warps' sums are added in warp order. A fixed partition and order, so
+// the result is deterministic; many blocks, so the GPU is full even for small N.
+template <Access kAccess>
+__global__ void layernorm_backward_partial_kernel(float* __restrict__ partial,
+                                                  const nv_bf16* __restrict__ dout,
+                                                  const nv_bf16* __restrict__ inp,
+                                                  const float* __restrict__ mean,
+                                                  const float* __restrict__ rstd, int N, int C) {
+  using R = Row<kAccess>;
+  constexpr int kPer = R::kPer;
+  __shared__ float s_dw[kWarps][32 * kPer], s_db[kWarps][32 * kPer];
+  const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBwdRowsPerBlock;
-  const int rows = N - row0 < kBwdRowsPerBlock ? static_cast<int>(N - row0) : kBwdRowsPerBlock;
-  __shared__ float s_mean[kBwdRowsPerBlock], s_rstd[kBwdRowsPerBlock];
-  for (int r = threadIdx.x; r < rows; r += blockDim.x) {
-    s_mean[r] = mean[row0 + r];
-    s_rstd[r] = rstd[row0 + r];
+  const int c = (blockIdx.x * 32 + lane) * kPer;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kBwdRowsPerBlock;
+  const int64_t row1 = row0 + kBwdRowsPerBlock < N ? row0 + kBwdRowsPerBlock : N;
+  float dw[kPer], db[kPer];
+#pragma unroll
+  for (int k = 0; k < kPer; ++k) dw[k] = db[k] = 0.f;
+  if (c < C) {
+    for (int64_t r = row0 + warp; r < row1; r += kWarps) {
+      float x[kPer], dy[kPer];
+      R::Load(x, inp + r * C + c);
+      R::Load(dy, dout + r * C + c);
+      const float m = mean[r], s = rstd[r];
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        dw[k] += (x[k] - m) * s * dy[k];
+        db[k] += dy[k];
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kPer; ++k) {
+    s_dw[warp][lane * kPer + k] = dw[k];
+    s_db[warp][lane * kPer + k] = db[k];
   }
   __syncthreads();
-
-  for (int r = warp; r < rows; r += kWarps) {
-    const int64_t off = (row0 + r) * C;
-    const float m = s_mean[r], s = s_rstd[r];
-    float dnorm_sum = 0.f, dnorm_norm_sum = 0.f;
-    for (int c = lane * kPer; c < C; c += 32 * kPer) {
-      float x[kPer], dy[kPer], w[kPer];
-      R::Load(x, inp + off + c);
-      R::Load(dy, dout + off + c);
-      R::Load(w, weight + c);
-#pragma unroll
-      for (int k = 0; k < kPer; ++k) {
-        const float dnorm = w[k] * dy[k];
-        dnorm_sum += dnorm;
-        dnorm_norm_sum += dnorm * ((x[k] - m) * s);
-      }
-    }
-    const float dnorm_mean = cu::WarpSum(dnorm_sum) / C;
-    const float dnorm_norm_mean = cu::WarpSum(dnorm_norm_sum) / C;
-    for (int c = lane * kPer; c < C; c += 32 * kPer) {
-      float x[kPer], dy[kPer], w[kPer], dx[kPer];
-      R::Load(x, inp + off + c);
-      R::Load(dy, dout + off + c);
-      R::Load(w, weight + c);
-      R::Load(dx, dinp + off + c);
-#pragma unroll
-      for (int k = 0; k < kPer; ++k) {
-        const float norm = (x[k] - m) * s;
-        dx[k] += (w[k] * dy[k] - dnorm_mean - norm * dnorm_norm_mean) * s;
-      }
-      R::StoreRounded(dinp + off + c, dx);
-    }
-  }
-
-  float* dw_part = partial + static_cast<int64_t>(blockIdx.x) * 2 * C;
+  float* dw_part = partial + static_cast<int64_t>(blockIdx.y) * 2 * C;
   float* db_part = dw_part + C;
-  for (int c = threadIdx.x; c < C; c += blockDim.x) {
-    float dw = 0.f, db = 0.f;
-    for (int r = 0; r < rows; ++r) {
-      const int64_t i = (row0 + r) * C + c;
-      const float dy = __bfloat162float(dout[i]);
-      dw += (__bfloat162float(inp[i]) - s_mean[r]) * s_rstd[r] * dy;
-      db += dy;
+  for (int i = threadIdx.x; i < 32 * kPer; i += blockDim.x) {
+    const int col = blockIdx.x * 32 * kPer + i;
+    if (col >= C) continue;
+    float a = 0.f, b = 0.f;
+    for (int w = 0; w < kWarps; ++w) {
+      a += s_dw[w][i];
+      b += s_db[w][i];
     }
-    dw_part[c] = dw;
-    db_part[c] = db;
+    dw_part[col] = a;
+    db_part[col] = b;
   }
 }
 
@@ -184,16 +216,15 @@ __global__ void layernorm_backward_kernel(nv_bf16* __restrict__ dinp, float* __r
 __global__ void layernorm_backward_reduce_kernel(float* __restrict__ dweight,
                                                  float* __restrict__ dbias,
                                                  const float* __restrict__ partial, int blocks,
-                                                 int C) {
+                                                 int C, GradWrite write) {
   const int col = blockIdx.x * blockDim.x + threadIdx.x;
   if (col >= 2 * C) return;
   float acc = 0.f;
+  // Unrolled so that several loads are in flight; the adds stay in block order.
+#pragma unroll 8
   for (int blk = 0; blk < blocks; ++blk) acc += partial[static_cast<int64_t>(blk) * 2 * C + col];
-  if (col < C) {
-    dweight[col] += acc;
-  } else {
-    dbias[col - C] += acc;
-  }
+  float* dst = col < C ? dweight + col : dbias + (col - C);
+  *dst = write == GradWrite::kOverwrite ? acc : *dst + acc;
 }
 
 absl::Status CheckShape(const char* op, int N, int C) {
@@ -261,7 +292,8 @@ int64_t layernorm_backward_cuda_workspace_bytes(int N, int C) {
 absl::Status layernorm_backward_cuda(bf16* dinp, float* dweight, float* dbias, const bf16* dout,
                                      const bf16* inp, const bf16* weight, const float* mean,
                                      const float* rstd, int N, int C, void* workspace,
-                                     int64_t workspace_bytes, cudaStream_t stream) {
+                                     int64_t workspace_bytes, cudaStream_t stream,
+                                     GradWrite dparams) {
   RETURN_IF_ERROR(CheckShape("layernorm_backward_cuda", N, C));
   QT_CHECK_ARG(dinp != nullptr && dweight != nullptr && dbias != nullptr && dout != nullptr &&
                    inp != nullptr && weight != nullptr && mean != nullptr && rstd != nullptr,
@@ -279,16 +311,25 @@ absl::Status layernorm_backward_cuda(bf16* dinp, float* dweight, float* dbias, c
   const int blocks = BwdBlocks(N);
   const bool vec = C % 8 == 0 && cu::IsAligned(dinp, 16) && cu::IsAligned(dout, 16) &&
                    cu::IsAligned(inp, 16) && cu::IsAligned(weight, 16);
+  const dim3 grid_rows((N + kWarps - 1) / kWarps);
   if (vec) {
-    layernorm_backward_kernel<Access::kVec8><<<blocks, kThreads, 0, stream>>>(
-        cu::Nv(dinp), partial, cu::Nv(dout), cu::Nv(inp), cu::Nv(weight), mean, rstd, N, C);
+    layernorm_backward_dinp_kernel<Access::kVec8><<<grid_rows, kThreads, 0, stream>>>(
+        cu::Nv(dinp), cu::Nv(dout), cu::Nv(inp), cu::Nv(weight), mean, rstd, N, C);
+    CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    layernorm_backward_partial_kernel<Access::kVec8>
+        <<<dim3((C + 255) / 256, blocks), kThreads, 0, stream>>>(partial, cu::Nv(dout),
+                                                                 cu::Nv(inp), mean, rstd, N, C);
   } else {
-    layernorm_backward_kernel<Access::kScalar><<<blocks, kThreads, 0, stream>>>(
-        cu::Nv(dinp), partial, cu::Nv(dout), cu::Nv(inp), cu::Nv(weight), mean, rstd, N, C);
+    layernorm_backward_dinp_kernel<Access::kScalar><<<grid_rows, kThreads, 0, stream>>>(
+        cu::Nv(dinp), cu::Nv(dout), cu::Nv(inp), cu::Nv(weight), mean, rstd, N, C);
+    CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    layernorm_backward_partial_kernel<Access::kScalar>
+        <<<dim3((C + 31) / 32, blocks), kThreads, 0, stream>>>(partial, cu::Nv(dout),
+                                                               cu::Nv(inp), mean, rstd, N, C);
   }
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   layernorm_backward_reduce_kernel<<<(2 * C + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-      dweight, dbias, partial, blocks, C);
+      dweight, dbias, partial, blocks, C, dparams);
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
 }

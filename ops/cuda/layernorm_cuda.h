@@ -9,6 +9,7 @@
 
 #include "absl/status/status.h"
 #include "ops/cuda/bf16.h"
+#include "ops/cuda/grad_write.h"
 
 typedef struct CUstream_st* cudaStream_t;
 
@@ -32,12 +33,14 @@ absl::Status layernorm_forward_cuda(bf16* out, float* mean, float* rstd, const b
 int64_t layernorm_backward_cuda_workspace_bytes(int N, int C);
 
 // dinp (N,C) += (BF16, the sum formed in fp32 and rounded once), dweight (C) +=, dbias (C) +=
-// (fp32). mean, rstd as saved by the forward. Deterministic: each block sums its 64 rows per
-// column in row order, a second pass sums the blocks in order; no atomics.
+// (fp32; written over instead with dparams == kOverwrite). mean, rstd as saved by the forward.
+// Deterministic: per chunk of 64 rows each column is summed by a fixed warp/row assignment and
+// the warps' sums in warp order, a second pass sums the chunks in order; no atomics.
 absl::Status layernorm_backward_cuda(bf16* dinp, float* dweight, float* dbias, const bf16* dout,
                                      const bf16* inp, const bf16* weight, const float* mean,
                                      const float* rstd, int N, int C, void* workspace,
-                                     int64_t workspace_bytes, cudaStream_t stream);
+                                     int64_t workspace_bytes, cudaStream_t stream,
+                                     GradWrite dparams = GradWrite::kAccumulate);
 
 }  // namespace qtrain::ops
 

@@ -255,12 +255,13 @@ __global__ void dbias_partial_kernel(float* __restrict__ partial, const nv_bf16*
 }
 
 __global__ void dbias_final_kernel(float* __restrict__ dbias, const float* __restrict__ partial,
-                                   int chunks, int OC) {
+                                   int chunks, int OC, GradWrite write) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= OC) return;
   float acc = 0.f;
+#pragma unroll 8
   for (int j = 0; j < chunks; ++j) acc += partial[static_cast<int64_t>(j) * OC + c];
-  dbias[c] += acc;
+  dbias[c] = write == GradWrite::kOverwrite ? acc : dbias[c] + acc;
 }
 
 int DbiasChunks(int N) { return (N + kDbiasRows - 1) / kDbiasRows; }
@@ -373,7 +374,8 @@ int64_t matmul_backward_cuda_workspace_bytes(int N, int OC) {
 absl::Status matmul_backward_cuda(MatmulContext& ctx, bf16* dinp, float* dweight, float* dbias,
                                   const bf16* dout, const bf16* inp, const bf16* weight, int N,
                                   int C, int OC, void* workspace, int64_t workspace_bytes,
-                                  cudaStream_t stream, const bf16* dinp_gelu_pre) {
+                                  cudaStream_t stream, const bf16* dinp_gelu_pre,
+                                  GradWrite dparams, GradWrite dinp_write) {
   RETURN_IF_ERROR(CheckShape("matmul_backward_cuda", N, C, OC));
   QT_CHECK_ARG(dout != nullptr, "matmul_backward_cuda: dout is null");
   QT_CHECK_ARG(dinp == nullptr || weight != nullptr,
@@ -405,7 +407,7 @@ absl::Status matmul_backward_cuda(MatmulContext& ctx, bf16* dinp, float* dweight
     g.ldb = OC;
     g.D = dinp;
     g.ldd = C;
-    g.beta = dinp_gelu_pre != nullptr ? 0.f : 1.f;
+    g.beta = dinp_gelu_pre != nullptr || dinp_write == GradWrite::kOverwrite ? 0.f : 1.f;
     bool done = false;
     if (dinp_gelu_pre != nullptr && impl.fusion == EpilogueFusion::kAuto && C % 8 == 0) {
       Gemm f = g;
@@ -447,7 +449,7 @@ absl::Status matmul_backward_cuda(MatmulContext& ctx, bf16* dinp, float* dweight
     g.D = dweight;
     g.ldd = C;
     g.dtype = CUDA_R_32F;
-    g.beta = 1.f;
+    g.beta = dparams == GradWrite::kOverwrite ? 0.f : 1.f;
     const absl::Status s = impl.Run(g, stream);
     if (absl::IsNotFound(s)) return absl::InternalError(s.message());
     RETURN_IF_ERROR(s);
@@ -458,8 +460,8 @@ absl::Status matmul_backward_cuda(MatmulContext& ctx, bf16* dinp, float* dweight
     const dim3 grid((OC + kThreads - 1) / kThreads, chunks);
     dbias_partial_kernel<<<grid, kThreads, 0, stream>>>(partial, cu::Nv(dout), N, OC);
     CUDA_RETURN_IF_ERROR(cudaGetLastError());
-    dbias_final_kernel<<<(OC + kThreads - 1) / kThreads, kThreads, 0, stream>>>(dbias, partial,
-                                                                                chunks, OC);
+    dbias_final_kernel<<<(OC + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+        dbias, partial, chunks, OC, dparams);
     CUDA_RETURN_IF_ERROR(cudaGetLastError());
   }
   return absl::OkStatus();

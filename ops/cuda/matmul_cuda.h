@@ -12,6 +12,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "ops/cuda/bf16.h"
+#include "ops/cuda/grad_write.h"
 
 typedef struct CUstream_st* cudaStream_t;
 
@@ -71,10 +72,14 @@ int64_t matmul_backward_cuda_workspace_bytes(int N, int OC);
 // With dinp_gelu_pre (N,C) non-null, inp was gelu(dinp_gelu_pre) and dinp is OVERWRITTEN with
 // the gradient with respect to dinp_gelu_pre: (dout @ weight) * gelu'(dinp_gelu_pre) (the
 // GELU's output gradient has no other consumer, so nothing is lost by not accumulating).
+// dparams == kOverwrite: dweight and dbias are written (=) instead of accumulated; likewise
+// dinp with dinp_write == kOverwrite.
 absl::Status matmul_backward_cuda(MatmulContext& ctx, bf16* dinp, float* dweight, float* dbias,
                                   const bf16* dout, const bf16* inp, const bf16* weight, int N,
                                   int C, int OC, void* workspace, int64_t workspace_bytes,
-                                  cudaStream_t stream, const bf16* dinp_gelu_pre = nullptr);
+                                  cudaStream_t stream, const bf16* dinp_gelu_pre = nullptr,
+                                  GradWrite dparams = GradWrite::kAccumulate,
+                                  GradWrite dinp_write = GradWrite::kAccumulate);
 
 }  // namespace qtrain::ops
 

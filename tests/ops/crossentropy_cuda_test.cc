@@ -40,7 +40,8 @@ TEST(CrossentropyCudaTest, SoftmaxKernelMatchesFloat64) {
   QT_SKIP_WITHOUT_GPU();
   testing::TestStream stream;
   const SoftmaxShape shapes[] = {{1, 1, 0},   {3, 7, 0},      {16, 256, 0},     {5, 256, 1},
-                                 {9, 1000, 0}, {4, 50257, 0}, {4, 50304, 0}};
+                                 {9, 1000, 0}, {4, 50257, 0}, {4, 50304, 0},
+                                 {2, 65544, 0}};  // > 64K: the two-pass 16-byte kernel
   for (const SoftmaxShape& sh : shapes) {
     for (float dloss : {1.0f, 0.25f}) {
       SCOPED_TRACE(::testing::Message() << "N=" << sh.N << " V=" << sh.V << " offset="
