@@ -33,6 +33,12 @@ summary="$log_dir/gpu_tests${suffix}_summary.txt"
 : >"$summary"
 
 export QTRAIN_REQUIRE_GPU=1
+# The PyTorch golden test (tests/gpu/torch_reference_test) runs this script where python3 has
+# torch and safetensors; it skips otherwise.
+if [[ -z "${QTRAIN_TORCH_GPT2:-}" ]] &&
+   python3 -c 'import torch, safetensors' >/dev/null 2>&1; then
+  export QTRAIN_TORCH_GPT2="$PWD/tools/reference/torch_gpt2.py"
+fi
 timeout_s="${QTRAIN_TEST_TIMEOUT:-300}"
 wrap=()
 if [[ -n "${QTRAIN_SANITIZE:-}" ]]; then

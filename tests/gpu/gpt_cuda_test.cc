@@ -1,0 +1,344 @@
+// The CUDA GPT (trainer/cuda) against the CPU Gpt: loss, logits and every gradient of one step
+// from the same weights, 20 optimizer steps of loss, bit-identical reruns and resume through
+// Download/Upload. Tag gpu: runs on the GPU machine (tools/gpu_tests.sh).
+#include "trainer/cuda/gpt_cuda.h"
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "ops/cuda/device.h"
+#include "ops/status_macros.h"
+#include "trainer/gpt.h"
+#include "trainer/optimizer.h"
+
+namespace qtrain {
+namespace {
+
+bool HaveGpu() {
+  const absl::StatusOr<int> count = ops::DeviceCount();
+  const bool have = count.ok() && *count > 0;
+  if (!have && std::getenv("QTRAIN_REQUIRE_GPU") != nullptr) {
+    ADD_FAILURE() << "QTRAIN_REQUIRE_GPU is set but no CUDA device is usable";
+  }
+  return have;
+}
+
+#define SKIP_WITHOUT_GPU() \
+  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device"
+
+#define ASSERT_OK(expr)                                 \
+  do {                                                  \
+    const ::absl::Status st_ = (expr);                  \
+    ASSERT_TRUE(st_.ok()) << st_;                       \
+  } while (0)
+
+struct Shape {
+  const char* name;
+  GptConfig config;
+  int B, T;
+};
+
+// hs 16 takes the attention's plain kernel, hs 64 its tensor-core kernel; T = 61 is no
+// multiple of any tile.
+std::vector<Shape> Shapes() {
+  return {{"L2_C64_H4", {2, 64, 4, 256, 64}, 4, 64},
+          {"L2_C128_H2", {2, 128, 2, 256, 64}, 3, 61}};
+}
+
+// Tokens with structure (a noisy counter) so that a few steps of training lower the loss.
+void MakeBatch(int B, int T, int V, uint32_t seed, std::vector<int32_t>* x,
+               std::vector<int32_t>* y) {
+  std::mt19937 gen(seed);
+  x->resize(static_cast<size_t>(B) * T);
+  y->resize(x->size());
+  for (int b = 0; b < B; ++b) {
+    int tok = static_cast<int>(gen() % V);
+    for (int t = 0; t < T; ++t) {
+      (*x)[b * T + t] = tok;
+      tok = (gen() % 4 == 0) ? static_cast<int>(gen() % V) : (tok + 1) % V;
+      (*y)[b * T + t] = tok;
+    }
+  }
+}
+
+double RelL2(const float* got, const float* ref, int64_t n) {
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = static_cast<double>(got[i]) - ref[i];
+    num += d * d;
+    den += static_cast<double>(ref[i]) * ref[i];
+  }
+  if (den == 0) return num == 0 ? 0 : INFINITY;
+  return std::sqrt(num / den);
+}
+
+std::unique_ptr<Gpt> MakeCpu(const GptConfig& config, uint64_t seed) {
+  absl::StatusOr<std::unique_ptr<Gpt>> m = Gpt::Create(config);
+  EXPECT_TRUE(m.ok()) << m.status();
+  (*m)->InitWeights(seed, 0.02f);
+  return *std::move(m);
+}
+
+std::unique_ptr<CudaGpt> MakeGpu(const Gpt& cpu) {
+  absl::StatusOr<std::unique_ptr<CudaGpt>> m = CudaGpt::Create(cpu.config(), cpu.params());
+  EXPECT_TRUE(m.ok()) << m.status();
+  if (!m.ok()) return nullptr;
+  const absl::Status s = (*m)->Upload(cpu.params(), nullptr);
+  EXPECT_TRUE(s.ok()) << s;
+  return *std::move(m);
+}
+
+class GptCudaGolden : public ::testing::TestWithParam<Shape> {};
+
+// Loss, logits and every gradient of one Forward/Backward from the same weights. BF16 weights
+// and activations with fp32 accumulation: a few 1e-3 relative per rounding, a few 1e-2 after
+// the whole backward pass.
+TEST_P(GptCudaGolden, LossLogitsAndEveryGradientMatchCpu) {
+  SKIP_WITHOUT_GPU();
+  const Shape& s = GetParam();
+  std::unique_ptr<Gpt> cpu = MakeCpu(s.config, 7);
+  std::unique_ptr<CudaGpt> gpu = MakeGpu(*cpu);
+  ASSERT_NE(gpu, nullptr);
+  std::vector<int32_t> x, y;
+  MakeBatch(s.B, s.T, s.config.vocab_size, 11, &x, &y);
+
+  absl::StatusOr<double> lc = cpu->Forward(x.data(), y.data(), s.B, s.T);
+  ASSERT_TRUE(lc.ok()) << lc.status();
+  std::vector<float> logits_cpu;
+  cpu->Logits(&logits_cpu);
+  cpu->params().ZeroGrads();
+  ASSERT_OK(cpu->Backward(1.0f));
+
+  ASSERT_OK(gpu->ZeroGrads());
+  absl::StatusOr<double> lg = gpu->Forward(x.data(), y.data(), s.B, s.T);
+  ASSERT_TRUE(lg.ok()) << lg.status();
+  ASSERT_OK(gpu->Backward(1.0f));
+  std::vector<float> grads;
+  ASSERT_OK(gpu->DownloadGrads(&grads));
+  std::printf("[%s] loss cpu %.6f gpu %.6f\n", s.name, *lc, *lg);
+  EXPECT_NEAR(*lg, *lc, 1e-2);
+
+  const ParamStore& ps = cpu->params();
+  double worst = 0;
+  for (const ParamInfo& info : ps.infos()) {
+    const double rel = RelL2(grads.data() + info.offset, ps.grads().data() + info.offset,
+                             info.size);
+    worst = std::max(worst, rel);
+    std::printf("[%s] grad %-26s rel L2 %.2e\n", s.name, info.name.c_str(), rel);
+    EXPECT_LT(rel, 3e-2) << "gradient of " << info.name;
+  }
+  std::printf("[%s] worst gradient rel L2 %.2e\n", s.name, worst);
+
+  // Logits of a few rows (after Backward: Logits recomputes them).
+  const int N = s.B * s.T, V = s.config.vocab_size;
+  std::vector<int> rows = {0, 1, s.T - 1, N / 2, N - 1};
+  absl::StatusOr<std::vector<float>> lgpu = gpu->Logits(rows);
+  ASSERT_TRUE(lgpu.ok()) << lgpu.status();
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const double rel = RelL2(lgpu->data() + i * V, logits_cpu.data() + rows[i] * V, V);
+    EXPECT_LT(rel, 2e-2) << "logits row " << rows[i];
+  }
+}
+
+// B and T may change between calls; the activations follow.
+TEST_P(GptCudaGolden, BatchShapeChangesMatchCpu) {
+  SKIP_WITHOUT_GPU();
+  const Shape& s = GetParam();
+  std::unique_ptr<Gpt> cpu = MakeCpu(s.config, 9);
+  std::unique_ptr<CudaGpt> gpu = MakeGpu(*cpu);
+  ASSERT_NE(gpu, nullptr);
+  for (auto [B, T] : {std::pair<int, int>{1, 5}, {s.B, s.T}, {2, 33}}) {
+    std::vector<int32_t> x, y;
+    MakeBatch(B, T, s.config.vocab_size, 100 + B * T, &x, &y);
+    absl::StatusOr<double> lc = cpu->Forward(x.data(), y.data(), B, T);
+    absl::StatusOr<double> lg = gpu->Forward(x.data(), y.data(), B, T);
+    ASSERT_TRUE(lc.ok() && lg.ok());
+    EXPECT_NEAR(*lg, *lc, 1e-2) << "B=" << B << " T=" << T;
+  }
+  std::vector<int32_t> x(4, 0), y(4, 0);
+  EXPECT_FALSE(gpu->Forward(x.data(), y.data(), 1, s.config.max_seq_len + 1).ok());
+  x[2] = s.config.vocab_size;
+  EXPECT_FALSE(gpu->Forward(x.data(), y.data(), 1, 4).ok());
+  EXPECT_FALSE(gpu->Backward(1.0f).ok()) << "Backward after a failed Forward";
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, GptCudaGolden, ::testing::ValuesIn(Shapes()),
+                         [](const ::testing::TestParamInfo<Shape>& i) { return i.param.name; });
+
+AdamWConfig TestAdam() {
+  AdamWConfig a;
+  a.weight_decay = 0.1f;
+  a.grad_clip = 1.0f;
+  return a;
+}
+
+// One optimizer step on the device, as trainer.cc drives it.
+absl::StatusOr<double> GpuStep(DeviceModel* m, const std::vector<int32_t>& x,
+                               const std::vector<int32_t>& y, int B, int T, float lr, int t,
+                               double* norm = nullptr) {
+  RETURN_IF_ERROR(m->ZeroGrads());
+  ASSIGN_OR_RETURN(const double loss, m->Forward(x.data(), y.data(), B, T));
+  RETURN_IF_ERROR(m->Backward(1.0f));
+  ASSIGN_OR_RETURN(const double ss, m->GradSumSquares());
+  if (norm != nullptr) *norm = std::sqrt(ss);
+  RETURN_IF_ERROR(m->Update(lr, std::sqrt(ss), TestAdam(), t));
+  RETURN_IF_ERROR(m->Synchronize());
+  return loss;
+}
+
+// 20 AdamW steps (clip and weight decay active) on both; the losses stay together.
+TEST(GptCuda, TwentyStepsFollowCpu) {
+  SKIP_WITHOUT_GPU();
+  const Shape s = Shapes()[0];
+  std::unique_ptr<Gpt> cpu = MakeCpu(s.config, 5);
+  std::unique_ptr<CudaGpt> gpu = MakeGpu(*cpu);
+  ASSERT_NE(gpu, nullptr);
+  AdamW opt(TestAdam(), cpu->num_parameters());
+  const float lr = 3e-3f;
+  double first = 0, last_cpu = 0;
+  for (int step = 1; step <= 20; ++step) {
+    std::vector<int32_t> x, y;
+    MakeBatch(s.B, s.T, s.config.vocab_size, 1000 + step % 4, &x, &y);
+    absl::StatusOr<double> lc = cpu->Forward(x.data(), y.data(), s.B, s.T);
+    ASSERT_TRUE(lc.ok());
+    cpu->params().ZeroGrads();
+    ASSERT_OK(cpu->Backward(1.0f));
+    const double norm_cpu = opt.Step(&cpu->params(), lr);
+    double norm_gpu = 0;
+    absl::StatusOr<double> lg = GpuStep(gpu.get(), x, y, s.B, s.T, lr, step, &norm_gpu);
+    ASSERT_TRUE(lg.ok()) << lg.status();
+    std::printf("step %2d loss cpu %.5f gpu %.5f | grad norm cpu %.4f gpu %.4f\n", step, *lc,
+                *lg, norm_cpu, norm_gpu);
+    EXPECT_NEAR(*lg, *lc, 2e-2 + 5e-3 * std::abs(*lc)) << "step " << step;
+    EXPECT_NEAR(norm_gpu, norm_cpu, 0.05 * norm_cpu + 1e-3) << "step " << step;
+    if (step == 1) first = *lc;
+    last_cpu = *lc;
+  }
+  EXPECT_LT(last_cpu, first - 0.3) << "the run should learn something for the check to mean much";
+  // The device's master weights after 20 steps.
+  ParamStore host = cpu->params();
+  ASSERT_OK(gpu->Download(&host, nullptr));
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < host.num_elements(); ++i) {
+    const double d = static_cast<double>(host.params()[i]) - cpu->params().params()[i];
+    num += d * d;
+    den += static_cast<double>(cpu->params().params()[i]) * cpu->params().params()[i];
+  }
+  EXPECT_LT(std::sqrt(num / den), 2e-2);
+}
+
+// Runs `steps` steps on a fresh device model from the same init; returns the losses.
+std::vector<double> RunSteps(const Shape& s, DeviceModel* m, int first_step, int steps) {
+  std::vector<double> losses;
+  for (int step = first_step; step < first_step + steps; ++step) {
+    std::vector<int32_t> x, y;
+    MakeBatch(s.B, s.T, s.config.vocab_size, 2000 + step, &x, &y);
+    absl::StatusOr<double> l = GpuStep(m, x, y, s.B, s.T, 1e-3f, step);
+    EXPECT_TRUE(l.ok()) << l.status();
+    losses.push_back(l.ok() ? *l : NAN);
+  }
+  return losses;
+}
+
+void ExpectBitIdentical(const std::vector<double>& a, const std::vector<double>& b,
+                        const char* what) {
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(std::memcmp(&a[i], &b[i], sizeof(double)), 0)
+        << what << ": step " << i << " loss " << a[i] << " vs " << b[i];
+  }
+}
+
+TEST(GptCuda, RerunsAreBitIdentical) {
+  SKIP_WITHOUT_GPU();
+  for (const Shape& s : Shapes()) {
+    std::unique_ptr<Gpt> cpu = MakeCpu(s.config, 3);
+    std::unique_ptr<CudaGpt> a = MakeGpu(*cpu);
+    std::unique_ptr<CudaGpt> b = MakeGpu(*cpu);
+    ASSERT_TRUE(a && b);
+    const std::vector<double> la = RunSteps(s, a.get(), 1, 6);
+    const std::vector<double> lb = RunSteps(s, b.get(), 1, 6);
+    ExpectBitIdentical(la, lb, s.name);
+    ParamStore pa = cpu->params(), pb = cpu->params();
+    ASSERT_OK(a->Download(&pa, nullptr));
+    ASSERT_OK(b->Download(&pb, nullptr));
+    EXPECT_EQ(std::memcmp(pa.params().data(), pb.params().data(), pa.num_elements() * 4), 0)
+        << s.name << ": parameters differ after identical runs";
+  }
+}
+
+// Stopping after 3 steps (Download params and moments, a new device model, Upload) and going
+// on gives the same losses and weights as not stopping, bit for bit.
+TEST(GptCuda, ResumeThroughHostIsBitIdentical) {
+  SKIP_WITHOUT_GPU();
+  const Shape s = Shapes()[1];
+  std::unique_ptr<Gpt> cpu = MakeCpu(s.config, 4);
+  std::unique_ptr<CudaGpt> straight = MakeGpu(*cpu);
+  ASSERT_NE(straight, nullptr);
+  const std::vector<double> all = RunSteps(s, straight.get(), 1, 6);
+
+  std::unique_ptr<CudaGpt> first = MakeGpu(*cpu);
+  ASSERT_NE(first, nullptr);
+  const std::vector<double> head = RunSteps(s, first.get(), 1, 3);
+  ParamStore saved = cpu->params();
+  AdamW opt(TestAdam(), cpu->num_parameters());
+  ASSERT_OK(first->Download(&saved, &opt));
+  first.reset();
+  absl::StatusOr<std::unique_ptr<CudaGpt>> second = CudaGpt::Create(s.config, saved);
+  ASSERT_TRUE(second.ok()) << second.status();
+  ASSERT_OK((*second)->Upload(saved, &opt));
+  std::vector<double> resumed = head;
+  for (double l : RunSteps(s, second->get(), 4, 3)) resumed.push_back(l);
+  ExpectBitIdentical(all, resumed, "resumed run");
+
+  ParamStore p1 = cpu->params(), p2 = cpu->params();
+  AdamW o1(TestAdam(), cpu->num_parameters()), o2(TestAdam(), cpu->num_parameters());
+  ASSERT_OK(straight->Download(&p1, &o1));
+  ASSERT_OK((*second)->Download(&p2, &o2));
+  EXPECT_EQ(std::memcmp(p1.params().data(), p2.params().data(), p1.num_elements() * 4), 0);
+  EXPECT_EQ(std::memcmp(o1.m().data(), o2.m().data(), p1.num_elements() * 4), 0);
+  EXPECT_EQ(std::memcmp(o1.v().data(), o2.v().data(), p1.num_elements() * 4), 0);
+}
+
+// A loss scale (gradient accumulation) scales every gradient: two half-scaled backward passes
+// of one batch give the gradient of one full pass.
+TEST(GptCuda, LossScaleAndAccumulation) {
+  SKIP_WITHOUT_GPU();
+  const Shape s = Shapes()[0];
+  std::unique_ptr<Gpt> cpu = MakeCpu(s.config, 8);
+  std::unique_ptr<CudaGpt> gpu = MakeGpu(*cpu);
+  ASSERT_NE(gpu, nullptr);
+  std::vector<int32_t> x, y;
+  MakeBatch(s.B, s.T, s.config.vocab_size, 77, &x, &y);
+  ASSERT_OK(gpu->ZeroGrads());
+  ASSERT_TRUE(gpu->Forward(x.data(), y.data(), s.B, s.T).ok());
+  ASSERT_OK(gpu->Backward(1.0f));
+  std::vector<float> full;
+  ASSERT_OK(gpu->DownloadGrads(&full));
+  ASSERT_OK(gpu->ZeroGrads());
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_TRUE(gpu->Forward(x.data(), y.data(), s.B, s.T).ok());
+    ASSERT_OK(gpu->Backward(0.5f));
+  }
+  std::vector<float> halves;
+  ASSERT_OK(gpu->DownloadGrads(&halves));
+  EXPECT_LT(RelL2(halves.data(), full.data(), static_cast<int64_t>(full.size())), 1e-2);
+  // A ZeroGrads that no Backward follows still clears (it is deferred to the next Backward).
+  ASSERT_OK(gpu->ZeroGrads());
+  absl::StatusOr<double> ss = gpu->GradSumSquares();
+  ASSERT_TRUE(ss.ok()) << ss.status();
+  EXPECT_EQ(*ss, 0.0);
+  ASSERT_OK(gpu->ZeroGrads());
+  std::vector<float> zeros;
+  ASSERT_OK(gpu->DownloadGrads(&zeros));
+  for (float g : zeros) ASSERT_EQ(g, 0.0f);
+}
+
+}  // namespace
+}  // namespace qtrain

@@ -1,0 +1,625 @@
+// CudaGpt: trainer/gpt.cc's forward and backward on ops/cuda's BF16 kernels, with FP32 master
+// weights, gradients and AdamW moments in the host model's flat ParamStore layout.
+#include "trainer/cuda/gpt_cuda.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "ops/cuda/adamw_cuda.h"
+#include "ops/cuda/attention_cuda.h"
+#include "ops/cuda/crossentropy_cuda.h"
+#include "ops/cuda/device.h"
+#include "ops/cuda/encoder_cuda.h"
+#include "ops/cuda/grad_norm_cuda.h"
+#include "ops/cuda/layernorm_cuda.h"
+#include "ops/cuda/matmul_cuda.h"
+#include "ops/status_macros.h"
+#include "trainer/cuda/gpt_cuda_kernels.h"
+
+namespace qtrain {
+namespace {
+
+using ops::bf16;
+
+constexpr int64_t kAlign = 256;  // every sub-buffer starts 256-byte aligned (cuBLASLt, vectors)
+constexpr int kMaxEvents = 1024;
+
+int64_t RoundUp(int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
+
+// Carves aligned sub-buffers out of one allocation; a first pass with base == nullptr only
+// counts the bytes.
+class Carver {
+ public:
+  explicit Carver(char* base) : base_(base) {}
+  template <typename T>
+  T* Take(int64_t count) {
+    T* p = base_ != nullptr ? reinterpret_cast<T*>(base_ + used_) : nullptr;
+    used_ += RoundUp(count * static_cast<int64_t>(sizeof(T)));
+    return p;
+  }
+  int64_t used() const { return used_; }
+
+ private:
+  char* base_;
+  int64_t used_ = 0;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<CudaGpt>> CudaGpt::Create(const GptConfig& config,
+                                                        const ParamStore& layout) {
+  if (config.tweo.enabled) {
+    return absl::UnimplementedError(
+        "CUDA model: the TWEO outlier loss (precision.tweo) is not implemented on CUDA yet");
+  }
+  for (int l = 0; l < config.n_layer; ++l) {
+    for (const char* lin : {"attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"}) {
+      const std::string name = absl::StrCat("block.", l, ".", lin);
+      const LinearMode mode = config.precision.For(name).mode;
+      if (mode != LinearMode::kFull) {
+        return absl::UnimplementedError(absl::StrCat(
+            "CUDA model: Linear ", name, " is ", mode == LinearMode::kFp8 ? "FP8" : "QAT",
+            "; only full-precision (BF16) Linears run on CUDA so far"));
+      }
+    }
+  }
+  if (config.n_layer <= 0 || config.n_embd <= 0 || config.n_head <= 0 ||
+      config.n_embd % config.n_head != 0 || config.vocab_size <= 1 || config.max_seq_len <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "CUDA model: bad shape n_layer=", config.n_layer, " n_embd=", config.n_embd,
+        " n_head=", config.n_head, " vocab_size=", config.vocab_size,
+        " max_seq_len=", config.max_seq_len));
+  }
+  if (config.n_embd / config.n_head > 256) {
+    return absl::UnimplementedError(absl::StrCat("CUDA model: head size ",
+                                                 config.n_embd / config.n_head,
+                                                 " exceeds the attention kernels' 256"));
+  }
+  absl::StatusOr<int> devices = ops::DeviceCount();
+  if (!devices.ok()) {
+    return absl::UnavailableError(absl::StrCat(
+        "CUDA model: cannot query CUDA devices (cudaGetDeviceCount): ", devices.status().message()));
+  }
+  if (*devices == 0) {
+    return absl::UnavailableError(
+        "CUDA model: no CUDA device is usable (cudaGetDeviceCount found none, or no driver); "
+        "run with device CPU or on a machine with an NVIDIA GPU");
+  }
+  std::unique_ptr<CudaGpt> m(new CudaGpt(config));
+  RETURN_IF_ERROR(m->Init(layout));
+  return m;
+}
+
+absl::StatusOr<void*> CudaGpt::Alloc(int64_t bytes) {
+  ASSIGN_OR_RETURN(void* p, ops::DeviceMalloc(std::max<int64_t>(bytes, kAlign)));
+  allocations_.push_back(p);
+  allocated_bytes_ += std::max<int64_t>(bytes, kAlign);
+  return p;
+}
+
+absl::Status CudaGpt::Init(const ParamStore& layout) {
+  const GptConfig& c = config_;
+  const int64_t C = c.n_embd;
+  // The layout must be exactly the full-precision Gpt's: the kernels address tensors by offset.
+  int next = 0;
+  auto expect = [&](const std::string& name, std::vector<int64_t> shape) -> absl::StatusOr<int64_t> {
+    absl::StatusOr<int> idx = layout.Find(name);
+    if (!idx.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("CUDA model: the parameter layout lacks '", name, "'"));
+    }
+    const ParamInfo& info = layout.info(*idx);
+    if (info.shape != shape) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "CUDA model: parameter '", name, "' has shape [", absl::StrJoin(info.shape, ","),
+          "], expected [", absl::StrJoin(shape, ","), "]"));
+    }
+    ++next;
+    return info.offset;
+  };
+  ASSIGN_OR_RETURN(wte_, expect("wte", {c.vocab_size, C}));
+  ASSIGN_OR_RETURN(wpe_, expect("wpe", {c.max_seq_len, C}));
+  for (int l = 0; l < c.n_layer; ++l) {
+    const std::string p = absl::StrCat("block.", l, ".");
+    BlockOffsets b;
+    ASSIGN_OR_RETURN(b.ln1w, expect(p + "ln1.weight", {C}));
+    ASSIGN_OR_RETURN(b.ln1b, expect(p + "ln1.bias", {C}));
+    ASSIGN_OR_RETURN(b.qkvw, expect(p + "attn.qkv.weight", {3 * C, C}));
+    ASSIGN_OR_RETURN(b.qkvb, expect(p + "attn.qkv.bias", {3 * C}));
+    ASSIGN_OR_RETURN(b.projw, expect(p + "attn.proj.weight", {C, C}));
+    ASSIGN_OR_RETURN(b.projb, expect(p + "attn.proj.bias", {C}));
+    ASSIGN_OR_RETURN(b.ln2w, expect(p + "ln2.weight", {C}));
+    ASSIGN_OR_RETURN(b.ln2b, expect(p + "ln2.bias", {C}));
+    ASSIGN_OR_RETURN(b.fcw, expect(p + "mlp.fc.weight", {4 * C, C}));
+    ASSIGN_OR_RETURN(b.fcb, expect(p + "mlp.fc.bias", {4 * C}));
+    ASSIGN_OR_RETURN(b.mprojw, expect(p + "mlp.proj.weight", {C, 4 * C}));
+    ASSIGN_OR_RETURN(b.mprojb, expect(p + "mlp.proj.bias", {C}));
+    blocks_.push_back(b);
+  }
+  ASSIGN_OR_RETURN(lnfw_, expect("lnf.weight", {C}));
+  ASSIGN_OR_RETURN(lnfb_, expect("lnf.bias", {C}));
+  if (layout.size() != next) {
+    for (const ParamInfo& info : layout.infos()) {
+      if (info.name.find(".weight") == std::string::npos &&
+          info.name.find(".bias") == std::string::npos && info.name != "wte" &&
+          info.name != "wpe") {
+        return absl::UnimplementedError(absl::StrCat(
+            "CUDA model: parameter '", info.name,
+            "' belongs to a feature (quantizer or low-rank module) not implemented on CUDA"));
+      }
+    }
+    return absl::InvalidArgumentError(absl::StrCat("CUDA model: the layout has ", layout.size(),
+                                                   " tensors, the GPT has ", next));
+  }
+  num_params_ = layout.num_elements();
+  // Decay runs in layout order (AdamW's per-tensor weight decay, one launch per run).
+  for (const ParamInfo& info : layout.infos()) {
+    if (!decay_runs_.empty() && decay_runs_.back().decay == info.decay &&
+        decay_runs_.back().offset + decay_runs_.back().size == info.offset) {
+      decay_runs_.back().size += info.size;
+    } else {
+      decay_runs_.push_back({info.offset, info.size, info.decay});
+    }
+  }
+
+  ASSIGN_OR_RETURN(stream_, ops::CreateStream());
+  ASSIGN_OR_RETURN(matmul_, ops::MatmulContext::Create());
+  const int64_t n = num_params_;
+  ASSIGN_OR_RETURN(void* p, Alloc(n * 4));
+  params_ = static_cast<float*>(p);
+  ASSIGN_OR_RETURN(p, Alloc(n * 4));
+  grads_ = static_cast<float*>(p);
+  ASSIGN_OR_RETURN(p, Alloc(n * 4));
+  m_ = static_cast<float*>(p);
+  ASSIGN_OR_RETURN(p, Alloc(n * 4));
+  v_ = static_cast<float*>(p);
+  ASSIGN_OR_RETURN(p, Alloc(n * 2));
+  params_bf16_ = static_cast<bf16*>(p);
+  ASSIGN_OR_RETURN(p, Alloc(2 * sizeof(double)));
+  scalars_ = static_cast<double*>(p);
+  ASSIGN_OR_RETURN(p, Alloc(sizeof(float)));
+  clip_factor_ = static_cast<float*>(p);
+  norm_ws_bytes_ = ops::sum_squares_cuda_workspace_bytes();
+  ASSIGN_OR_RETURN(norm_ws_, Alloc(norm_ws_bytes_));
+  for (float* buf : {params_, grads_, m_, v_}) {
+    RETURN_IF_ERROR(gpu::MemsetAsync(buf, 0, n * 4, stream_));
+  }
+  RETURN_IF_ERROR(gpu::MemsetAsync(params_bf16_, 0, n * 2, stream_));
+  return ops::SynchronizeStream(stream_);
+}
+
+CudaGpt::~CudaGpt() {
+  if (stream_ != nullptr) (void)ops::SynchronizeStream(stream_);
+  for (cudaEvent_t e : events_) (void)ops::DestroyEvent(e);
+  (void)FreeActivations();
+  for (void* p : allocations_) (void)ops::DeviceFree(p);
+  matmul_.reset();
+  if (stream_ != nullptr) (void)ops::DestroyStream(stream_);
+}
+
+absl::Status CudaGpt::FreeActivations() {
+  if (act_block_ != nullptr) {
+    RETURN_IF_ERROR(ops::SynchronizeStream(stream_));
+    RETURN_IF_ERROR(ops::DeviceFree(act_block_));
+    allocated_bytes_ -= act_bytes_;
+  }
+  act_block_ = nullptr;
+  act_bytes_ = 0;
+  B_ = T_ = 0;
+  acts_.clear();
+  return absl::OkStatus();
+}
+
+absl::Status CudaGpt::EnsureActivations(int B, int T) {
+  if (B == B_ && T == T_) return absl::OkStatus();
+  RETURN_IF_ERROR(FreeActivations());
+  const GptConfig& c = config_;
+  const int64_t N = static_cast<int64_t>(B) * T, C = c.n_embd, V = c.vocab_size,
+                NH = c.n_head, L = c.n_layer;
+  ASSIGN_OR_RETURN(const int64_t enc_ws, ops::encoder_backward_cuda_workspace_bytes(B, T, c.vocab_size));
+  const int n = static_cast<int>(N);
+  const int64_t ln_ws = ops::layernorm_backward_cuda_workspace_bytes(n, c.n_embd);
+  const int64_t mm_ws = std::max({ops::matmul_backward_cuda_workspace_bytes(n, 4 * c.n_embd),
+                                  ops::matmul_backward_cuda_workspace_bytes(n, 3 * c.n_embd),
+                                  ops::matmul_backward_cuda_workspace_bytes(n, c.n_embd)});
+  const int64_t att_ws = ops::attention_backward_cuda_workspace_bytes(B, T, c.n_head);
+
+  // Two passes over the same carving: count, then assign.
+  auto carve = [&](Carver& k) {
+    acts_.assign(L, LayerActs{});
+    for (LayerActs& a : acts_) {
+      a.ln1 = k.Take<bf16>(N * C);
+      a.ln1_mean = k.Take<float>(N);
+      a.ln1_rstd = k.Take<float>(N);
+      a.qkv = k.Take<bf16>(N * 3 * C);
+      a.atty = k.Take<bf16>(N * C);
+      a.lse = k.Take<float>(static_cast<int64_t>(B) * NH * T);
+      a.res2 = k.Take<bf16>(N * C);
+      a.ln2 = k.Take<bf16>(N * C);
+      a.ln2_mean = k.Take<float>(N);
+      a.ln2_rstd = k.Take<float>(N);
+      a.fch = k.Take<bf16>(N * 4 * C);
+      a.fch_gelu = k.Take<bf16>(N * 4 * C);
+      a.res3 = k.Take<bf16>(N * C);
+    }
+    inputs_ = k.Take<int32_t>(N);
+    targets_ = k.Take<int32_t>(N);
+    encoded_ = k.Take<bf16>(N * C);
+    lnf_ = k.Take<bf16>(N * C);
+    lnf_mean_ = k.Take<float>(N);
+    lnf_rstd_ = k.Take<float>(N);
+    logits_ = k.Take<bf16>(N * V);
+    losses_ = k.Take<float>(N);
+    proj_out_ = k.Take<bf16>(N * C);
+    dres_ = k.Take<bf16>(N * C);
+    dln_ = k.Take<bf16>(N * C);
+    datty_ = k.Take<bf16>(N * C);
+    dqkv_ = k.Take<bf16>(N * 3 * C);
+    dfch_ = k.Take<bf16>(N * 4 * C);
+    enc_ws_ = k.Take<char>(enc_ws);
+    ln_ws_ = k.Take<char>(ln_ws);
+    mm_ws_ = k.Take<char>(mm_ws);
+    att_ws_ = k.Take<char>(att_ws);
+  };
+  Carver count(nullptr);
+  carve(count);
+  ASSIGN_OR_RETURN(act_block_, ops::DeviceMalloc(count.used()));
+  act_bytes_ = count.used();
+  allocated_bytes_ += act_bytes_;
+  Carver assign(static_cast<char*>(act_block_));
+  carve(assign);
+  enc_ws_bytes_ = enc_ws;
+  ln_ws_bytes_ = ln_ws;
+  mm_ws_bytes_ = mm_ws;
+  att_ws_bytes_ = att_ws;
+  B_ = B;
+  T_ = T;
+  have_targets_ = false;
+  return absl::OkStatus();
+}
+
+absl::Status CudaGpt::Mark(const char* op) {
+  if (!profiling_) return absl::OkStatus();
+  if (events_used_ == kMaxEvents) {
+    // Pool full: fold what is recorded into the totals and keep the last event as the start.
+    RETURN_IF_ERROR(Profile().status());
+  }
+  if (events_used_ == static_cast<int>(events_.size())) {
+    ASSIGN_OR_RETURN(cudaEvent_t e, ops::CreateEvent());
+    events_.push_back(e);
+    event_ops_.emplace_back();
+  }
+  RETURN_IF_ERROR(ops::RecordEvent(events_[events_used_], stream_));
+  event_ops_[events_used_] = op;
+  ++events_used_;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::map<std::string, double>> CudaGpt::Profile() {
+  if (events_used_ > 0) {
+    RETURN_IF_ERROR(ops::SynchronizeStream(stream_));
+    for (int i = 1; i < events_used_; ++i) {
+      ASSIGN_OR_RETURN(const float ms, ops::ElapsedMs(events_[i - 1], events_[i]));
+      profile_ms_[event_ops_[i]] += ms;
+    }
+    std::swap(events_[0], events_[events_used_ - 1]);
+    event_ops_[0] = event_ops_[events_used_ - 1];
+    events_used_ = 1;
+  }
+  return profile_ms_;
+}
+
+void CudaGpt::ResetProfile() {
+  profile_ms_.clear();
+  events_used_ = 0;
+}
+
+absl::Status CudaGpt::Upload(const ParamStore& params, const AdamW* opt) {
+  if (params.num_elements() != num_params_) {
+    return absl::InvalidArgumentError(absl::StrCat("CudaGpt::Upload: ", params.num_elements(),
+                                                   " parameters, the model has ", num_params_));
+  }
+  RETURN_IF_ERROR(gpu::CopyToDeviceAsync(params_, params.params().data(), num_params_ * 4, stream_));
+  RETURN_IF_ERROR(gpu::Fp32ToBf16(params_bf16_, params_, num_params_, stream_));
+  if (opt != nullptr) {
+    if (opt->sharded() || static_cast<int64_t>(opt->m().size()) != num_params_ ||
+        static_cast<int64_t>(opt->v().size()) != num_params_) {
+      return absl::UnimplementedError(
+          "CudaGpt::Upload: the optimizer must own every parameter (ZeRO-1 shards are not "
+          "implemented on CUDA)");
+    }
+    RETURN_IF_ERROR(gpu::CopyToDeviceAsync(m_, opt->m().data(), num_params_ * 4, stream_));
+    RETURN_IF_ERROR(gpu::CopyToDeviceAsync(v_, opt->v().data(), num_params_ * 4, stream_));
+  }
+  return ops::SynchronizeStream(stream_);
+}
+
+absl::Status CudaGpt::Download(ParamStore* params, AdamW* opt) {
+  if (params->num_elements() != num_params_) {
+    return absl::InvalidArgumentError(absl::StrCat("CudaGpt::Download: ", params->num_elements(),
+                                                   " parameters, the model has ", num_params_));
+  }
+  RETURN_IF_ERROR(gpu::CopyToHostAsync(params->params().data(), params_, num_params_ * 4, stream_));
+  if (opt != nullptr) {
+    if (opt->sharded() || static_cast<int64_t>(opt->m().size()) != num_params_ ||
+        static_cast<int64_t>(opt->v().size()) != num_params_) {
+      return absl::UnimplementedError(
+          "CudaGpt::Download: the optimizer must own every parameter (ZeRO-1 shards are not "
+          "implemented on CUDA)");
+    }
+    RETURN_IF_ERROR(gpu::CopyToHostAsync(opt->m().data(), m_, num_params_ * 4, stream_));
+    RETURN_IF_ERROR(gpu::CopyToHostAsync(opt->v().data(), v_, num_params_ * 4, stream_));
+  }
+  return ops::SynchronizeStream(stream_);
+}
+
+absl::Status CudaGpt::DownloadGrads(std::vector<float>* grads) {
+  RETURN_IF_ERROR(FlushZeroGrads());
+  grads->resize(num_params_);
+  RETURN_IF_ERROR(gpu::CopyToHostAsync(grads->data(), grads_, num_params_ * 4, stream_));
+  return ops::SynchronizeStream(stream_);
+}
+
+absl::StatusOr<double> CudaGpt::Forward(const int32_t* inputs, const int32_t* targets, int B,
+                                        int T) {
+  const GptConfig& c = config_;
+  have_targets_ = false;  // also when this call fails: Backward then refuses
+  if (B <= 0 || T <= 0 || T > c.max_seq_len) {
+    return absl::InvalidArgumentError(absl::StrCat("batch shape B=", B, " T=", T,
+                                                   " must be positive with T <= max_seq_len ",
+                                                   c.max_seq_len));
+  }
+  const int64_t N64 = static_cast<int64_t>(B) * T;
+  if (N64 > (1 << 30)) {
+    return absl::InvalidArgumentError(absl::StrCat("batch B*T=", N64, " is too large"));
+  }
+  const int N = static_cast<int>(N64), C = c.n_embd, V = c.vocab_size, NH = c.n_head;
+  // Bad tokens would read outside the embedding (the kernels make them NaN); name them here.
+  for (int i = 0; i < N; ++i) {
+    if (inputs[i] < 0 || inputs[i] >= V || (targets && (targets[i] < 0 || targets[i] >= V))) {
+      return absl::InvalidArgumentError(absl::StrCat("token at position ", i,
+                                                     " is outside the vocabulary [0, ", V, ")"));
+    }
+  }
+  RETURN_IF_ERROR(EnsureActivations(B, T));
+  have_targets_ = false;
+  RETURN_IF_ERROR(Mark("(host)"));
+  RETURN_IF_ERROR(gpu::CopyToDeviceAsync(inputs_, inputs, N64 * 4, stream_));
+  if (targets != nullptr) {
+    RETURN_IF_ERROR(gpu::CopyToDeviceAsync(targets_, targets, N64 * 4, stream_));
+  }
+  RETURN_IF_ERROR(Mark("copy tokens"));
+  RETURN_IF_ERROR(ops::encoder_forward_cuda(encoded_, inputs_, W(wte_), W(wpe_), B, T, C, V,
+                                            stream_));
+  RETURN_IF_ERROR(Mark("fwd encoder"));
+  ops::MatmulContext& mm = *matmul_;
+  for (int l = 0; l < c.n_layer; ++l) {
+    const BlockOffsets& b = blocks_[l];
+    LayerActs& a = acts_[l];
+    const bf16* x = l > 0 ? acts_[l - 1].res3 : encoded_;
+    if (l == 0) {
+      RETURN_IF_ERROR(ops::layernorm_forward_cuda(a.ln1, a.ln1_mean, a.ln1_rstd, encoded_,
+                                                  W(b.ln1w), W(b.ln1b), N, C, stream_));
+    } else {
+      // The previous block's MLP residual, fused with this block's first layernorm.
+      const LayerActs& p = acts_[l - 1];
+      RETURN_IF_ERROR(ops::residual_layernorm_forward_cuda(p.res3, a.ln1, a.ln1_mean, a.ln1_rstd,
+                                                           p.res2, proj_out_, W(b.ln1w),
+                                                           W(b.ln1b), N, C, stream_));
+    }
+    RETURN_IF_ERROR(Mark("fwd layernorm"));
+    RETURN_IF_ERROR(ops::matmul_forward_cuda(mm, a.qkv, a.ln1, W(b.qkvw), W(b.qkvb), N, C, 3 * C,
+                                             stream_));
+    RETURN_IF_ERROR(Mark("fwd matmul qkv"));
+    RETURN_IF_ERROR(ops::attention_forward_cuda(a.atty, a.lse, a.qkv, B, T, C, NH, stream_));
+    RETURN_IF_ERROR(Mark("fwd attention"));
+    RETURN_IF_ERROR(ops::matmul_forward_cuda(mm, proj_out_, a.atty, W(b.projw), W(b.projb), N, C,
+                                             C, stream_));
+    RETURN_IF_ERROR(Mark("fwd matmul attn.proj"));
+    RETURN_IF_ERROR(ops::residual_layernorm_forward_cuda(a.res2, a.ln2, a.ln2_mean, a.ln2_rstd, x,
+                                                         proj_out_, W(b.ln2w), W(b.ln2b), N, C,
+                                                         stream_));
+    RETURN_IF_ERROR(Mark("fwd layernorm"));
+    RETURN_IF_ERROR(ops::matmul_forward_cuda(mm, a.fch_gelu, a.ln2, W(b.fcw), W(b.fcb), N, C,
+                                             4 * C, stream_, ops::Activation::kGelu, a.fch));
+    RETURN_IF_ERROR(Mark("fwd matmul fc+gelu"));
+    RETURN_IF_ERROR(ops::matmul_forward_cuda(mm, proj_out_, a.fch_gelu, W(b.mprojw), W(b.mprojb),
+                                             N, 4 * C, C, stream_));
+    RETURN_IF_ERROR(Mark("fwd matmul mlp.proj"));
+  }
+  const LayerActs& last = acts_.back();
+  RETURN_IF_ERROR(ops::residual_layernorm_forward_cuda(last.res3, lnf_, lnf_mean_, lnf_rstd_,
+                                                       last.res2, proj_out_, W(lnfw_), W(lnfb_),
+                                                       N, C, stream_));
+  RETURN_IF_ERROR(Mark("fwd layernorm"));
+  if (targets == nullptr) return 0.0;
+  // The softmax kernel writes dlogits in place with the loss scale folded in; the scale of
+  // the next Backward is not known yet, so take the last one (Backward corrects a change).
+  RETURN_IF_ERROR(ops::lm_head_crossentropy_forward_cuda(mm, losses_, &scalars_[0], logits_, lnf_,
+                                                         W(wte_), targets_, N, C, V, dloss_,
+                                                         stream_));
+  RETURN_IF_ERROR(Mark("fwd lm_head+crossentropy"));
+  double loss = 0;
+  RETURN_IF_ERROR(gpu::CopyToHostAsync(&loss, &scalars_[0], sizeof(double), stream_));
+  RETURN_IF_ERROR(ops::SynchronizeStream(stream_));
+  RETURN_IF_ERROR(Mark("(host)"));
+  have_targets_ = true;
+  return loss;
+}
+
+absl::Status CudaGpt::Backward(float loss_scale) {
+  if (!have_targets_) {
+    return absl::FailedPreconditionError(
+        "CudaGpt::Backward needs a Forward with targets first (and only one Backward per Forward)");
+  }
+  have_targets_ = false;
+  const GptConfig& c = config_;
+  const int B = B_, T = T_, N = B * T, C = c.n_embd, V = c.vocab_size, NH = c.n_head;
+  const int64_t NC = static_cast<int64_t>(N) * C;
+  ops::MatmulContext& mm = *matmul_;
+  RETURN_IF_ERROR(Mark("(host)"));
+  if (loss_scale != dloss_) {
+    RETURN_IF_ERROR(gpu::ScaleBf16(logits_, static_cast<int64_t>(N) * V, loss_scale / dloss_,
+                                   stream_));
+    RETURN_IF_ERROR(Mark("bwd rescale dlogits"));
+    dloss_ = loss_scale;
+  }
+  // After a ZeroGrads every parameter gradient is written once here before anything adds to
+  // it, except wpe's (the encoder adds into it) and wte's second term (the encoder, after the
+  // LM head wrote the first): only wpe needs clearing.
+  const ops::GradWrite gw = zero_pending_ ? ops::GradWrite::kOverwrite : ops::GradWrite::kAccumulate;
+  if (zero_pending_) {
+    RETURN_IF_ERROR(gpu::MemsetAsync(G(wpe_), 0, static_cast<int64_t>(c.max_seq_len) * C * 4,
+                                     stream_));
+    zero_pending_ = false;
+  }
+  // dln_ first holds d lnf. Activation gradients with one consumer are written over, not
+  // accumulated, so their buffers need no clearing.
+  RETURN_IF_ERROR(ops::lm_head_crossentropy_backward_cuda(mm, dln_, G(wte_), logits_, lnf_,
+                                                          W(wte_), N, C, V, stream_, gw,
+                                                          ops::GradWrite::kOverwrite));
+  RETURN_IF_ERROR(Mark("bwd lm_head"));
+  // dres_ carries d loss / d residual stream down through the blocks.
+  RETURN_IF_ERROR(gpu::MemsetAsync(dres_, 0, NC * 2, stream_));
+  RETURN_IF_ERROR(ops::layernorm_backward_cuda(dres_, G(lnfw_), G(lnfb_), dln_, acts_.back().res3,
+                                               W(lnfw_), lnf_mean_, lnf_rstd_, N, C, ln_ws_,
+                                               ln_ws_bytes_, stream_, gw));
+  RETURN_IF_ERROR(Mark("bwd layernorm"));
+  for (int l = c.n_layer - 1; l >= 0; --l) {
+    const BlockOffsets& b = blocks_[l];
+    const LayerActs& a = acts_[l];
+    const bf16* x = l > 0 ? acts_[l - 1].res3 : encoded_;
+    // MLP branch: res3 = res2 + proj(gelu(fc(ln2(res2)))). The GELU's gradient is fused into
+    // the proj's dinp (overwritten, so dfch_ needs no clearing).
+    RETURN_IF_ERROR(ops::matmul_backward_cuda(mm, dfch_, G(b.mprojw), G(b.mprojb), dres_,
+                                              a.fch_gelu, W(b.mprojw), N, 4 * C, C, mm_ws_,
+                                              mm_ws_bytes_, stream_, a.fch, gw));
+    RETURN_IF_ERROR(Mark("bwd matmul mlp.proj+dgelu"));
+    RETURN_IF_ERROR(ops::matmul_backward_cuda(mm, dln_, G(b.fcw), G(b.fcb), dfch_, a.ln2,
+                                              W(b.fcw), N, C, 4 * C, mm_ws_, mm_ws_bytes_,
+                                              stream_, nullptr, gw, ops::GradWrite::kOverwrite));
+    RETURN_IF_ERROR(Mark("bwd matmul fc"));
+    RETURN_IF_ERROR(ops::layernorm_backward_cuda(dres_, G(b.ln2w), G(b.ln2b), dln_, a.res2,
+                                                 W(b.ln2w), a.ln2_mean, a.ln2_rstd, N, C, ln_ws_,
+                                                 ln_ws_bytes_, stream_, gw));
+    RETURN_IF_ERROR(Mark("bwd layernorm"));
+    // Attention branch: res2 = x + proj(attn(qkv(ln1(x)))).
+    RETURN_IF_ERROR(ops::matmul_backward_cuda(mm, datty_, G(b.projw), G(b.projb), dres_, a.atty,
+                                              W(b.projw), N, C, C, mm_ws_, mm_ws_bytes_,
+                                              stream_, nullptr, gw, ops::GradWrite::kOverwrite));
+    RETURN_IF_ERROR(Mark("bwd matmul attn.proj"));
+    RETURN_IF_ERROR(gpu::MemsetAsync(dqkv_, 0, 3 * NC * 2, stream_));
+    RETURN_IF_ERROR(ops::attention_backward_cuda(dqkv_, datty_, a.qkv, a.atty, a.lse, B, T, C, NH,
+                                                 att_ws_, att_ws_bytes_, stream_));
+    RETURN_IF_ERROR(Mark("bwd attention"));
+    RETURN_IF_ERROR(ops::matmul_backward_cuda(mm, dln_, G(b.qkvw), G(b.qkvb), dqkv_, a.ln1,
+                                              W(b.qkvw), N, C, 3 * C, mm_ws_, mm_ws_bytes_,
+                                              stream_, nullptr, gw, ops::GradWrite::kOverwrite));
+    RETURN_IF_ERROR(Mark("bwd matmul qkv"));
+    RETURN_IF_ERROR(ops::layernorm_backward_cuda(dres_, G(b.ln1w), G(b.ln1b), dln_, x, W(b.ln1w),
+                                                 a.ln1_mean, a.ln1_rstd, N, C, ln_ws_,
+                                                 ln_ws_bytes_, stream_, gw));
+    RETURN_IF_ERROR(Mark("bwd layernorm"));
+  }
+  RETURN_IF_ERROR(ops::encoder_backward_cuda(G(wte_), G(wpe_), dres_, inputs_, B, T, C, V,
+                                             enc_ws_, enc_ws_bytes_, stream_));
+  RETURN_IF_ERROR(Mark("bwd encoder"));
+  return absl::OkStatus();
+}
+
+absl::Status CudaGpt::ZeroGrads() {
+  zero_pending_ = true;
+  return absl::OkStatus();
+}
+
+absl::Status CudaGpt::FlushZeroGrads() {
+  if (!zero_pending_) return absl::OkStatus();
+  zero_pending_ = false;
+  RETURN_IF_ERROR(Mark("(host)"));
+  RETURN_IF_ERROR(gpu::MemsetAsync(grads_, 0, num_params_ * 4, stream_));
+  return Mark("zero grads");
+}
+
+float* CudaGpt::device_grads() {
+  const absl::Status s = FlushZeroGrads();
+  if (!s.ok()) std::fprintf(stderr, "CudaGpt::device_grads: clearing the gradients: %s\n",
+                            s.ToString().c_str());
+  return grads_;
+}
+
+absl::StatusOr<double> CudaGpt::GradSumSquares() {
+  RETURN_IF_ERROR(FlushZeroGrads());
+  RETURN_IF_ERROR(Mark("(host)"));
+  RETURN_IF_ERROR(ops::sum_squares_cuda(&scalars_[1], grads_, num_params_, norm_ws_,
+                                        norm_ws_bytes_, stream_));
+  double sum = 0;
+  RETURN_IF_ERROR(gpu::CopyToHostAsync(&sum, &scalars_[1], sizeof(double), stream_));
+  RETURN_IF_ERROR(ops::SynchronizeStream(stream_));
+  RETURN_IF_ERROR(Mark("grad sum of squares"));
+  return sum;
+}
+
+absl::Status CudaGpt::Update(float lr, double grad_norm, const AdamWConfig& config, int t) {
+  if (t < 1) return absl::InvalidArgumentError(absl::StrCat("CudaGpt::Update: step t=", t, " < 1"));
+  RETURN_IF_ERROR(FlushZeroGrads());
+  RETURN_IF_ERROR(Mark("(host)"));
+  // The clip factor exactly as ops::clip_by_global_norm forms it (double, rounded to float);
+  // the AdamW kernel multiplies each gradient by it as the CPU's clipped gradient is.
+  const float* scale = nullptr;
+  if (config.grad_clip > 0) {
+    const float factor =
+        static_cast<float>(std::min(1.0, static_cast<double>(config.grad_clip) / (grad_norm + 1e-6)));
+    if (factor != 1.0f) {
+      clip_host_ = factor;
+      RETURN_IF_ERROR(gpu::CopyToDeviceAsync(clip_factor_, &clip_host_, sizeof(float), stream_));
+      scale = clip_factor_;
+    }
+  }
+  for (const DecayRun& r : decay_runs_) {
+    RETURN_IF_ERROR(ops::adamw_update_cuda(
+        params_ + r.offset, params_bf16_ + r.offset, grads_ + r.offset, m_ + r.offset,
+        v_ + r.offset, r.size, lr, config.beta1, config.beta2, config.eps,
+        r.decay ? config.weight_decay : 0.0f, t, scale, stream_));
+  }
+  return Mark("adamw");
+}
+
+absl::Status CudaGpt::Synchronize() { return ops::SynchronizeStream(stream_); }
+
+absl::StatusOr<std::vector<float>> CudaGpt::Logits(const std::vector<int>& rows) {
+  if (B_ == 0) return absl::FailedPreconditionError("CudaGpt::Logits: no Forward yet");
+  const int N = B_ * T_, C = config_.n_embd, V = config_.vocab_size;
+  for (int r : rows) {
+    if (r < 0 || r >= N) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("CudaGpt::Logits: row ", r, " outside [0, ", N, ")"));
+    }
+  }
+  // The logits buffer may hold dlogits of the last Forward: recompute into it.
+  RETURN_IF_ERROR(ops::matmul_forward_cuda(*matmul_, logits_, lnf_, W(wte_), nullptr, N, C, V,
+                                           stream_));
+  have_targets_ = false;  // the dlogits are gone
+  std::vector<bf16> row(V);
+  std::vector<float> out;
+  out.reserve(rows.size() * static_cast<size_t>(V));
+  for (int r : rows) {
+    RETURN_IF_ERROR(gpu::CopyToHostAsync(row.data(), logits_ + static_cast<int64_t>(r) * V,
+                                         static_cast<int64_t>(V) * 2, stream_));
+    RETURN_IF_ERROR(ops::SynchronizeStream(stream_));
+    for (bf16 x : row) out.push_back(ops::Bf16ToFloat(x));
+  }
+  return out;
+}
+
+absl::StatusOr<std::unique_ptr<DeviceModel>> CreateCudaModel(const GptConfig& config,
+                                                             const ParamStore& layout) {
+  ASSIGN_OR_RETURN(std::unique_ptr<CudaGpt> m, CudaGpt::Create(config, layout));
+  return std::unique_ptr<DeviceModel>(std::move(m));
+}
+
+}  // namespace qtrain

@@ -1,0 +1,145 @@
+// The GPT of trainer/gpt.h on one CUDA device (DeviceModel): FP32 master weights, BF16 compute
+// copies and activations, FP32 gradients and AdamW moments, all over the ParamStore layout of
+// the host model; the kernels are ops/cuda's. Full precision (BF16) only so far.
+#ifndef QTRAIN_TRAINER_CUDA_GPT_CUDA_H_
+#define QTRAIN_TRAINER_CUDA_GPT_CUDA_H_
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "ops/cuda/bf16.h"
+#include "ops/cuda/matmul_cuda.h"
+#include "trainer/device_model.h"
+#include "trainer/gpt.h"
+#include "trainer/optimizer.h"
+#include "trainer/param_store.h"
+
+typedef struct CUstream_st* cudaStream_t;
+typedef struct CUevent_st* cudaEvent_t;
+
+namespace qtrain {
+
+class CudaGpt : public DeviceModel {
+ public:
+  // Unavailable without a usable CUDA device; Unimplemented for a feature the CUDA path lacks
+  // (FP8/QAT Linears, TWEO); InvalidArgument when `layout` is not the full-precision Gpt's.
+  // Allocates parameters, gradients and moments (zeroed); Upload fills them.
+  static absl::StatusOr<std::unique_ptr<CudaGpt>> Create(const GptConfig& config,
+                                                         const ParamStore& layout);
+  ~CudaGpt() override;
+  CudaGpt(const CudaGpt&) = delete;
+  CudaGpt& operator=(const CudaGpt&) = delete;
+
+  absl::Status Upload(const ParamStore& params, const AdamW* opt) override;
+  absl::Status Download(ParamStore* params, AdamW* opt) override;
+  absl::StatusOr<double> Forward(const int32_t* inputs, const int32_t* targets, int B,
+                                 int T) override;
+  absl::Status Backward(float loss_scale) override;
+  absl::Status ZeroGrads() override;
+  // Clears first when a ZeroGrads is still pending (no Backward since).
+  float* device_grads() override;
+  int64_t num_parameters() const override { return num_params_; }
+  absl::StatusOr<double> GradSumSquares() override;
+  absl::Status Update(float lr, double grad_norm, const AdamWConfig& config, int t) override;
+  absl::Status Synchronize() override;
+
+  // For tests and benchmarks. The logits (rows.size(), V) of the given rows (b*T + t) of the
+  // last Forward (recomputed from its final hidden states: BF16 GEMM, fp32 accumulation).
+  absl::StatusOr<std::vector<float>> Logits(const std::vector<int>& rows);
+  // The gradients (ParamStore layout) on the host.
+  absl::Status DownloadGrads(std::vector<float>* grads);
+  // Device bytes this model allocated (parameters, state, activations, workspaces).
+  int64_t allocated_bytes() const { return allocated_bytes_; }
+
+  // Per-op timing: with profiling on, every op is bracketed by CUDA events (which serialises
+  // nothing more than the one stream already does, but costs host time); Profile() syncs and
+  // returns the accumulated milliseconds per op name since the last ResetProfile().
+  void set_profiling(bool on) { profiling_ = on; }
+  absl::StatusOr<std::map<std::string, double>> Profile();
+  void ResetProfile();
+
+ private:
+  // Element offsets of one block's tensors in the flat buffers.
+  struct BlockOffsets {
+    int64_t ln1w, ln1b, qkvw, qkvb, projw, projb, ln2w, ln2b, fcw, fcb, mprojw, mprojb;
+  };
+  // Runs of consecutive tensors with the same weight-decay flag: one AdamW launch each.
+  struct DecayRun {
+    int64_t offset, size;
+    bool decay;
+  };
+  // Activations of one (B, T), in one allocation.
+  struct LayerActs {
+    ops::bf16 *ln1, *qkv, *atty, *res2, *ln2, *fch, *fch_gelu, *res3;
+    float *ln1_mean, *ln1_rstd, *ln2_mean, *ln2_rstd, *lse;
+  };
+
+  explicit CudaGpt(const GptConfig& config) : config_(config) {}
+  absl::Status Init(const ParamStore& layout);
+  absl::Status EnsureActivations(int B, int T);
+  absl::Status FreeActivations();
+  absl::StatusOr<void*> Alloc(int64_t bytes);
+  absl::Status Mark(const char* op);
+  // Carries out a pending ZeroGrads as a plain memset.
+  absl::Status FlushZeroGrads();
+
+  float* P(int64_t off) { return params_ + off; }
+  ops::bf16* W(int64_t off) { return params_bf16_ + off; }
+  float* G(int64_t off) { return grads_ + off; }
+
+  GptConfig config_;
+  int64_t num_params_ = 0;
+  int64_t wte_ = 0, wpe_ = 0, lnfw_ = 0, lnfb_ = 0;
+  std::vector<BlockOffsets> blocks_;
+  std::vector<DecayRun> decay_runs_;
+
+  cudaStream_t stream_ = nullptr;
+  std::unique_ptr<ops::MatmulContext> matmul_;
+  std::vector<void*> allocations_;  // freed in the destructor
+  int64_t allocated_bytes_ = 0;
+
+  // Parameter-sized state.
+  float *params_ = nullptr, *grads_ = nullptr, *m_ = nullptr, *v_ = nullptr;
+  ops::bf16* params_bf16_ = nullptr;
+  double* scalars_ = nullptr;  // [0] mean loss, [1] sum of squares
+  float* clip_factor_ = nullptr;
+  float clip_host_ = 1.0f;  // source of the clip factor's copy (outlives the call)
+  void* norm_ws_ = nullptr;
+  int64_t norm_ws_bytes_ = 0;
+
+  // Activations for (B_, T_).
+  int B_ = 0, T_ = 0;
+  void* act_block_ = nullptr;
+  int64_t act_bytes_ = 0;
+  std::vector<LayerActs> acts_;
+  int32_t *inputs_ = nullptr, *targets_ = nullptr;
+  ops::bf16 *encoded_ = nullptr, *lnf_ = nullptr, *logits_ = nullptr, *proj_out_ = nullptr;
+  float *lnf_mean_ = nullptr, *lnf_rstd_ = nullptr, *losses_ = nullptr;
+  ops::bf16 *dres_ = nullptr, *dln_ = nullptr, *datty_ = nullptr, *dqkv_ = nullptr,
+            *dfch_ = nullptr;
+  void *enc_ws_ = nullptr, *ln_ws_ = nullptr, *mm_ws_ = nullptr, *att_ws_ = nullptr;
+  int64_t enc_ws_bytes_ = 0, ln_ws_bytes_ = 0, mm_ws_bytes_ = 0, att_ws_bytes_ = 0;
+
+  // State of the last Forward.
+  bool have_targets_ = false;  // Backward needs a Forward with targets
+  float dloss_ = 1.0f;  // the loss scale the last Forward folded into dlogits
+  // ZeroGrads is deferred: the next Backward writes the gradients instead of adding to them
+  // (GradWrite::kOverwrite), which spares a pass over them and the GEMMs' reads of them.
+  bool zero_pending_ = false;
+
+  // Profiling.
+  bool profiling_ = false;
+  std::vector<cudaEvent_t> events_;
+  std::vector<std::string> event_ops_;
+  int events_used_ = 0;
+  std::map<std::string, double> profile_ms_;
+};
+
+}  // namespace qtrain
+
+#endif  // QTRAIN_TRAINER_CUDA_GPT_CUDA_H_
