@@ -650,8 +650,18 @@ absl::Status RejectUnimplemented(const JobSpec& spec) {
       lines.push_back(absl::StrCat(field, ": ", feature, " is not implemented yet"));
   };
   // clang-format off
-  if (spec.device() == CUDA) reject("device", "CUDA training");
-  if (spec.distributed().backend() == DistributedSpec::NCCL) reject("distributed.backend", "NCCL data-parallel training (the GPU trainer)");
+  if (spec.device() == CUDA) {
+    // The CUDA trainer runs full-precision BF16 so far; the methods run on the CPU trainer.
+    const PrecisionSpec& p = spec.precision();
+    if (p.linear() != PRECISION_UNSPECIFIED && p.linear() != FULL)
+      reject("precision.linear", LinearPrecision_Name(p.linear()) + " Linears on CUDA");
+    if (p.overrides_size() > 0) reject("precision.overrides", "per-layer precision on CUDA");
+    if (p.aux_lowrank().enabled()) reject("precision.aux_lowrank.enabled", "Phi on CUDA");
+    if (p.tweo().enabled()) reject("precision.tweo.enabled", "the TWEO loss on CUDA");
+    if (!p.distill().teacher_checkpoint().empty())
+      reject("precision.distill.teacher_checkpoint", "distillation on CUDA");
+    if (spec.optimizer().zero1()) reject("optimizer.zero1", "ZeRO-1 on CUDA");
+  }
   reject(ChangedField(spec.parameter_service(), "parameter_service"), "the parameter service");
   reject(ChangedField(spec.federated(), "federated"), "federated training");
   if (spec.data().genres_size() > 0) reject("data.genres", "genre selection");

@@ -16,10 +16,12 @@
 #include "configs/job_spec_loader.h"
 #include "distributed/distributed_context.h"
 #include "distributed/gradient_sync.h"
+#include "distributed/nccl_communicator.h"
 #include "ops/status_macros.h"
 #include "trainer/atomic_file.h"
 #include "trainer/checkpoint.h"
 #include "trainer/data_loader.h"
+#include "trainer/device_model.h"
 #include "trainer/gpt.h"
 #include "trainer/model_setup.h"
 #include "trainer/metrics.h"
@@ -57,14 +59,15 @@ std::string FormatRate(double tokens_per_s) {
 // Mean loss over `batches` batches from the start of the val split (same batches every time).
 // Each rank evaluates its own slice of every batch (the val loader is rank-aware) and the result
 // is the mean over ranks: world W with batch B sees the same tokens as one process with W*B.
-absl::StatusOr<double> Evaluate(Gpt* model, DataLoader* val, int batches, int B, int T,
-                                DistributedContext* dist) {
+absl::StatusOr<double> Evaluate(Gpt* model, DeviceModel* dev, DataLoader* val, int batches,
+                                int B, int T, DistributedContext* dist) {
   val->Reset();
   std::vector<int32_t> x(static_cast<size_t>(B) * T), y(static_cast<size_t>(B) * T);
   double sum = 0;
   for (int i = 0; i < batches; ++i) {
     RETURN_IF_ERROR(val->Next(x.data(), y.data()));
-    ASSIGN_OR_RETURN(double loss, model->Forward(x.data(), y.data(), B, T));
+    ASSIGN_OR_RETURN(double loss, dev ? dev->Forward(x.data(), y.data(), B, T)
+                                      : model->Forward(x.data(), y.data(), B, T));
     sum += loss;
   }
   RETURN_IF_ERROR(dist->comm().AllReduceSum(&sum, 1));
@@ -214,6 +217,26 @@ absl::StatusOr<RunResult> RunTraining(const JobSpec& spec, const RunOptions& opt
     RETURN_IF_ERROR(dist->comm().Broadcast(model->params().params().data(),
                                            model->num_parameters() * 4, 0));
   }
+  // On an accelerator the host model keeps the parameters for checkpoints; the device copy
+  // computes every step.
+  std::unique_ptr<DeviceModel> dev;
+  // Gradients in device memory travel over NCCL (bootstrapped by the job's MPI), whichever of
+  // MPI or NCCL the job names: one GPU per rank, picked by the local rank.
+  std::unique_ptr<NcclCommunicator> nccl;
+  std::optional<GradientSync> device_sync;
+  if (spec.device() == CUDA) {
+    if (world > 1) {
+      absl::StatusOr<std::unique_ptr<NcclCommunicator>> made_nccl =
+          NcclCommunicator::Create(&dist->comm(), dist->local_rank(), dist->timeout());
+      RETURN_IF_AGREED_ERROR(dist->AllOk(made_nccl.status(), "joining NCCL"));
+      nccl = *std::move(made_nccl);
+      device_sync.emplace(nccl.get(), model->num_parameters(), dist->bucket_bytes());
+    }
+    absl::StatusOr<std::unique_ptr<DeviceModel>> made = CreateCudaModel(gc, model->params());
+    RETURN_IF_AGREED_ERROR(dist->AllOk(made.status(), "creating the CUDA model"));
+    dev = *std::move(made);
+    RETURN_IF_ERROR(dev->Upload(model->params(), &optimizer));
+  }
   std::optional<MetricsLog> metrics;
   if (root) {
     absl::StatusOr<MetricsLog> opened = MetricsLog::Open(
@@ -261,10 +284,21 @@ absl::StatusOr<RunResult> RunTraining(const JobSpec& spec, const RunOptions& opt
       const ParamInfo& info = model->params().info(idx);
       optimizer.ResetMoments(info.offset, info.size);
     }
-    model->params().ZeroGrads();
+    if (dev) {
+      RETURN_IF_ERROR(dev->ZeroGrads());
+    } else {
+      model->params().ZeroGrads();
+    }
     double loss = 0, tweo = 0, distill = 0;
     for (int micro = 0; micro < accum; ++micro) {
       RETURN_IF_ERROR((*train)->Next(x.data(), y.data()));
+      if (dev) {
+        ASSIGN_OR_RETURN(double l, dev->Forward(x.data(), y.data(), B, T));
+        // The 1/world of the mean over ranks rides in the loss scale: NCCL then only sums.
+        RETURN_IF_ERROR(dev->Backward(1.0f / (accum * world)));
+        loss += l / accum;
+        continue;
+      }
       ASSIGN_OR_RETURN(double l, model->Forward(x.data(), y.data(), B, T, /*training=*/true));
       const float* dlogits = nullptr;
       if (teacher) {
@@ -290,8 +324,15 @@ absl::StatusOr<RunResult> RunTraining(const JobSpec& spec, const RunOptions& opt
                          "training");
     }
     double grad_norm = 0;
-    float* grads = model->params().grads().data();
-    if (zero1) {
+    float* grads = dev ? dev->device_grads() : model->params().grads().data();
+    if (dev) {
+      if (device_sync) RETURN_IF_ERROR(device_sync->AllReduceSum(grads));
+      ASSIGN_OR_RETURN(const double sum_squares, dev->GradSumSquares());
+      grad_norm = std::sqrt(sum_squares);
+      optimizer.set_step(optimizer.step() + 1);
+      RETURN_IF_ERROR(dev->Update(lr, grad_norm, ac, optimizer.step()));
+      RETURN_IF_ERROR(dev->Synchronize());
+    } else if (zero1) {
       // Reduce-scatter: this rank's shard of the mean gradient; the clip needs the norm of the
       // whole gradient, summed over shards; then each rank updates its shard and the updated
       // parameters are gathered back into every replica.
@@ -320,10 +361,11 @@ absl::StatusOr<RunResult> RunTraining(const JobSpec& spec, const RunOptions& opt
     const int done = step + 1;
     MetricRow row = {{"train_loss", loss}, {"lr", lr}, {"grad_norm", grad_norm},
                      {"tokens_per_s", tok_s}, {"step_ms", seconds * 1e3}};
-    AddModelMetrics(*model, spec, tweo, distill, teacher != nullptr, &row);
+    // Block statistics come from the host model's activations, which a device run does not fill.
+    if (!dev) AddModelMetrics(*model, spec, tweo, distill, teacher != nullptr, &row);
     const bool last = done == steps;
     if ((eval_every > 0 && done % eval_every == 0) || last) {
-      ASSIGN_OR_RETURN(double vl, Evaluate(model.get(), val->get(), spec.eval().batches(), B, T,
+      ASSIGN_OR_RETURN(double vl, Evaluate(model.get(), dev.get(), val->get(), spec.eval().batches(), B, T,
                                            dist));
       row.push_back({"val_loss", vl});
       result.final_val_loss = vl;
@@ -340,6 +382,7 @@ absl::StatusOr<RunResult> RunTraining(const JobSpec& spec, const RunOptions& opt
     }
     if ((ckpt_every > 0 && done % ckpt_every == 0) || last) {
       model->SaveStateToBuffers();
+      if (dev) RETURN_IF_ERROR(dev->Download(&model->params(), &optimizer));
       // Checkpoints hold whole moments whatever the world size: gather ZeRO-1 shards first.
       std::optional<AdamW> full_opt;
       if (zero1) {

@@ -70,42 +70,21 @@ struct GpuJob {
   int n_layer, n_embd, n_head, batch_size;
 };
 
-TEST(ShippedJobs, GpuJobsFailOnlyBecauseCudaIsNotImplemented) {
+TEST(ShippedJobs, GpuJobsLoadWithTheirShapes) {
   const GpuJob jobs[] = {{"configs/gpt2_124m.textproto", 12, 768, 12, 16},
                          {"configs/gpt2_350m.textproto", 24, 1024, 16, 8},
                          {"configs/gpt2_1558m.textproto", 48, 1600, 25, 4}};
   for (const GpuJob& job : jobs) {
     SCOPED_TRACE(job.path);
     absl::StatusOr<JobSpec> spec = LoadJobSpec(job.path);
-    ASSERT_EQ(spec.status().code(), absl::StatusCode::kFailedPrecondition) << spec.status();
-    // The whole message is the one CUDA line: every other field is already valid.
-    EXPECT_EQ(spec.status().message(),
-              absl::StrCat(job.path, ": device: CUDA training is not implemented yet"));
-
-    // Once CUDA lands the same file validates: check it with the device switched.
-    std::string text;
-    {
-      std::FILE* f = std::fopen(job.path, "rb");
-      ASSERT_NE(f, nullptr);
-      char buf[4096];
-      size_t n;
-      while ((n = std::fread(buf, 1, sizeof(buf), f)) > 0) text.append(buf, n);
-      std::fclose(f);
-    }
-    JobSpec raw;
-    ASSERT_TRUE(google::protobuf::TextFormat::ParseFromString(text, &raw));
-    EXPECT_EQ(raw.device(), CUDA);
-    EXPECT_EQ(raw.model().n_layer(), job.n_layer);
-    EXPECT_EQ(raw.model().n_embd(), job.n_embd);
-    EXPECT_EQ(raw.model().n_head(), job.n_head);
-    EXPECT_EQ(raw.model().vocab_size(), 50304);
-    EXPECT_EQ(raw.training().seq_len(), 1024);
-    EXPECT_EQ(raw.training().batch_size(), job.batch_size);
-    ApplyDefaults(&raw);
-    absl::Status range_errors = ValidateJobSpec(raw);
-    EXPECT_EQ(range_errors.code(), absl::StatusCode::kFailedPrecondition) << range_errors;
-    raw.set_device(CPU);
-    EXPECT_TRUE(ValidateJobSpec(raw).ok()) << ValidateJobSpec(raw);
+    ASSERT_TRUE(spec.ok()) << spec.status();
+    EXPECT_EQ(spec->device(), CUDA);
+    EXPECT_EQ(spec->model().n_layer(), job.n_layer);
+    EXPECT_EQ(spec->model().n_embd(), job.n_embd);
+    EXPECT_EQ(spec->model().n_head(), job.n_head);
+    EXPECT_EQ(spec->model().vocab_size(), 50304);
+    EXPECT_EQ(spec->training().seq_len(), 1024);
+    EXPECT_EQ(spec->training().batch_size(), job.batch_size);
   }
 }
 
@@ -690,13 +669,19 @@ struct UnimplementedCase {
 
 std::vector<UnimplementedCase> UnimplementedCases() {
   return {
-      {"cuda", [](JobSpec* s) { s->set_device(CUDA); }, "device"},
-      {"nccl",
+      {"cuda tweo",
        [](JobSpec* s) {
          s->set_device(CUDA);
-         s->mutable_distributed()->set_backend(DistributedSpec::NCCL);
+         s->mutable_precision()->mutable_tweo()->set_enabled(true);
        },
-       "distributed.backend"},
+       "precision.tweo.enabled"},
+      {"cuda qat",
+       [](JobSpec* s) {
+         s->set_device(CUDA);
+         s->mutable_precision()->set_linear(QAT);
+         s->mutable_precision()->mutable_qat()->set_weight_bits(4);
+       },
+       "precision.linear"},
       {"parameter service",
        [](JobSpec* s) { s->mutable_parameter_service()->set_address("localhost:50051"); },
        "parameter_service.address"},
@@ -754,11 +739,12 @@ TEST(Unimplemented, DefaultsAndExplicitDefaultValuesAreAccepted) {
 TEST(Unimplemented, SeveralFeaturesAreListedTogether) {
   JobSpec spec = Base();
   spec.set_device(CUDA);
+  spec.mutable_precision()->mutable_tweo()->set_enabled(true);
   spec.mutable_parameter_service()->set_address("localhost:50051");
   absl::Status s = ValidateJobSpec(spec);
   EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(s.message(),
-            "device: CUDA training is not implemented yet\n"
+            "precision.tweo.enabled: the TWEO loss on CUDA is not implemented yet\n"
             "parameter_service.address: the parameter service is not implemented yet");
 }
 

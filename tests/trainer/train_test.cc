@@ -199,3 +199,24 @@ TEST(Train, MissingDataNamesPattern) {
 
 }  // namespace
 }  // namespace qtrain
+
+namespace qtrain {
+namespace {
+
+// CI machines have the CUDA toolkit but no GPU: a CUDA job must stop with a clear message
+// (a GPU machine runs the CUDA path itself in tests/gpu).
+TEST(Train, CudaJobWithoutGpuFailsClearly) {
+  JobSpec spec = TinyJob("cuda_without_gpu");
+  spec.set_device(CUDA);
+  RunOptions opt;
+  opt.quiet = true;
+  absl::StatusOr<RunResult> r = RunTraining(spec, opt);
+  if (r.ok()) {
+    EXPECT_EQ(r->steps_done, 8);  // a machine with a GPU trains
+  } else {
+    EXPECT_NE(r.status().message().find("CUDA"), std::string::npos) << r.status();
+  }
+}
+
+}  // namespace
+}  // namespace qtrain
