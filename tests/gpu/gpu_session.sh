@@ -3,11 +3,17 @@
 # training-step benchmark (//tools:bench) and the PyTorch anchor (torch_anchor.py --modes bf16)
 # at the GPT-2 shapes, one after the other in the same call, logs under $OUT (or DIST/logs).
 #
-# Here:  tools/bundle.sh -o .device/dist --keep-server $(bazel query 'attr(tags, "\bgpu\b",
-#          tests(//tests/...))') //tools:bench //ops/cuda:kernel_bench
+# Here:  QTRAIN_BUNDLE_WRAPPERS=1 tools/bundle.sh -o .device/dist --strip --keep-server \
+#          $(bazel query 'attr(tags, "\bgpu\b", tests(//tests/ops/... + //tests/gpu/...))') \
+#          //tools:bench //trainer:qtrain       # (wrappers: qtrain's MPI libraries stay the node's)
 #        mkdir -p .device/anchors && cp ../shared/anchors/torch_anchor.py .device/anchors/
+#        mkdir -p .device/train/data/brown && cp data/brown/mixed_*.bin .device/train/data/brown/
 # There: tests/gpu/gpu_session.sh [--dist .device/dist] [--anchor .device/anchors/torch_anchor.py]
 #          [--shapes 124m,350m,1558m] [--no-tests] [--no-anchor] [--kernel-bench] [--memcheck]
+#          [--train DIR]
+# --train DIR: qtrain (in the bundle) trains the 124M shape for 400 steps on the Brown shards
+#   under DIR/data/brown (run from DIR), then resumes a second run from its step-200 checkpoint;
+#   the two runs' losses for steps 201-400 must agree exactly. --shapes "" skips the benchmarks.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
@@ -18,6 +24,7 @@ tests=1
 run_anchor=1
 kernel_bench=0
 memcheck=0
+train_dir=
 steps=30
 while (($#)); do
   case "$1" in
@@ -29,6 +36,7 @@ while (($#)); do
     --no-anchor) run_anchor=0; shift ;;
     --kernel-bench) kernel_bench=1; shift ;;
     --memcheck) memcheck=1; shift ;;
+    --train) train_dir="$2"; shift 2 ;;
     *) echo "gpu_session: unknown argument '$1'" >&2; exit 2 ;;
   esac
 done
@@ -53,7 +61,8 @@ fi
 
 # shape -> "layers dim heads B" of the anchor (the job files hold the same shapes).
 declare -A anchor_args=([124m]="12 768 12 16" [350m]="24 1024 16 8" [1558m]="48 1600 25 4")
-IFS=, read -r -a shape_list <<<"$shapes"
+shape_list=()
+[[ -n "$shapes" ]] && IFS=, read -r -a shape_list <<<"$shapes"
 for s in "${shape_list[@]}"; do
   echo "===== bench gpt2_$s" | tee -a "$out/bench.log"
   timeout 240 "$dist/bench" --job="configs/gpt2_$s.textproto" --steps="$steps" --warmup=5 \
@@ -67,6 +76,32 @@ for s in "${shape_list[@]}"; do
       tee -a "$out/anchor.log" || status=1
   fi
 done
+
+if [[ -n "$train_dir" ]]; then
+  e2e=/tmp/qtrain_e2e
+  rm -rf "$e2e" && mkdir -p "$e2e"
+  # The 124M job, short: 400 steps (warm-up 100), eval every 100 steps, checkpoints every 200.
+  sed -e 's/^name: .*/name: "gpt2_124m_e2e"/' -e 's/^\(  steps:\) 10000/\1 400/' \
+      -e 's/warmup_steps: 700/warmup_steps: 100/' -e 's/every_steps: 250/every_steps: 100/' \
+      -e 's/batches: 20/batches: 10/' -e 's/every_steps: 1000/every_steps: 200/' \
+      configs/gpt2_124m.textproto >"$e2e/job.textproto"
+  qtrain="$(cd "$dist" && pwd)/qtrain"
+  (cd "$train_dir" && timeout 200 "$qtrain" --job="$e2e/job.textproto" --out_dir="$e2e/a") \
+    2>&1 | tee "$out/train.log" || status=1
+  (cd "$train_dir" && timeout 120 "$qtrain" --job="$e2e/job.textproto" --out_dir="$e2e/b" \
+     --resume="$e2e/a/checkpoints/step_00000200.safetensors") 2>&1 | tee -a "$out/train.log" ||
+    status=1
+  python3 - "$e2e/a/metrics.jsonl" "$e2e/b/metrics.jsonl" <<'PY' 2>&1 | tee -a "$out/train.log" || status=1
+import json, sys
+rows = [{r["step"]: r for r in map(json.loads, open(p))} for p in sys.argv[1:]]
+a, b = rows
+same = [s for s in range(201, 401) if s in a and s in b and a[s]["train_loss"] == b[s]["train_loss"]]
+vl = {s: round(r["val_loss"], 4) for s, r in sorted(a.items()) if "val_loss" in r}
+print("e2e: val loss by step", vl)
+print("e2e: resumed run matches steps 201-400 exactly:", len(same), "of 200")
+sys.exit(0 if len(same) == 200 and list(vl.values())[-1] < list(vl.values())[0] else 1)
+PY
+fi
 
 if ((kernel_bench)); then
   timeout 120 "$dist/kernel_bench" 2>&1 | tee "$out/kernel_bench.log" || status=1
