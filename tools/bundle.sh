@@ -61,7 +61,7 @@ bazel_ build --symlink_prefix=/ "${targets[@]}" || die "bazel build failed"
 bin_root="$(bazel_ info bazel-bin 2>/dev/null)" || die "bazel info bazel-bin failed"
 
 # Libraries every CUDA node has (or must take from its own installation, like MPI).
-excluded='^(linux-vdso|ld-linux|libc\.so|libm\.so|libdl\.so|libpthread\.so|librt\.so|libresolv\.so|libutil\.so|libstdc\+\+\.so|libgcc_s\.so|libcuda\.so|libnvidia-|libcudart\.so|libcublas|libcudnn|libnccl\.so|libmpi|libopen-rte\.so|libopen-pal\.so|libhwloc\.so|libevent|libudev\.so|libpmix)'
+excluded='^(linux-vdso|ld-linux|libc\.so|libm\.so|libdl\.so|libpthread\.so|librt\.so|libresolv\.so|libutil\.so|libstdc\+\+\.so|libgcc_s\.so|libcuda\.so|libnvidia-|libcudart\.so|libcublas|libcudnn|libnccl\.so|libmpi|libopen-rte\.so|libopen-pal\.so|libhwloc\.so|libevent|libudev\.so|libpmix|libz\.so)'
 
 stage="${out_dir%/}.tmp.$$"
 rm -rf "$stage"

@@ -12,6 +12,8 @@ out=${OUT:-/tmp/qtrain_scaling}
 steps=${STEPS:-30}
 np=${NP:-2}
 mkdir -p "$out"
+# NVLink SHARP (multicast) stays off: the lent multi-GPU machines ask for it.
+export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
 root_flags=()
 ((EUID == 0)) && root_flags=(--allow-run-as-root)
 job="$out/gpt2_124m_bench.textproto"
@@ -28,7 +30,7 @@ run() {  # run NAME RANKS QTRAIN_FLAGS...
   if ((ranks == 1)); then
     "$bundle/qtrain" --job="$job" --out_dir="$out/$name" --steps="$steps" "$@" > "$out/$name.log" 2>&1
   else
-    mpirun "${root_flags[@]}" -np "$ranks" --bind-to none -x LD_LIBRARY_PATH \
+    mpirun "${root_flags[@]}" -np "$ranks" --bind-to none -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE \
       "$bundle/qtrain" --job="$job" --out_dir="$out/$name" --steps="$steps" --backend=mpi "$@" \
       > "$out/$name.log" 2>&1
   fi

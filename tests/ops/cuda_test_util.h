@@ -81,14 +81,19 @@ class DeviceArray {
   int64_t size() const { return n_; }
   int64_t bytes() const { return n_ * static_cast<int64_t>(sizeof(T)); }
 
+  // Both wait for the device: cudaMemset and a pageable cudaMemcpy may still be in flight when
+  // they return, and the kernels under test run on non-blocking streams that do not order
+  // after the legacy default stream.
   void Poison() {
     const absl::Status s = DeviceMemset(base_, 0xFF, total_ * static_cast<int64_t>(sizeof(T)));
     EXPECT_TRUE(s.ok()) << s;
+    EXPECT_TRUE(SynchronizeDevice().ok());
   }
   void Upload(const std::vector<T>& host) {
     ASSERT_EQ(static_cast<int64_t>(host.size()), n_);
     const absl::Status s = CopyHostToDevice(get(), host.data(), bytes());
     ASSERT_TRUE(s.ok()) << s;
+    ASSERT_TRUE(SynchronizeDevice().ok());
   }
   // The n elements; fails the test if the guard band or the leading offset lost its poison.
   std::vector<T> ToHost(const std::string& what = "") const {
