@@ -326,7 +326,11 @@ absl::StatusOr<RunResult> RunTraining(const JobSpec& spec, const RunOptions& opt
     double grad_norm = 0;
     float* grads = dev ? dev->device_grads() : model->params().grads().data();
     if (dev) {
-      if (device_sync) RETURN_IF_ERROR(device_sync->AllReduceSum(grads));
+      if (device_sync) {
+        // NCCL runs on its own stream: the gradients must be complete before it reads them.
+        RETURN_IF_ERROR(dev->Synchronize());
+        RETURN_IF_ERROR(device_sync->AllReduceSum(grads));
+      }
       ASSIGN_OR_RETURN(const double sum_squares, dev->GradSumSquares());
       grad_norm = std::sqrt(sum_squares);
       optimizer.set_step(optimizer.step() + 1);
