@@ -11,11 +11,14 @@
 
 namespace qtrain::internal {
 
-// Prefixes the message with where it passed through, keeping the code.
+// Appends where the error passed through to its message, keeping the code and payloads.
 inline absl::Status Annotate(const absl::Status& s, const char* file, int line,
                              const char* expr) {
-  return absl::Status(s.code(), absl::StrCat(s.message(), "\n  at ", file, ":", line,
-                                             " in ", expr));
+  absl::Status out(s.code(), absl::StrCat(s.message(), "\n  at ", file, ":", line, " in ", expr));
+  s.ForEachPayload([&out](absl::string_view url, const absl::Cord& payload) {
+    out.SetPayload(url, payload);
+  });
+  return out;
 }
 
 }  // namespace qtrain::internal

@@ -29,8 +29,8 @@
 #include "trainer/rng.h"
 #include "trainer/schedule.h"
 
-// Errors that every rank holds alike (DistributedContext marks them) go back untouched:
-// RETURN_IF_ERROR's annotation would drop the mark that lets the ranks exit without aborting.
+// Errors that every rank holds alike (DistributedContext marks them) go back untouched: their
+// message is already the one each rank prints, without a trail of file:line annotations.
 #define RETURN_IF_AGREED_ERROR(expr)    \
   do {                                  \
     absl::Status qt_agreed_ = (expr);   \
