@@ -159,15 +159,50 @@ absl::Status NcclCommunicator::Wait(const std::string& what) {
   }
 }
 
+absl::Status NcclCommunicator::WaitEnqueued(const std::string& what) {
+  const auto deadline = std::chrono::steady_clock::now() + absl::ToChronoNanoseconds(timeout_);
+  for (;;) {
+    ncclResult_t state = ncclSuccess;
+    NCCL_RETURN_IF_ERROR(comm_, ncclCommGetAsyncError(comm_, &state));
+    if (state == ncclSuccess) return absl::OkStatus();
+    if (state != ncclInProgress) {
+      broken_ = true;
+      return NcclErrorToStatus(state, comm_, __FILE__, __LINE__, what.c_str());
+    }
+    if (std::chrono::steady_clock::now() > deadline) {
+      broken_ = true;
+      return absl::DeadlineExceededError(absl::StrCat(
+          "NCCL rank ", rank_, " of ", world_, ": ", what, " was not enqueued within ",
+          absl::FormatDuration(timeout_), activity_.empty() ? "" : absl::StrCat(" (", activity_, ")"),
+          ": another rank has died or hangs"));
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(20));
+  }
+}
+
 absl::Status NcclCommunicator::AllReduceSumAsync(float* data, int64_t n) {
   QT_CHECK_ARG(n >= 0 && (n == 0 || data != nullptr), "AllReduceSum: bad buffer (n=", n, ")");
   if (broken_) return absl::FailedPreconditionError("NCCL communicator was aborted");
-  NCCL_RETURN_IF_ERROR(comm_, ncclAllReduce(data, data, static_cast<size_t>(n), ncclFloat32,
-                                            ncclSum, comm_, static_cast<cudaStream_t>(stream_)));
+  const ncclResult_t r = ncclAllReduce(data, data, static_cast<size_t>(n), ncclFloat32, ncclSum,
+                                       comm_, static_cast<cudaStream_t>(stream_));
+  // A nonblocking communicator may still be setting the call up (connections on first use):
+  // no other NCCL call, and no other work on stream(), may come before that is done.
+  if (r == ncclInProgress) return WaitEnqueued(absl::StrCat("ncclAllReduce of ", n, " floats"));
+  if (r != ncclSuccess) {
+    return NcclErrorToStatus(r, comm_, __FILE__, __LINE__, "ncclAllReduce");
+  }
   return absl::OkStatus();
 }
 
 absl::Status NcclCommunicator::Synchronize() { return Wait("NCCL collectives"); }
+
+absl::Status NcclCommunicator::WaitEvent(void* event) {
+  QT_CHECK_ARG(event != nullptr, "NcclCommunicator::WaitEvent: null event");
+  if (broken_) return absl::FailedPreconditionError("NCCL communicator was aborted");
+  CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(static_cast<cudaStream_t>(stream_),
+                                           static_cast<cudaEvent_t>(event), 0));
+  return absl::OkStatus();
+}
 
 absl::Status NcclCommunicator::AllReduceSum(float* data, int64_t n) {
   RETURN_IF_ERROR(AllReduceSumAsync(data, n));

@@ -45,11 +45,16 @@ class NcclCommunicator : public Communicator {
   absl::Status Barrier() override;
   void SetActivity(const std::string& activity) override { activity_ = activity; }
 
-  // For overlapping gradient buckets with backward: enqueue without waiting; Synchronize waits
-  // for everything enqueued (with the timeout). Ordering against compute streams is the
-  // caller's (cudaEvent on the producing stream, cudaStreamWaitEvent on stream()).
+  // For overlapping gradient buckets with backward: enqueue without waiting for the device
+  // (on first use NCCL may need a moment to set the call up; that waits, with the timeout);
+  // Synchronize waits for everything enqueued (with the timeout). Ordering against compute
+  // streams is the caller's (cudaEvent on the producing stream, WaitEvent below).
   absl::Status AllReduceSumAsync(float* data, int64_t n);
   absl::Status Synchronize();
+  // Collectives enqueued after this call wait for the device work recorded so far in `event`
+  // (an opaque cudaEvent_t of this device, e.g. DeviceModel's gradient-ready event); the host
+  // does not wait.
+  absl::Status WaitEvent(void* event);
 
   // The cudaStream_t collectives run on.
   void* stream() const { return stream_; }
@@ -58,6 +63,8 @@ class NcclCommunicator : public Communicator {
  private:
   NcclCommunicator() = default;
   absl::Status Wait(const std::string& what);
+  // After a call that returned ncclInProgress: polls until NCCL has enqueued it.
+  absl::Status WaitEnqueued(const std::string& what);
 
   Communicator* bootstrap_ = nullptr;
   ncclComm* comm_ = nullptr;

@@ -6,6 +6,7 @@
 #define QTRAIN_TRAINER_DEVICE_MODEL_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 
 #include "absl/status/statusor.h"
@@ -41,6 +42,20 @@ class DeviceModel {
   virtual absl::Status Update(float lr, double grad_norm, const AdamWConfig& config, int t) = 0;
   // Waits for the device's work (for step timing).
   virtual absl::Status Synchronize() = 0;
+
+  // Lets the gradient all-reduce overlap backward. While a hook is set, Backward calls it on the
+  // host thread each time the gradients of a flat range [begin, end) are final, right after the
+  // kernels that finish them were enqueued: block by block in backward order, then the rest
+  // (embeddings, final layernorm), the ranges together covering [0, num_parameters()) once.
+  // `ready` is an opaque cudaEvent_t recorded on the model's stream behind those kernels: work on
+  // another stream that reads or writes the range must wait for it (cudaStreamWaitEvent) first.
+  // It stays valid until the next Backward. The model does not wait for that other work: finish
+  // it (e.g. NcclCommunicator::Synchronize) before the next call that touches the gradients
+  // (GradSumSquares, Update, Backward, ...). An error from the hook ends Backward with it; an
+  // empty hook removes it.
+  using GradientReadyHook =
+      std::function<absl::Status(int64_t begin, int64_t end, void* ready)>;
+  virtual void SetGradientReadyHook(GradientReadyHook hook) = 0;
 };
 
 // The CUDA implementation (trainer/cuda/); Unavailable with a clear message when no CUDA

@@ -3,12 +3,14 @@
 // all-gather); rank 0 alone prints, writes metrics and checkpoints.
 #include "trainer/trainer.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <memory>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -102,6 +104,82 @@ absl::Status BroadcastResumeState(DistributedContext* dist, Gpt* model, AdamW* f
   state->global_batch = fixed[6];
   return dist->BroadcastString(&state->rng, 0);
 }
+
+// The GPU gradient all-reduce, overlapped with the last micro-step's backward: the model
+// reports ranges of final gradients (DeviceModel::SetGradientReadyHook), NCCL's stream waits for
+// each range's event and sums it over the ranks while backward goes on with earlier blocks.
+// Adjacent ranges are gathered until they hold a bucket (distributed.bucket_mb), so a small model
+// does not pay a collective per block; a larger range goes whole. Every rank's model reports the
+// same ranges in the same order, so the collectives match and the reduction is the same every
+// run.
+class OverlappedGradSum {
+ public:
+  OverlappedGradSum(NcclCommunicator* nccl, float* grads, int64_t n, int64_t bucket_bytes)
+      : nccl_(nccl),
+        grads_(grads),
+        n_(n),
+        bucket_elems_(std::max<int64_t>(1, bucket_bytes / static_cast<int64_t>(sizeof(float)))) {}
+
+  // The hook: gradients [begin, end) are final once `ready` (a cudaEvent_t) has passed.
+  absl::Status Ready(int64_t begin, int64_t end, void* ready) {
+    if (begin < 0 || begin > end || end > n_) {
+      return absl::InternalError(absl::StrCat("the model reported gradient range [", begin, ", ",
+                                              end, ") outside [0, ", n_, ")"));
+    }
+    if (begin == end) return absl::OkStatus();
+    seen_.push_back({begin, end});
+    // NCCL's stream waits at once, whenever the bucket goes: later collectives queue behind it.
+    RETURN_IF_ERROR(nccl_->WaitEvent(ready));
+    if (pending_end_ > pending_begin_ && (end == pending_begin_ || begin == pending_end_)) {
+      pending_begin_ = std::min(pending_begin_, begin);
+      pending_end_ = std::max(pending_end_, end);
+    } else {
+      RETURN_IF_ERROR(Flush());
+      pending_begin_ = begin;
+      pending_end_ = end;
+    }
+    return pending_end_ - pending_begin_ >= bucket_elems_ ? Flush() : absl::OkStatus();
+  }
+
+  // After Backward: sends what is still gathered and checks that the ranges covered every
+  // gradient exactly once (a gap would let the replicas drift apart). The caller then waits
+  // with nccl->Synchronize() before anything else touches the gradients.
+  absl::Status Finish() {
+    RETURN_IF_ERROR(Flush());
+    std::sort(seen_.begin(), seen_.end());
+    int64_t covered = 0;
+    for (const auto& [begin, end] : seen_) {
+      if (begin != covered) {
+        return absl::InternalError(absl::StrCat(
+            "the model's gradient-ready ranges ", begin < covered ? "overlap" : "leave a gap",
+            " at element ", std::min(begin, covered), " of ", n_));
+      }
+      covered = end;
+    }
+    seen_.clear();
+    if (covered != n_) {
+      return absl::InternalError(absl::StrCat("the model's gradient-ready ranges end at element ",
+                                              covered, " of ", n_));
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  absl::Status Flush() {
+    if (pending_end_ <= pending_begin_) return absl::OkStatus();
+    RETURN_IF_ERROR(
+        nccl_->AllReduceSumAsync(grads_ + pending_begin_, pending_end_ - pending_begin_));
+    pending_begin_ = pending_end_ = 0;
+    return absl::OkStatus();
+  }
+
+  NcclCommunicator* nccl_;
+  float* grads_;
+  int64_t n_;
+  int64_t bucket_elems_;
+  int64_t pending_begin_ = 0, pending_end_ = 0;  // gathered, not yet sent
+  std::vector<std::pair<int64_t, int64_t>> seen_;
+};
 
 }  // namespace
 
@@ -223,19 +301,24 @@ absl::StatusOr<RunResult> RunTraining(const JobSpec& spec, const RunOptions& opt
   // Gradients in device memory travel over NCCL (bootstrapped by the job's MPI), whichever of
   // MPI or NCCL the job names: one GPU per rank, picked by the local rank.
   std::unique_ptr<NcclCommunicator> nccl;
-  std::optional<GradientSync> device_sync;
+  std::optional<OverlappedGradSum> grad_sum;
   if (spec.device() == CUDA) {
     if (world > 1) {
       absl::StatusOr<std::unique_ptr<NcclCommunicator>> made_nccl =
           NcclCommunicator::Create(&dist->comm(), dist->local_rank(), dist->timeout());
       RETURN_IF_AGREED_ERROR(dist->AllOk(made_nccl.status(), "joining NCCL"));
       nccl = *std::move(made_nccl);
-      device_sync.emplace(nccl.get(), model->num_parameters(), dist->bucket_bytes());
     }
     absl::StatusOr<std::unique_ptr<DeviceModel>> made = CreateCudaModel(gc, model->params());
     RETURN_IF_AGREED_ERROR(dist->AllOk(made.status(), "creating the CUDA model"));
     dev = *std::move(made);
     RETURN_IF_ERROR(dev->Upload(model->params(), &optimizer));
+    if (nccl) {
+      // The gradient buffer stays where it is for the model's life (no ZeroGrads is pending yet,
+      // so asking for it clears nothing).
+      grad_sum.emplace(nccl.get(), dev->device_grads(), dev->num_parameters(),
+                       dist->bucket_bytes());
+    }
   }
   std::optional<MetricsLog> metrics;
   if (root) {
@@ -294,8 +377,23 @@ absl::StatusOr<RunResult> RunTraining(const JobSpec& spec, const RunOptions& opt
       RETURN_IF_ERROR((*train)->Next(x.data(), y.data()));
       if (dev) {
         ASSIGN_OR_RETURN(double l, dev->Forward(x.data(), y.data(), B, T));
+        // Several GPUs: the last micro-step's backward hands each range of finished gradients
+        // to NCCL as it goes (earlier micro-steps only add to the gradients).
+        const bool overlap = grad_sum && micro == accum - 1;
+        if (overlap) {
+          dev->SetGradientReadyHook([&](int64_t begin, int64_t end, void* ready) {
+            return grad_sum->Ready(begin, end, ready);
+          });
+        }
         // The 1/world of the mean over ranks rides in the loss scale: NCCL then only sums.
-        RETURN_IF_ERROR(dev->Backward(1.0f / (accum * world)));
+        const absl::Status backward = dev->Backward(1.0f / (accum * world));
+        if (overlap) dev->SetGradientReadyHook(nullptr);
+        RETURN_IF_ERROR(backward);
+        if (overlap) {
+          // The sums end before the model's stream touches the gradients again.
+          RETURN_IF_ERROR(grad_sum->Finish());
+          RETURN_IF_ERROR(nccl->Synchronize());
+        }
         loss += l / accum;
         continue;
       }
@@ -326,11 +424,6 @@ absl::StatusOr<RunResult> RunTraining(const JobSpec& spec, const RunOptions& opt
     double grad_norm = 0;
     float* grads = dev ? dev->device_grads() : model->params().grads().data();
     if (dev) {
-      if (device_sync) {
-        // NCCL runs on its own stream: the gradients must be complete before it reads them.
-        RETURN_IF_ERROR(dev->Synchronize());
-        RETURN_IF_ERROR(device_sync->AllReduceSum(grads));
-      }
       ASSIGN_OR_RETURN(const double sum_squares, dev->GradSumSquares());
       grad_norm = std::sqrt(sum_squares);
       optimizer.set_step(optimizer.step() + 1);

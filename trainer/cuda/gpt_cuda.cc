@@ -157,6 +157,33 @@ absl::Status CudaGpt::Init(const ParamStore& layout) {
                                                    " tensors, the GPT has ", next));
   }
   num_params_ = layout.num_elements();
+  // Gradient-ready ranges: each block's tensors must be one contiguous run (Gpt adds them in a
+  // row), so that a block's range holds nothing that backward finishes later.
+  for (int l = 0; l < c.n_layer; ++l) {
+    const std::string p = absl::StrCat("block.", l, ".");
+    int64_t lo = num_params_, hi = 0, total = 0;
+    for (const ParamInfo& info : layout.infos()) {
+      if (info.name.compare(0, p.size(), p) != 0) continue;
+      lo = std::min(lo, info.offset);
+      hi = std::max(hi, info.offset + info.size);
+      total += info.size;
+    }
+    if (hi - lo != total) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "CUDA model: the tensors of block ", l, " are not one contiguous run of the layout"));
+    }
+    grad_ranges_.push_back({lo, hi});
+  }
+  std::vector<GradRange> blocks_sorted = grad_ranges_;
+  std::sort(blocks_sorted.begin(), blocks_sorted.end(),
+            [](const GradRange& a, const GradRange& b) { return a.begin < b.begin; });
+  int64_t covered = 0;
+  for (const GradRange& r : blocks_sorted) {
+    if (r.begin > covered) grad_ranges_.push_back({covered, r.begin});
+    covered = r.end;
+  }
+  if (covered < num_params_) grad_ranges_.push_back({covered, num_params_});
+  ready_events_.assign(grad_ranges_.size(), nullptr);
   // Decay runs in layout order (AdamW's per-tensor weight decay, one launch per run).
   for (const ParamInfo& info : layout.infos()) {
     if (!decay_runs_.empty() && decay_runs_.back().decay == info.decay &&
@@ -196,6 +223,9 @@ absl::Status CudaGpt::Init(const ParamStore& layout) {
 CudaGpt::~CudaGpt() {
   if (stream_ != nullptr) (void)ops::SynchronizeStream(stream_);
   for (cudaEvent_t e : events_) (void)ops::DestroyEvent(e);
+  for (cudaEvent_t e : ready_events_) {
+    if (e != nullptr) (void)ops::DestroyEvent(e);
+  }
   (void)FreeActivations();
   for (void* p : allocations_) (void)ops::DeviceFree(p);
   matmul_.reset();
@@ -525,11 +555,29 @@ absl::Status CudaGpt::Backward(float loss_scale) {
                                                  a.ln1_mean, a.ln1_rstd, N, C, ln_ws_,
                                                  ln_ws_bytes_, stream_, gw));
     RETURN_IF_ERROR(Mark("bwd layernorm"));
+    // Nothing later in this backward touches block l's gradients.
+    RETURN_IF_ERROR(GradientsReady(l));
   }
   RETURN_IF_ERROR(ops::encoder_backward_cuda(G(wte_), G(wpe_), dres_, inputs_, B, T, C, V,
                                              enc_ws_, enc_ws_bytes_, stream_));
   RETURN_IF_ERROR(Mark("bwd encoder"));
+  // wte's gradient is finished only by the encoder (its second term), so the embeddings and the
+  // final layernorm are reported together at the end.
+  for (size_t i = blocks_.size(); i < grad_ranges_.size(); ++i) {
+    RETURN_IF_ERROR(GradientsReady(i));
+  }
   return absl::OkStatus();
+}
+
+absl::Status CudaGpt::GradientsReady(size_t index) {
+  if (!grad_ready_hook_) return absl::OkStatus();
+  cudaEvent_t& event = ready_events_[index];
+  if (event == nullptr) {
+    ASSIGN_OR_RETURN(event, ops::CreateEvent());
+  }
+  RETURN_IF_ERROR(ops::RecordEvent(event, stream_));
+  const GradRange& r = grad_ranges_[index];
+  return grad_ready_hook_(r.begin, r.end, event);
 }
 
 absl::Status CudaGpt::ZeroGrads() {

@@ -8,6 +8,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -47,6 +48,9 @@ class CudaGpt : public DeviceModel {
   absl::StatusOr<double> GradSumSquares() override;
   absl::Status Update(float lr, double grad_norm, const AdamWConfig& config, int t) override;
   absl::Status Synchronize() override;
+  void SetGradientReadyHook(GradientReadyHook hook) override {
+    grad_ready_hook_ = std::move(hook);
+  }
 
   // For tests and benchmarks. The logits (rows.size(), V) of the given rows (b*T + t) of the
   // last Forward (recomputed from its final hidden states: BF16 GEMM, fp32 accumulation).
@@ -87,6 +91,9 @@ class CudaGpt : public DeviceModel {
   absl::Status Mark(const char* op);
   // Carries out a pending ZeroGrads as a plain memset.
   absl::Status FlushZeroGrads();
+  // Backward's report that the gradients of range `index` (blocks first, see grad_ranges_) are
+  // final: records that range's event and calls the hook, when one is set.
+  absl::Status GradientsReady(size_t index);
 
   float* P(int64_t off) { return params_ + off; }
   ops::bf16* W(int64_t off) { return params_bf16_ + off; }
@@ -97,6 +104,14 @@ class CudaGpt : public DeviceModel {
   int64_t wte_ = 0, wpe_ = 0, lnfw_ = 0, lnfb_ = 0;
   std::vector<BlockOffsets> blocks_;
   std::vector<DecayRun> decay_runs_;
+  // Flat ranges for the gradient-ready hook: [0, n_layer) block l's tensors, then the rest of
+  // [0, num_params_) (embeddings, final layernorm) in ascending order; one event each.
+  struct GradRange {
+    int64_t begin, end;
+  };
+  std::vector<GradRange> grad_ranges_;
+  std::vector<cudaEvent_t> ready_events_;  // created on first use
+  DeviceModel::GradientReadyHook grad_ready_hook_;
 
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<ops::MatmulContext> matmul_;
