@@ -34,7 +34,7 @@ void WriteCorpus(const std::string& dir) {
   Rng rng(11);
   const std::string phrases[] = {"the cat sat on the mat. ", "a dog ran in the park. ",
                                  "we like to read books. "};
-  for (const std::string& split : {"train", "val"}) {
+  for (const char* split : {"train", "val"}) {
     std::vector<uint16_t> tokens;
     while (tokens.size() < 40000) {
       const std::string& p = phrases[rng.NextU64() % 3];
