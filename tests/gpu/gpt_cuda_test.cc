@@ -3,6 +3,7 @@
 // Download/Upload. Tag gpu: runs on the GPU machine (tools/gpu_tests.sh).
 #include "trainer/cuda/gpt_cuda.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -338,6 +339,57 @@ TEST(GptCuda, LossScaleAndAccumulation) {
   std::vector<float> zeros;
   ASSERT_OK(gpu->DownloadGrads(&zeros));
   for (float g : zeros) ASSERT_EQ(g, 0.0f);
+}
+
+// The hook the trainer overlaps NCCL with: every gradient range reported once, blocks first
+// in backward order (highest block first), with an event, and the gradients unchanged by it.
+TEST(GptCuda, GradientReadyHookCoversEveryRangeOnceInBackwardOrder) {
+  SKIP_WITHOUT_GPU();
+  const Shape s = Shapes()[0];
+  std::unique_ptr<Gpt> cpu = MakeCpu(s.config, 8);
+  std::unique_ptr<CudaGpt> gpu = MakeGpu(*cpu);
+  ASSERT_NE(gpu, nullptr);
+  std::vector<int32_t> x, y;
+  MakeBatch(s.B, s.T, s.config.vocab_size, 91, &x, &y);
+  ASSERT_OK(gpu->ZeroGrads());
+  ASSERT_TRUE(gpu->Forward(x.data(), y.data(), s.B, s.T).ok());
+  ASSERT_OK(gpu->Backward(1.0f));
+  std::vector<float> plain;
+  ASSERT_OK(gpu->DownloadGrads(&plain));
+
+  std::vector<std::pair<int64_t, int64_t>> ranges;
+  gpu->SetGradientReadyHook([&](int64_t begin, int64_t end, void* ready) {
+    EXPECT_NE(ready, nullptr);
+    ranges.emplace_back(begin, end);
+    return absl::OkStatus();
+  });
+  ASSERT_OK(gpu->ZeroGrads());
+  ASSERT_TRUE(gpu->Forward(x.data(), y.data(), s.B, s.T).ok());
+  ASSERT_OK(gpu->Backward(1.0f));
+  gpu->SetGradientReadyHook(nullptr);
+  std::vector<float> hooked;
+  ASSERT_OK(gpu->DownloadGrads(&hooked));
+  ASSERT_EQ(hooked.size(), plain.size());
+  EXPECT_EQ(std::memcmp(hooked.data(), plain.data(), plain.size() * sizeof(float)), 0);
+
+  const ParamStore& ps = cpu->params();
+  ASSERT_GE(ranges.size(), static_cast<size_t>(s.config.n_layer));
+  for (int i = 0; i < s.config.n_layer; ++i) {
+    // Range i is block n_layer-1-i: it starts at that block's first tensor.
+    const std::string first = "block." + std::to_string(s.config.n_layer - 1 - i) + ".ln1.weight";
+    const absl::StatusOr<int> idx = ps.Find(first);
+    ASSERT_TRUE(idx.ok());
+    EXPECT_EQ(ranges[i].first, ps.info(*idx).offset) << "range " << i;
+  }
+  std::vector<std::pair<int64_t, int64_t>> sorted = ranges;
+  std::sort(sorted.begin(), sorted.end());
+  int64_t at = 0;
+  for (const auto& [b, e] : sorted) {
+    EXPECT_EQ(b, at) << "gap or overlap";
+    EXPECT_GT(e, b);
+    at = e;
+  }
+  EXPECT_EQ(at, ps.num_elements());
 }
 
 }  // namespace
