@@ -220,3 +220,40 @@ TEST(Train, CudaJobWithoutGpuFailsClearly) {
 
 }  // namespace
 }  // namespace qtrain
+
+namespace qtrain {
+namespace {
+
+// Distillation from a teacher checkpoint (KL on the logits): the term is logged, falls as the
+// student learns from the teacher, and resumes bit-identically.
+TEST(Train, DistillationFromATeacherCheckpoint) {
+  JobSpec teacher = TinyJob("teacher");
+  teacher.mutable_training()->set_steps(40);
+  RunOptions opt;
+  opt.quiet = true;
+  ASSERT_TRUE(RunTraining(teacher, opt).ok());
+  const std::string ckpt = CheckpointPath(teacher.out_dir(), 40);
+  auto with_teacher = [&](JobSpec* s) {
+    DistillSpec* d = s->mutable_precision()->mutable_distill();
+    d->set_teacher_checkpoint(ckpt);
+    d->set_loss(DistillSpec::KL);
+    d->set_weight(1.0f);
+  };
+  ExpectResumeBitIdentical("distill", with_teacher);
+  std::vector<nlohmann::json> rows = ReadMetrics(TmpDir() + "/distill_full");
+  ASSERT_EQ(rows.size(), 8u);
+  ASSERT_TRUE(rows[0].contains("distill_loss"));
+  EXPECT_GT(rows[0]["distill_loss"].get<double>(), 0.0);
+  EXPECT_LT(rows[7]["distill_loss"].get<double>(), rows[0]["distill_loss"].get<double>());
+
+  // A teacher that does not exist is named.
+  JobSpec bad = TinyJob("distill_missing");
+  bad.mutable_precision()->mutable_distill()->set_teacher_checkpoint(TmpDir() + "/nope.safetensors");
+  bad.mutable_precision()->mutable_distill()->set_weight(1.0f);
+  absl::StatusOr<RunResult> r = RunTraining(bad, opt);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("nope.safetensors"), std::string::npos) << r.status();
+}
+
+}  // namespace
+}  // namespace qtrain
