@@ -65,17 +65,25 @@ absl::StatusOr<double> Teacher::Loss(const Gpt* student, const int32_t* inputs, 
   return loss;
 }
 
-absl::StatusOr<double> EvaluateLoss(Gpt* model, DataLoader* val, int batches) {
+absl::StatusOr<double> EvaluateLoss(const BatchLossFn& loss_of, DataLoader* val, int batches) {
   val->Reset();
   const int B = val->B(), T = val->T();
   std::vector<int32_t> x(static_cast<size_t>(B) * T), y(static_cast<size_t>(B) * T);
   double sum = 0;
   for (int i = 0; i < batches; ++i) {
     RETURN_IF_ERROR(val->Next(x.data(), y.data()));
-    ASSIGN_OR_RETURN(double loss, model->Forward(x.data(), y.data(), B, T));
+    ASSIGN_OR_RETURN(double loss, loss_of(x.data(), y.data(), B, T));
     sum += loss;
   }
   return sum / batches;
+}
+
+absl::StatusOr<double> EvaluateLoss(Gpt* model, DataLoader* val, int batches) {
+  return EvaluateLoss(
+      [model](const int32_t* x, const int32_t* y, int B, int T) {
+        return model->Forward(x, y, B, T);
+      },
+      val, batches);
 }
 
 absl::StatusOr<JobSpec> JobSpecFromCheckpoint(const std::string& path) {

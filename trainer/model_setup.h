@@ -3,6 +3,7 @@
 #ifndef QTRAIN_TRAINER_MODEL_SETUP_H_
 #define QTRAIN_TRAINER_MODEL_SETUP_H_
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -39,7 +40,11 @@ class Teacher {
   std::vector<float> teacher_logits_, student_logits_, dlogits_;
 };
 
-// Mean loss over `batches` batches from the start of `val` (the same batches every time).
+// Mean loss over `batches` batches from the start of `val` (the same batches every time),
+// each computed by `loss_of(inputs, targets, B, T)`; the Gpt overload uses model->Forward.
+using BatchLossFn =
+    std::function<absl::StatusOr<double>(const int32_t*, const int32_t*, int, int)>;
+absl::StatusOr<double> EvaluateLoss(const BatchLossFn& loss_of, DataLoader* val, int batches);
 absl::StatusOr<double> EvaluateLoss(Gpt* model, DataLoader* val, int batches);
 
 // The job spec a checkpoint or export carries in its metadata ("job_spec"), validated.

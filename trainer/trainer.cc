@@ -62,18 +62,15 @@ std::string FormatRate(double tokens_per_s) {
 // Each rank evaluates its own slice of every batch (the val loader is rank-aware) and the result
 // is the mean over ranks: world W with batch B sees the same tokens as one process with W*B.
 absl::StatusOr<double> Evaluate(Gpt* model, DeviceModel* dev, DataLoader* val, int batches,
-                                int B, int T, DistributedContext* dist) {
-  val->Reset();
-  std::vector<int32_t> x(static_cast<size_t>(B) * T), y(static_cast<size_t>(B) * T);
-  double sum = 0;
-  for (int i = 0; i < batches; ++i) {
-    RETURN_IF_ERROR(val->Next(x.data(), y.data()));
-    ASSIGN_OR_RETURN(double loss, dev ? dev->Forward(x.data(), y.data(), B, T)
-                                      : model->Forward(x.data(), y.data(), B, T));
-    sum += loss;
-  }
-  RETURN_IF_ERROR(dist->comm().AllReduceSum(&sum, 1));
-  return sum / batches / dist->world_size();
+                                DistributedContext* dist) {
+  ASSIGN_OR_RETURN(double mean, EvaluateLoss(
+                                    [&](const int32_t* x, const int32_t* y, int B, int T) {
+                                      return dev ? dev->Forward(x, y, B, T)
+                                                 : model->Forward(x, y, B, T);
+                                    },
+                                    val, batches));
+  RETURN_IF_ERROR(dist->comm().AllReduceSum(&mean, 1));
+  return mean / dist->world_size();
 }
 
 // Every rank takes rank 0's parameters and buffers (non-trainable state).
@@ -462,7 +459,7 @@ absl::StatusOr<RunResult> RunTraining(const JobSpec& spec, const RunOptions& opt
     if (!dev) AddModelMetrics(*model, spec, tweo, distill, teacher != nullptr, &row);
     const bool last = done == steps;
     if ((eval_every > 0 && done % eval_every == 0) || last) {
-      ASSIGN_OR_RETURN(double vl, Evaluate(model.get(), dev.get(), val->get(), spec.eval().batches(), B, T,
+      ASSIGN_OR_RETURN(double vl, Evaluate(model.get(), dev.get(), val->get(), spec.eval().batches(),
                                            dist));
       row.push_back({"val_loss", vl});
       result.final_val_loss = vl;
