@@ -12,7 +12,10 @@
 
 #include <cuda_runtime.h>
 
+#include "absl/strings/str_cat.h"
+
 #include "ops/cuda/attention_cuda.h"
+#include "ops/cuda/attention_cudnn.h"
 #include "ops/cuda/cuda_status.h"
 #include "ops/cuda/cuda_utils.cuh"
 #include "ops/status_macros.h"
@@ -803,6 +806,7 @@ absl::Status Plan(const char* op, int B, int T, int C, int NH, const void* inp,
   QT_CHECK_ARG(static_cast<int64_t>(B) * NH * T * 32 < (int64_t{1} << 31), op,
                ": B*NH*T too large for the grid (B=", B, " NH=", NH, " T=", T, ")");
   const bool tc_ok = TensorCoreHeadSize(hs) && cu::IsAligned(inp, 16);
+  if (kernel == AttentionKernel::kCudnn) kernel = AttentionKernel::kAuto;  // our fallback
   if (kernel == AttentionKernel::kTensorCore) {
     QT_CHECK_ARG(tc_ok, op, ": the tensor-core kernel needs head size 32, 64, 80, 96 or 128 and "
                  "a 16-byte aligned inp; got head size ", hs);
@@ -817,13 +821,55 @@ absl::Status Plan(const char* op, int B, int T, int C, int NH, const void* inp,
 
 bool attention_cuda_uses_tensor_cores(int head_size) { return TensorCoreHeadSize(head_size); }
 
+bool attention_cuda_cudnn_available(int head_size, const void* inp) {
+  return cudnn_attention::Supported(head_size, &inp, 1);
+}
+
+namespace {
+
+// Whether to run cuDNN: kCudnn demands it (errors where it cannot), kAuto takes it where it
+// applies. `ptrs` are the tensors cuDNN reads or writes.
+absl::Status WantCudnn(const char* op, AttentionKernel kernel, bool deterministic, bool overwrite,
+                       int T, int C, int NH, const void* const* ptrs, int n, bool* use) {
+  *use = false;
+  if (kernel != AttentionKernel::kAuto && kernel != AttentionKernel::kCudnn) return absl::OkStatus();
+  // T >= 16: at T = 1 (H100, cuDNN 9.14) the backward left half of dq and dk unwritten.
+  const bool ok = !deterministic && overwrite && NH > 0 && C % NH == 0 && T >= 16 &&
+                  cudnn_attention::Supported(C / NH, ptrs, n);
+  if (kernel == AttentionKernel::kCudnn) {
+    QT_CHECK_ARG(!deterministic, op, ": kCudnn is not deterministic (dq is summed with atomics)");
+    QT_CHECK_ARG(overwrite, op, ": kCudnn overwrites dinp; pass GradWrite::kOverwrite");
+    if (!ok) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          op, ": cuDNN attention does not apply (needs head size a multiple of 8 up to 128, got ",
+          NH > 0 ? C / NH : 0, ", T=", T, "; T >= 16; 16-byte aligned pointers; a Hopper GPU; "
+          "cuDNN >= 9)"));
+    }
+  }
+  *use = ok;
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::Status attention_forward_cuda(bf16* out, float* lse, const bf16* inp, int B, int T, int C,
-                                    int NH, cudaStream_t stream, AttentionKernel kernel) {
+                                    int NH, cudaStream_t stream, AttentionKernel kernel,
+                                    bool deterministic) {
   QT_CHECK_ARG(out != nullptr && lse != nullptr && inp != nullptr,
                "attention_forward_cuda: null pointer (out=", out != nullptr,
                " lse=", lse != nullptr, " inp=", inp != nullptr, ")");
   bool tc = false;
   RETURN_IF_ERROR(Plan("attention_forward_cuda", B, T, C, NH, inp, kernel, &tc));
+  {
+    const void* ptrs[] = {inp, out, lse};
+    bool use = false;
+    RETURN_IF_ERROR(WantCudnn("attention_forward_cuda", kernel, deterministic, true, T, C, NH, ptrs,
+                              3, &use));
+    if (use) {
+      absl::Status s = cudnn_attention::Forward(out, lse, inp, B, T, C, NH, stream);
+      if (s.ok() || kernel == AttentionKernel::kCudnn) return s;
+    }
+  }
   const int hs = C / NH;
   const float scale_log2 = kLog2e / std::sqrt(static_cast<float>(hs));
   nv_bf16* o = cu::Nv(out);
@@ -851,7 +897,8 @@ int64_t attention_backward_cuda_workspace_bytes(int B, int T, int NH) {
 absl::Status attention_backward_cuda(bf16* dinp, const bf16* dout, const bf16* inp,
                                      const bf16* out, const float* lse, int B, int T, int C,
                                      int NH, void* workspace, int64_t workspace_bytes,
-                                     cudaStream_t stream, AttentionKernel kernel) {
+                                     cudaStream_t stream, AttentionKernel kernel, GradWrite write,
+                                     bool deterministic) {
   QT_CHECK_ARG(dinp != nullptr && dout != nullptr && inp != nullptr && out != nullptr &&
                    lse != nullptr,
                "attention_backward_cuda: null pointer (dinp=", dinp != nullptr,
@@ -859,6 +906,19 @@ absl::Status attention_backward_cuda(bf16* dinp, const bf16* dout, const bf16* i
                " lse=", lse != nullptr, ")");
   bool tc = false;
   RETURN_IF_ERROR(Plan("attention_backward_cuda", B, T, C, NH, inp, kernel, &tc));
+  {
+    const void* ptrs[] = {dinp, dout, inp, out, lse};
+    bool use = false;
+    RETURN_IF_ERROR(WantCudnn("attention_backward_cuda", kernel, deterministic,
+                              write == GradWrite::kOverwrite, T, C, NH, ptrs, 5, &use));
+    if (use) {
+      absl::Status s = cudnn_attention::Backward(dinp, dout, inp, out, lse, B, T, C, NH, stream);
+      if (s.ok() || kernel == AttentionKernel::kCudnn) return s;
+    }
+  }
+  if (write == GradWrite::kOverwrite) {
+    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dinp, 0, static_cast<size_t>(B) * T * 3 * C * 2, stream));
+  }
   if (tc) {
     QT_CHECK_ARG(cu::IsAligned(dinp, 16) && cu::IsAligned(dout, 16),
                  "attention_backward_cuda: the tensor-core kernel needs 16-byte aligned dinp "

@@ -86,10 +86,13 @@ std::unique_ptr<Gpt> MakeCpu(const GptConfig& config, uint64_t seed) {
   return *std::move(m);
 }
 
-std::unique_ptr<CudaGpt> MakeGpu(const Gpt& cpu) {
+// deterministic: our attention kernels instead of cuDNN's (whose dq uses atomics), as the
+// bit-identical tests need.
+std::unique_ptr<CudaGpt> MakeGpu(const Gpt& cpu, bool deterministic = false) {
   absl::StatusOr<std::unique_ptr<CudaGpt>> m = CudaGpt::Create(cpu.config(), cpu.params());
   EXPECT_TRUE(m.ok()) << m.status();
   if (!m.ok()) return nullptr;
+  (*m)->set_deterministic(deterministic);
   const absl::Status s = (*m)->Upload(cpu.params(), nullptr);
   EXPECT_TRUE(s.ok()) << s;
   return *std::move(m);
@@ -260,8 +263,8 @@ TEST(GptCuda, RerunsAreBitIdentical) {
   SKIP_WITHOUT_GPU();
   for (const Shape& s : Shapes()) {
     std::unique_ptr<Gpt> cpu = MakeCpu(s.config, 3);
-    std::unique_ptr<CudaGpt> a = MakeGpu(*cpu);
-    std::unique_ptr<CudaGpt> b = MakeGpu(*cpu);
+    std::unique_ptr<CudaGpt> a = MakeGpu(*cpu, /*deterministic=*/true);
+    std::unique_ptr<CudaGpt> b = MakeGpu(*cpu, /*deterministic=*/true);
     ASSERT_TRUE(a && b);
     const std::vector<double> la = RunSteps(s, a.get(), 1, 6);
     const std::vector<double> lb = RunSteps(s, b.get(), 1, 6);
@@ -280,11 +283,11 @@ TEST(GptCuda, ResumeThroughHostIsBitIdentical) {
   SKIP_WITHOUT_GPU();
   const Shape s = Shapes()[1];
   std::unique_ptr<Gpt> cpu = MakeCpu(s.config, 4);
-  std::unique_ptr<CudaGpt> straight = MakeGpu(*cpu);
+  std::unique_ptr<CudaGpt> straight = MakeGpu(*cpu, /*deterministic=*/true);
   ASSERT_NE(straight, nullptr);
   const std::vector<double> all = RunSteps(s, straight.get(), 1, 6);
 
-  std::unique_ptr<CudaGpt> first = MakeGpu(*cpu);
+  std::unique_ptr<CudaGpt> first = MakeGpu(*cpu, /*deterministic=*/true);
   ASSERT_NE(first, nullptr);
   const std::vector<double> head = RunSteps(s, first.get(), 1, 3);
   ParamStore saved = cpu->params();
@@ -293,6 +296,7 @@ TEST(GptCuda, ResumeThroughHostIsBitIdentical) {
   first.reset();
   absl::StatusOr<std::unique_ptr<CudaGpt>> second = CudaGpt::Create(s.config, saved);
   ASSERT_TRUE(second.ok()) << second.status();
+  (*second)->set_deterministic(true);
   ASSERT_OK((*second)->Upload(saved, &opt));
   std::vector<double> resumed = head;
   for (double l : RunSteps(s, second->get(), 4, 3)) resumed.push_back(l);

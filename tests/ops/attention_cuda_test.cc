@@ -2,7 +2,8 @@
 // materializes T x T: forward output and log-sum-exp, backward (accumulated into dinp) for the
 // tensor-core kernel at every head size it supports and the plain kernel at others, odd T
 // (partial tiles, single row), many tiles, unaligned input, bit-identical reruns, and the two
-// implementations against each other. Tagged "gpu".
+// implementations against each other; cuDNN's fused attention (kCudnn, where the GPU and cuDNN
+// support it) against the same reference with NaN-poisoned outputs. Tagged "gpu".
 #include "ops/cuda/attention_cuda.h"
 
 #include <cmath>
@@ -27,7 +28,9 @@ struct Shape {
 std::string Name(const Shape& s, AttentionKernel k) {
   return ::testing::PrintToString(s.B) + "x" + ::testing::PrintToString(s.T) + " NH=" +
          ::testing::PrintToString(s.NH) + " hs=" + ::testing::PrintToString(s.hs) +
-         (k == AttentionKernel::kSimple ? " simple" : " tensor-core");
+         (k == AttentionKernel::kSimple ? " simple"
+          : k == AttentionKernel::kCudnn ? " cudnn"
+                                         : " tensor-core");
 }
 
 // log-sum-exp of the scaled scores per (b, h, t), in double.
@@ -78,8 +81,11 @@ Result RunGpu(const Shape& s, AttentionKernel kernel, const std::vector<bf16>& i
                              kernel);
   EXPECT_TRUE(st.ok()) << st;
   if (!st.ok()) return r;
+  // cuDNN overwrites dinp (the caller poisons dinp0 to prove it).
+  const GradWrite write =
+      kernel == AttentionKernel::kCudnn ? GradWrite::kOverwrite : GradWrite::kAccumulate;
   st = attention_backward_cuda(d_dinp.get(), d_dout.get(), d_inp.get(), d_out.get(), d_lse.get(),
-                               s.B, s.T, C, s.NH, ws.get(), ws_bytes, stream, kernel);
+                               s.B, s.T, C, s.NH, ws.get(), ws_bytes, stream, kernel, write);
   EXPECT_TRUE(st.ok()) << st;
   st = SynchronizeStream(stream);
   EXPECT_TRUE(st.ok()) << st;
@@ -117,7 +123,14 @@ void CheckAgainstCpu(const Shape& s, AttentionKernel kernel, cudaStream_t stream
   const int64_t n_out = static_cast<int64_t>(s.B) * s.T * C;
   const auto inp = RandomBf16(n_inp, 1 + s.T + s.hs, -2, 2);
   const auto dout = RandomBf16(n_out, 2 + s.T);
-  const auto dinp0 = RandomBf16(n_inp, 3 + s.hs, -0.5, 0.5);
+  auto dinp0 = RandomBf16(n_inp, 3 + s.hs, -0.5, 0.5);
+  if (kernel == AttentionKernel::kCudnn) {
+    // Overwritten: NaN on the device, zero as the reference's starting point.
+    for (int64_t i = 0; i < n_inp; ++i) {
+      dinp0.bits[i] = bf16{0x7fc0};
+      dinp0.values[i] = 0.f;
+    }
+  }
   std::vector<float> out_ref(n_out), att(static_cast<size_t>(s.B) * s.NH * s.T * s.T);
   attention_forward(out_ref.data(), att.data(), inp.values.data(), s.B, s.T, C, s.NH);
   std::vector<float> dinp_ref = dinp0.values, scratch(att.size());
@@ -125,7 +138,7 @@ void CheckAgainstCpu(const Shape& s, AttentionKernel kernel, cudaStream_t stream
                      att.data(), s.B, s.T, C, s.NH);
   const std::vector<double> lse_ref = LseRef(inp.values, s);
 
-  const Result r = RunGpu(s, kernel, inp.bits, dout.bits, dinp0.bits, stream, offset);
+  Result r = RunGpu(s, kernel, inp.bits, dout.bits, dinp0.bits, stream, offset);
   ASSERT_EQ(r.out.size(), out_ref.size());
   // P meets V in BF16 (2^-9 relative each), the output is rounded once: 2^-8 of |v| <= 2.
   testing::ExpectNear(r.out, out_ref, 2 * kBf16Eps, kBf16Eps, "out");
@@ -215,6 +228,68 @@ TEST(AttentionCudaTest, BackwardIsDeterministicAndKernelsAgree) {
   EXPECT_LT(testing::RelL2(a.out, plain.out), 1e-2);
   EXPECT_LT(testing::RelL2(a.dinp, plain.dinp), 2e-2);
   testing::ExpectNear(a.lse, plain.lse, 1e-4, 1e-5, "lse tensor-core vs plain");
+}
+
+bool CudnnHere() {
+  return testing::HaveGpu() && attention_cuda_cudnn_available(64, nullptr);
+}
+
+TEST(AttentionCudaTest, CudnnMatchesCpu) {
+  QT_SKIP_WITHOUT_GPU();
+  if (!CudnnHere()) GTEST_SKIP() << "cuDNN attention does not apply on this GPU";
+  testing::TestStream stream;
+  for (const Shape& s : {Shape{2, 16, 2, 64}, Shape{2, 17, 3, 32}, Shape{1, 200, 2, 64},
+                         Shape{2, 130, 2, 128}, Shape{1, 96, 2, 72}, Shape{1, 64, 3, 16}}) {
+    CheckAgainstCpu(s, AttentionKernel::kCudnn, stream.get());
+  }
+}
+
+TEST(AttentionCudaTest, CudnnAgreesWithOurKernelsAndAutoPicksIt) {
+  QT_SKIP_WITHOUT_GPU();
+  if (!CudnnHere()) GTEST_SKIP() << "cuDNN attention does not apply on this GPU";
+  testing::TestStream stream;
+  const Shape s{2, 1024, 2, 64};
+  const int C = s.NH * s.hs;
+  const int64_t n_inp = static_cast<int64_t>(s.B) * s.T * 3 * C;
+  const auto inp = RandomBf16(n_inp, 31, -2, 2);
+  const auto dout = RandomBf16(static_cast<int64_t>(s.B) * s.T * C, 32);
+  const std::vector<bf16> zeros(n_inp, FloatToBf16(0.f));
+  const Result ours = RunGpu(s, AttentionKernel::kTensorCore, inp.bits, dout.bits, zeros,
+                             stream.get());
+  const Result cud = RunGpu(s, AttentionKernel::kCudnn, inp.bits, dout.bits, zeros, stream.get());
+  EXPECT_LT(testing::RelL2(cud.out, ours.out), 1e-2);
+  EXPECT_LT(testing::RelL2(cud.dinp, ours.dinp), 2e-2);
+  testing::ExpectNear(cud.lse, ours.lse, 1e-4, 1e-5, "lse cudnn vs tensor-core");
+  // kAuto's forward is cuDNN's here: the same bits.
+  const Result aut = RunGpu(s, AttentionKernel::kAuto, inp.bits, dout.bits, zeros, stream.get());
+  testing::ExpectBitwiseEqual(aut.out, cud.out, "out auto vs cudnn");
+}
+
+// Below T = 16 cuDNN is not used: kAuto runs our kernels (matching the CPU), kCudnn refuses.
+TEST(AttentionCudaTest, CudnnNotUsedForShortSequences) {
+  QT_SKIP_WITHOUT_GPU();
+  if (!CudnnHere()) GTEST_SKIP() << "cuDNN attention does not apply on this GPU";
+  testing::TestStream stream;
+  CheckAgainstCpu({2, 1, 2, 64}, AttentionKernel::kAuto, stream.get());
+  DeviceArray<bf16> x(2 * 1 * 3 * 128), o(2 * 128);
+  DeviceArray<float> l(4);
+  const absl::Status s = attention_forward_cuda(o.get(), l.get(), x.get(), 2, 1, 128, 2,
+                                                stream.get(), AttentionKernel::kCudnn);
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+}
+
+TEST(AttentionCudaTest, CudnnRefusesDeterminismAndAccumulation) {
+  bf16 b{};
+  float f = 0;
+  absl::Status s = attention_backward_cuda(&b, &b, &b, &b, &f, 1, 4, 64, 1, &f, 64, nullptr,
+                                           AttentionKernel::kCudnn, GradWrite::kOverwrite,
+                                           /*deterministic=*/true);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find("deterministic"), absl::string_view::npos) << s;
+  s = attention_backward_cuda(&b, &b, &b, &b, &f, 1, 4, 64, 1, &f, 64, nullptr,
+                              AttentionKernel::kCudnn, GradWrite::kAccumulate);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find("kOverwrite"), absl::string_view::npos) << s;
 }
 
 }  // namespace

@@ -446,7 +446,8 @@ absl::StatusOr<double> CudaGpt::Forward(const int32_t* inputs, const int32_t* ta
     RETURN_IF_ERROR(ops::matmul_forward_cuda(mm, a.qkv, a.ln1, W(b.qkvw), W(b.qkvb), N, C, 3 * C,
                                              stream_));
     RETURN_IF_ERROR(Mark("fwd matmul qkv"));
-    RETURN_IF_ERROR(ops::attention_forward_cuda(a.atty, a.lse, a.qkv, B, T, C, NH, stream_));
+    RETURN_IF_ERROR(ops::attention_forward_cuda(a.atty, a.lse, a.qkv, B, T, C, NH, stream_,
+                                                ops::AttentionKernel::kAuto, deterministic_));
     RETURN_IF_ERROR(Mark("fwd attention"));
     RETURN_IF_ERROR(ops::matmul_forward_cuda(mm, proj_out_, a.atty, W(b.projw), W(b.projb), N, C,
                                              C, stream_));
@@ -543,9 +544,9 @@ absl::Status CudaGpt::Backward(float loss_scale) {
                                               W(b.projw), N, C, C, mm_ws_, mm_ws_bytes_,
                                               stream_, nullptr, gw, ops::GradWrite::kOverwrite));
     RETURN_IF_ERROR(Mark("bwd matmul attn.proj"));
-    RETURN_IF_ERROR(gpu::MemsetAsync(dqkv_, 0, 3 * NC * 2, stream_));
-    RETURN_IF_ERROR(ops::attention_backward_cuda(dqkv_, datty_, a.qkv, a.atty, a.lse, B, T, C, NH,
-                                                 att_ws_, att_ws_bytes_, stream_));
+    RETURN_IF_ERROR(ops::attention_backward_cuda(
+        dqkv_, datty_, a.qkv, a.atty, a.lse, B, T, C, NH, att_ws_, att_ws_bytes_, stream_,
+        ops::AttentionKernel::kAuto, ops::GradWrite::kOverwrite, deterministic_));
     RETURN_IF_ERROR(Mark("bwd attention"));
     RETURN_IF_ERROR(ops::matmul_backward_cuda(mm, dln_, G(b.qkvw), G(b.qkvb), dqkv_, a.ln1,
                                               W(b.qkvw), N, C, 3 * C, mm_ws_, mm_ws_bytes_,

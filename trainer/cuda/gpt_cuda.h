@@ -57,6 +57,10 @@ class CudaGpt : public DeviceModel {
   absl::StatusOr<std::vector<float>> Logits(const std::vector<int>& rows);
   // The gradients (ParamStore layout) on the host.
   absl::Status DownloadGrads(std::vector<float>* grads);
+  // Deterministic attention: our flash-attention kernels instead of cuDNN's fused attention,
+  // whose backward sums dq with atomics (bit-identical reruns and resumes need this on; the
+  // trainer's `training.deterministic`).
+  void set_deterministic(bool on) { deterministic_ = on; }
   // Device bytes this model allocated (parameters, state, activations, workspaces).
   int64_t allocated_bytes() const { return allocated_bytes_; }
 
@@ -115,6 +119,7 @@ class CudaGpt : public DeviceModel {
 
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<ops::MatmulContext> matmul_;
+  bool deterministic_ = false;
   std::vector<void*> allocations_;  // freed in the destructor
   int64_t allocated_bytes_ = 0;
 
