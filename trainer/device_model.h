@@ -56,6 +56,10 @@ class DeviceModel {
   using GradientReadyHook =
       std::function<absl::Status(int64_t begin, int64_t end, void* ready)>;
   virtual void SetGradientReadyHook(GradientReadyHook hook) = 0;
+
+  // training.deterministic: bit-identical reruns and resumes, at some speed (on CUDA the
+  // attention backward then avoids cuDNN's atomic dq accumulation).
+  virtual void set_deterministic(bool on) = 0;
 };
 
 // The CUDA implementation (trainer/cuda/); Unavailable with a clear message when no CUDA

@@ -309,6 +309,7 @@ absl::StatusOr<RunResult> RunTraining(const JobSpec& spec, const RunOptions& opt
     absl::StatusOr<std::unique_ptr<DeviceModel>> made = CreateCudaModel(gc, model->params());
     RETURN_IF_AGREED_ERROR(dist->AllOk(made.status(), "creating the CUDA model"));
     dev = *std::move(made);
+    dev->set_deterministic(ts.deterministic());
     RETURN_IF_ERROR(dev->Upload(model->params(), &optimizer));
     if (nccl) {
       // The gradient buffer stays where it is for the model's life (no ZeroGrads is pending yet,

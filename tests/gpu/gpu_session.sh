@@ -84,6 +84,7 @@ if [[ -n "$train_dir" ]]; then
   sed -e 's/^name: .*/name: "gpt2_124m_e2e"/' -e 's/^\(  steps:\) 10000/\1 400/' \
       -e 's/warmup_steps: 700/warmup_steps: 100/' -e 's/every_steps: 250/every_steps: 100/' \
       -e 's/batches: 20/batches: 10/' -e 's/every_steps: 1000/every_steps: 200/' \
+      -e '/grad_accum:/a\  deterministic: true' \
       configs/gpt2_124m.textproto >"$e2e/job.textproto"
   qtrain="$(cd "$dist" && pwd)/qtrain"
   (cd "$train_dir" && timeout 200 "$qtrain" --job="$e2e/job.textproto" --out_dir="$e2e/a") \

@@ -60,7 +60,7 @@ class CudaGpt : public DeviceModel {
   // Deterministic attention: our flash-attention kernels instead of cuDNN's fused attention,
   // whose backward sums dq with atomics (bit-identical reruns and resumes need this on; the
   // trainer's `training.deterministic`).
-  void set_deterministic(bool on) { deterministic_ = on; }
+  void set_deterministic(bool on) override { deterministic_ = on; }
   // Device bytes this model allocated (parameters, state, activations, workspaces).
   int64_t allocated_bytes() const { return allocated_bytes_; }
 
