@@ -68,10 +68,7 @@ absl::StatusOr<double> EvalExport(const std::string& path, std::string val_patte
     for (int idx : {lin->weight_index(), lin->w_scale_index(), lin->w_zero_index()}) {
       if (idx >= 0) done[idx] = true;
     }
-    for (int i = 0; i < ps.size(); ++i) {
-      const std::string& n = ps.info(i).name;
-      if (n == lin->name() + ".phi_l" || n == lin->name() + ".phi_r") done[i] = true;
-    }
+    for (int idx : lin->phi_param_indices()) done[idx] = true;
     if (lin->x_scale_index() >= 0) {
       // The activation step is exported under its own name; mark it initialised.
       ASSIGN_OR_RETURN(std::vector<float> xs, F32(st, lin->name() + ".x_scale", path, 1));

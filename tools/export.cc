@@ -47,10 +47,7 @@ absl::Status Export(const std::string& ckpt, const std::string& out) {
                      packed.back().size()});
     exported[lin->weight_index()] = true;
     // Phi factors are folded (or gone): they are not part of the export.
-    for (int i = 0; i < ps.size(); ++i) {
-      const std::string& n = ps.info(i).name;
-      if (n == lin->name() + ".phi_l" || n == lin->name() + ".phi_r") exported[i] = true;
-    }
+    for (int idx : lin->phi_param_indices()) exported[idx] = true;
     ++quantized;
   }
   // Everything else (embeddings, layernorms, biases, steps, zero points, full-precision

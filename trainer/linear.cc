@@ -143,14 +143,7 @@ void Linear::ApplyRankSchedule(int step, std::vector<int>* reset) {
     } else {
       // M = L[:, :keep] R[:keep, :] (the kept top half, gamma 1), re-factorised at rank keep.
       std::vector<float> m(static_cast<size_t>(out_) * in_, 0.0f);
-      for (int o = 0; o < out_; ++o) {
-        for (int j = 0; j < keep; ++j) {
-          const float l = L[static_cast<int64_t>(o) * rmax_ + j];
-          const float* r = R + static_cast<int64_t>(j) * in_;
-          float* mo = m.data() + static_cast<int64_t>(o) * in_;
-          for (int c = 0; c < in_; ++c) mo[c] += l * r[c];
-        }
-      }
+      AddPhiProduct(m.data(), keep, /*gamma=*/nullptr);
       ops::lowrank_factorize(L, R, m.data(), out_, in_, rmax_, keep);
     }
     k = keep;
@@ -401,6 +394,25 @@ absl::Status Linear::RestoreStateFromBuffers() {
   return absl::OkStatus();
 }
 
+void Linear::AddPhiProduct(float* m, int k, const float* gamma) const {
+  const float* L = store_->param(phi_l_);
+  const float* R = store_->param(phi_r_);
+  for (int o = 0; o < out_; ++o) {
+    float* mo = m + static_cast<int64_t>(o) * in_;
+    for (int j = 0; j < k; ++j) {
+      float l = L[static_cast<int64_t>(o) * rmax_ + j];
+      if (gamma != nullptr) l *= gamma[j];
+      const float* r = R + static_cast<int64_t>(j) * in_;
+      for (int c = 0; c < in_; ++c) mo[c] += l * r[c];
+    }
+  }
+}
+
+std::vector<int> Linear::phi_param_indices() const {
+  if (phi_l_ < 0) return {};
+  return {phi_l_, phi_r_};
+}
+
 absl::Status Linear::EffectiveWeight(std::vector<float>* w, bool fold_phi) {
   const int64_t nw = static_cast<int64_t>(out_) * in_;
   const float* weight = store_->param(w_);
@@ -412,15 +424,7 @@ absl::Status Linear::EffectiveWeight(std::vector<float>* w, bool fold_phi) {
   *w = wq_;
   const int k = phi_rank();
   if (fold_phi && k > 0) {
-    const float* L = store_->param(phi_l_);
-    const float* R = store_->param(phi_r_);
-    const float* g = store_->buffer(phi_gamma_).data();
-    for (int o = 0; o < out_; ++o) {
-      for (int j = 0; j < k; ++j) {
-        const float lg = L[static_cast<int64_t>(o) * rmax_ + j] * g[j];
-        for (int c = 0; c < in_; ++c) (*w)[static_cast<int64_t>(o) * in_ + c] += lg * R[static_cast<int64_t>(j) * in_ + c];
-      }
-    }
+    AddPhiProduct(w->data(), k, store_->buffer(phi_gamma_).data());
   }
   return absl::OkStatus();
 }

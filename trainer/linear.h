@@ -83,6 +83,8 @@ class Linear {
   int w_zero_index() const { return wz_; }
   int x_scale_index() const { return xs_; }
   int x_zero_index() const { return xz_; }
+  // Phi's factor tensors (L, R) in the ParamStore; empty without Phi.
+  std::vector<int> phi_param_indices() const;
 
  private:
   absl::Status QuantizeWeight();
@@ -91,6 +93,8 @@ class Linear {
   absl::Status ForwardFp8(float* out, const float* inp, int N, bool training);
   absl::Status BackwardFp8(float* dinp, const float* dout, int N, bool training);
   void ClampSteps();
+  // m (OC,C) += L[:, :k] diag(gamma[:k]) R[:k, :] (gamma null: all ones).
+  void AddPhiProduct(float* m, int k, const float* gamma) const;
 
   ParamStore* store_ = nullptr;
   std::string name_;
