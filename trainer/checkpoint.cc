@@ -42,6 +42,29 @@ absl::StatusOr<int64_t> MetaInt(const SafeTensors& st, const std::string& key,
   return v;
 }
 
+// Copies "<prefix><name>" of every tensor of `params` from `st` into buf (ParamStore layout),
+// checking shapes; a tensor the file lacks is an error unless may_be_missing (when given)
+// accepts its name. Returns how many were copied.
+absl::StatusOr<int> CopyTensors(const SafeTensors& st, const std::string& path,
+                                const std::string& prefix, const ParamStore& params, float* buf,
+                                const std::function<bool(const std::string&)>& may_be_missing) {
+  int copied = 0;
+  for (const ParamInfo& info : params.infos()) {
+    const std::string name = prefix + info.name;
+    if (may_be_missing && !st.tensors.count(name) && may_be_missing(info.name)) continue;
+    ASSIGN_OR_RETURN(const Tensor* t, st.Get(name, path));
+    if (t->shape != info.shape) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          path, ": tensor '", name, "' has shape [", absl::StrJoin(t->shape, ","),
+          "], the model expects [", absl::StrJoin(info.shape, ","), "]"));
+    }
+    RETURN_IF_ERROR(
+        t->CopyTo(buf + info.offset, info.size, absl::StrCat(path, ": tensor '", name, "'")));
+    ++copied;
+  }
+  return copied;
+}
+
 }  // namespace
 
 std::string CheckpointPath(const std::string& out_dir, int step) {
@@ -120,17 +143,7 @@ absl::StatusOr<TrainState> LoadCheckpoint(const std::string& path, ParamStore* p
         absl::StrCat(path, ": format '", format, "', expected '", kFormat, "'"));
   }
   auto load = [&](const std::string& prefix, std::vector<float>& buf) -> absl::Status {
-    for (const ParamInfo& info : params->infos()) {
-      ASSIGN_OR_RETURN(const Tensor* t, st.Get(prefix + info.name, path));
-      if (t->shape != info.shape) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            path, ": tensor '", prefix, info.name, "' has shape [", absl::StrJoin(t->shape, ","),
-            "], the model expects [", absl::StrJoin(info.shape, ","), "]"));
-      }
-      RETURN_IF_ERROR(t->CopyTo(buf.data() + info.offset, info.size,
-                                absl::StrCat(path, ": tensor '", prefix, info.name, "'")));
-    }
-    return absl::OkStatus();
+    return CopyTensors(st, path, prefix, *params, buf.data(), nullptr).status();
   };
   RETURN_IF_ERROR(load("model/", params->params()));
   for (int i = 0; i < params->num_buffers(); ++i) {
@@ -169,24 +182,7 @@ absl::StatusOr<TrainState> LoadCheckpoint(const std::string& path, ParamStore* p
 absl::StatusOr<int> LoadWeights(const std::string& path, ParamStore* params,
                                 const std::function<bool(const std::string&)>& may_be_missing) {
   ASSIGN_OR_RETURN(SafeTensors st, ReadSafeTensors(path));
-  int loaded = 0;
-  for (const ParamInfo& info : params->infos()) {
-    const std::string name = "model/" + info.name;
-    auto it = st.tensors.find(name);
-    if (it == st.tensors.end()) {
-      if (may_be_missing(info.name)) continue;
-      return absl::NotFoundError(absl::StrCat(path, ": no tensor '", name, "' for the model"));
-    }
-    if (it->second.shape != info.shape) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          path, ": tensor '", name, "' has shape [", absl::StrJoin(it->second.shape, ","),
-          "], the model expects [", absl::StrJoin(info.shape, ","), "]"));
-    }
-    RETURN_IF_ERROR(it->second.CopyTo(params->params().data() + info.offset, info.size,
-                                      absl::StrCat(path, ": tensor '", name, "'")));
-    ++loaded;
-  }
-  return loaded;
+  return CopyTensors(st, path, "model/", *params, params->params().data(), may_be_missing);
 }
 
 absl::StatusOr<std::string> LatestCheckpoint(const std::string& out_dir) {
