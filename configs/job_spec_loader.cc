@@ -661,6 +661,8 @@ absl::Status RejectUnimplemented(const JobSpec& spec) {
     if (!p.distill().teacher_checkpoint().empty())
       reject("precision.distill.teacher_checkpoint", "distillation on CUDA");
     if (spec.optimizer().zero1()) reject("optimizer.zero1", "ZeRO-1 on CUDA");
+  } else if (spec.training().grad_dtype() == GRAD_BF16) {
+    reject("training.grad_dtype", "BF16 gradients on the CPU trainer (device CPU)");
   }
   reject(ChangedField(spec.parameter_service(), "parameter_service"), "the parameter service");
   reject(ChangedField(spec.federated(), "federated"), "federated training");

@@ -682,6 +682,12 @@ std::vector<UnimplementedCase> UnimplementedCases() {
          s->mutable_precision()->mutable_qat()->set_weight_bits(4);
        },
        "precision.linear"},
+      {"cpu bf16 gradients",
+       [](JobSpec* s) {
+         s->set_device(CPU);
+         s->mutable_training()->set_grad_dtype(GRAD_BF16);
+       },
+       "training.grad_dtype"},
       {"parameter service",
        [](JobSpec* s) { s->mutable_parameter_service()->set_address("localhost:50051"); },
        "parameter_service.address"},
@@ -734,6 +740,10 @@ TEST(Unimplemented, DefaultsAndExplicitDefaultValuesAreAccepted) {
   EXPECT_TRUE(spec.ok()) << spec.status();
   JobSpec raw;  // without defaults: nothing is set, so nothing is rejected
   EXPECT_TRUE(RejectUnimplemented(raw).ok());
+  JobSpec cuda_bf16 = Base();  // BF16 gradients are a CUDA feature
+  cuda_bf16.set_device(CUDA);
+  cuda_bf16.mutable_training()->set_grad_dtype(GRAD_BF16);
+  EXPECT_TRUE(RejectUnimplemented(cuda_bf16).ok());
 }
 
 TEST(Unimplemented, SeveralFeaturesAreListedTogether) {
