@@ -1,6 +1,18 @@
-// CUDA AdamW: one fused pass that updates fp32 params and moments and writes the BF16 copy.
+// CUDA AdamW: one fused pass that updates fp32 params and moments and writes the BF16 copy,
+// over one range or, in one launch, over the segments of a flat buffer (AdamwPlan).
+//
+// Both forms run one kernel template: a block updates one chunk of at most
+// AdamwPlan::kChunkElements elements, taken from the plan's table or, for a single range,
+// computed from the block index. Inside a chunk, a few leading and trailing elements go
+// element by element up to 16-byte boundaries and the body goes in float4 units, kUnroll of
+// them per thread loaded before any math so that enough bytes are in flight to saturate HBM.
+// The data is touched once per step and is larger than L2, hence the streaming (evict-first)
+// loads and stores. On an H100 the multi form moves 2.98 TB/s at 124M and 1.5B parameters
+// (fp32 or BF16 gradients), against 2.3 / 2.7 TB/s for one single-range call per tensor run.
 #include <algorithm>
+#include <climits>
 #include <cmath>
+#include <vector>
 
 #include <cuda_runtime.h>
 
@@ -15,73 +27,274 @@ namespace {
 using cu::nv_bf16;
 
 constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 8192;
+constexpr int kUnroll = 2;  // float4 units per thread loaded ahead of the math
+constexpr int64_t kChunk = AdamwPlan::kChunkElements;
+static_assert(kChunk % (4 * kThreads * kUnroll) == 0, "a full chunk is whole unrolled sweeps");
+static_assert(kChunk <= INT_MAX, "chunk-local indices are int");
+
+// One entry of a plan's table: elements [begin, begin + size) of the flat buffers.
+struct alignas(16) Chunk {
+  int64_t begin;
+  int32_t size;
+  int32_t decay;  // 1: the call's weight_decay applies, 0: none
+};
 
 struct AdamParams {
   float lr, beta1, beta2, eps, weight_decay, bc1, bc2;
 };
 
-// Same operation order as the CPU reference, so the two differ only where the compilers
-// contract multiply-adds differently (a few ulp).
+// The CPU reference's operation order with every rounding spelled out: __f*_rn are never
+// contracted, so the compiler cannot fuse differently in the vector body and the scalar ends
+// (which would make an element's bits depend on where a chunk boundary falls). The three FMAs
+// are those the compilers form from ops/adamw.cc's expressions (g++ -march=x86-64-v3 and nvcc
+// alike): m = fma(b1, m, (1-b1) g), v = fma(b2, v, ((1-b2) g) g), p = fma(-lr, u, p) with
+// u = fma(wd, p, mhat / (sqrt(vhat) + eps)); division and square root are IEEE on both.
 __device__ __forceinline__ void AdamStep(float& p, float& mi, float& vi, float g,
                                          const AdamParams& a) {
-  mi = a.beta1 * mi + (1.0f - a.beta1) * g;
-  vi = a.beta2 * vi + (1.0f - a.beta2) * g * g;
-  const float mhat = mi / a.bc1;
-  const float vhat = vi / a.bc2;
-  p -= a.lr * (mhat / (sqrtf(vhat) + a.eps) + a.weight_decay * p);
+  mi = __fmaf_rn(a.beta1, mi, __fmul_rn(__fsub_rn(1.0f, a.beta1), g));
+  vi = __fmaf_rn(a.beta2, vi, __fmul_rn(__fmul_rn(__fsub_rn(1.0f, a.beta2), g), g));
+  const float mhat = __fdiv_rn(mi, a.bc1);
+  const float vhat = __fdiv_rn(vi, a.bc2);
+  const float u =
+      __fmaf_rn(a.weight_decay, p, __fdiv_rn(mhat, __fadd_rn(__fsqrt_rn(vhat), a.eps)));
+  p = __fmaf_rn(-a.lr, u, p);
 }
 
-// kVec4: float4 accesses over the first n/4*4 elements (aligned pointers), then the tail.
-enum class Access { kScalar, kVec4 };
+// Gradient loads, widened to fp32 (exact for BF16: its bits are the high half of a float).
+__device__ __forceinline__ float LoadGrad(const float* g) { return __ldcs(g); }
+__device__ __forceinline__ float LoadGrad(const nv_bf16* g) {
+  return __bfloat162float(__ldcs(g));
+}
+// Four consecutive gradients at a 16-byte (fp32) or 8-byte (BF16) boundary.
+__device__ __forceinline__ float4 LoadGrad4(const float* g) {
+  return __ldcs(reinterpret_cast<const float4*>(g));
+}
+__device__ __forceinline__ float4 LoadGrad4(const nv_bf16* g) {
+  const uint2 u = __ldcs(reinterpret_cast<const uint2*>(g));
+  // Little-endian: element 2k is the low half of word k.
+  return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u),
+                     __uint_as_float(u.y << 16), __uint_as_float(u.y & 0xffff0000u));
+}
 
-template <Access kAccess>
-__global__ void adamw_kernel(float* __restrict__ params, nv_bf16* __restrict__ params_bf16,
-                             const float* __restrict__ grads, float* __restrict__ m,
-                             float* __restrict__ v, int64_t n, AdamParams a,
-                             const float* __restrict__ grad_scale) {
-  const float scale = grad_scale != nullptr ? *grad_scale : 1.0f;
-  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  int64_t done = 0;
-  if (kAccess == Access::kVec4) {
-    const int64_t nvec = n / 4;
-    for (int64_t i = first; i < nvec; i += stride) {
-      float4 p = reinterpret_cast<float4*>(params)[i];
-      const float4 g = reinterpret_cast<const float4*>(grads)[i];
-      float4 mm = reinterpret_cast<float4*>(m)[i];
-      float4 vv = reinterpret_cast<float4*>(v)[i];
-      AdamStep(p.x, mm.x, vv.x, grad_scale != nullptr ? g.x * scale : g.x, a);
-      AdamStep(p.y, mm.y, vv.y, grad_scale != nullptr ? g.y * scale : g.y, a);
-      AdamStep(p.z, mm.z, vv.z, grad_scale != nullptr ? g.z * scale : g.z, a);
-      AdamStep(p.w, mm.w, vv.w, grad_scale != nullptr ? g.w * scale : g.w, a);
-      reinterpret_cast<float4*>(params)[i] = p;
-      reinterpret_cast<float4*>(m)[i] = mm;
-      reinterpret_cast<float4*>(v)[i] = vv;
-      if (params_bf16 != nullptr) {
-        __nv_bfloat162 lo = __floats2bfloat162_rn(p.x, p.y);
-        __nv_bfloat162 hi = __floats2bfloat162_rn(p.z, p.w);
-        uint2 packed;
-        packed.x = *reinterpret_cast<uint32_t*>(&lo);
-        packed.y = *reinterpret_cast<uint32_t*>(&hi);
-        reinterpret_cast<uint2*>(params_bf16)[i] = packed;
+// The flat buffers, the step's constants and the gradient scale (device pointer or null).
+template <typename G>
+struct AdamwArgs {
+  float* __restrict__ params;
+  nv_bf16* __restrict__ params_bf16;
+  const G* __restrict__ grads;
+  float* __restrict__ m;
+  float* __restrict__ v;
+  const float* __restrict__ grad_scale;
+  AdamParams a;
+  float weight_decay;  // of decaying chunks (a.weight_decay is set per chunk)
+  int64_t n;           // single range: its length (unused with a table)
+  int phase;           // (address / 4) % 4 of params: the element index offset of 16 B alignment
+};
+
+// One element, singly: its loads (issued early, so that they overlap the vector body's), then
+// the update and its stores.
+struct One {
+  float p, m, v, g;
+};
+
+template <typename G>
+__device__ __forceinline__ One LoadOne(const AdamwArgs<G>& x, int64_t i) {
+  return One{x.params[i], x.m[i], x.v[i], LoadGrad(x.grads + i)};
+}
+
+template <typename G>
+__device__ __forceinline__ void UpdateOne(const AdamwArgs<G>& x, const AdamParams& a,
+                                          float scale, int64_t i, One e) {
+  AdamStep(e.p, e.m, e.v, x.grad_scale != nullptr ? __fmul_rn(e.g, scale) : e.g, a);
+  x.params[i] = e.p;
+  x.m[i] = e.m;
+  x.v[i] = e.v;
+  if (x.params_bf16 != nullptr) x.params_bf16[i] = __float2bfloat16_rn(e.p);
+}
+
+// kVec: all buffers share params' alignment phase, so the chunk's body can go in float4 units.
+// kTable: chunks come from the plan's table; else block b covers the b-th kChunk-sized
+// piece of the single range [0, n), cut where params is 16-byte aligned (shifted by the phase).
+template <typename G, bool kVec, bool kTable>
+__global__ void __launch_bounds__(kThreads)
+    adamw_kernel(const AdamwArgs<G> x, const Chunk* __restrict__ chunks) {
+  int64_t begin, end;
+  AdamParams a = x.a;
+  if (kTable) {
+    const Chunk c = chunks[blockIdx.x];
+    begin = c.begin;
+    end = c.begin + c.size;
+    a.weight_decay = c.decay ? x.weight_decay : 0.0f;
+  } else {
+    const int64_t shift = kVec ? x.phase : 0;
+    const int64_t first = static_cast<int64_t>(blockIdx.x) * kChunk - shift;
+    begin = first > 0 ? first : 0;
+    end = first + kChunk < x.n ? first + kChunk : x.n;
+    a.weight_decay = x.weight_decay;
+  }
+  const float scale = x.grad_scale != nullptr ? *x.grad_scale : 1.0f;
+  const int tid = threadIdx.x;
+  if (!kVec) {
+    for (int64_t i = begin + tid; i < end; i += kThreads) {
+      UpdateOne(x, a, scale, i, LoadOne(x, i));
+    }
+    return;
+  }
+  // [begin, body) and [body + 4 * nvec, end): at most 3 elements each, singly, by the first
+  // threads; their loads go out with the body's, their update after it (a chunk is about one
+  // sweep, so a scalar round trip before the body would lengthen the whole block's time).
+  const int64_t to_boundary = (4 - (begin + x.phase) % 4) % 4;
+  const int head = static_cast<int>(to_boundary < end - begin ? to_boundary : end - begin);
+  const int64_t body = begin + head;
+  const int nvec = static_cast<int>((end - body) / 4);
+  const int tail = static_cast<int>(end - body) - 4 * nvec;
+  const bool single = tid < head + tail;
+  const int64_t single_i = tid < head ? begin + tid : body + 4 * nvec + (tid - head);
+  One e{};
+  if (single) e = LoadOne(x, single_i);
+  float4* __restrict__ p4 = reinterpret_cast<float4*>(x.params + body);
+  float4* __restrict__ m4 = reinterpret_cast<float4*>(x.m + body);
+  float4* __restrict__ v4 = reinterpret_cast<float4*>(x.v + body);
+  const G* __restrict__ g4 = x.grads + body;
+  uint2* __restrict__ b4 =
+      x.params_bf16 != nullptr ? reinterpret_cast<uint2*>(x.params_bf16 + body) : nullptr;
+  for (int k0 = tid; k0 < nvec; k0 += kUnroll * kThreads) {
+    float4 p[kUnroll], g[kUnroll], mm[kUnroll], vv[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int k = k0 + u * kThreads;
+      if (k < nvec) {
+        p[u] = __ldcs(p4 + k);
+        g[u] = LoadGrad4(g4 + 4 * k);
+        mm[u] = __ldcs(m4 + k);
+        vv[u] = __ldcs(v4 + k);
       }
     }
-    done = nvec * 4;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int k = k0 + u * kThreads;
+      if (k >= nvec) break;
+      if (x.grad_scale != nullptr) {
+        g[u].x = __fmul_rn(g[u].x, scale);
+        g[u].y = __fmul_rn(g[u].y, scale);
+        g[u].z = __fmul_rn(g[u].z, scale);
+        g[u].w = __fmul_rn(g[u].w, scale);
+      }
+      AdamStep(p[u].x, mm[u].x, vv[u].x, g[u].x, a);
+      AdamStep(p[u].y, mm[u].y, vv[u].y, g[u].y, a);
+      AdamStep(p[u].z, mm[u].z, vv[u].z, g[u].z, a);
+      AdamStep(p[u].w, mm[u].w, vv[u].w, g[u].w, a);
+      __stcs(p4 + k, p[u]);
+      __stcs(m4 + k, mm[u]);
+      __stcs(v4 + k, vv[u]);
+      if (b4 != nullptr) {
+        const __nv_bfloat162 lo = __floats2bfloat162_rn(p[u].x, p[u].y);
+        const __nv_bfloat162 hi = __floats2bfloat162_rn(p[u].z, p[u].w);
+        uint2 packed;
+        packed.x = *reinterpret_cast<const uint32_t*>(&lo);
+        packed.y = *reinterpret_cast<const uint32_t*>(&hi);
+        __stcs(b4 + k, packed);
+      }
+    }
   }
-  for (int64_t i = done + first; i < n; i += stride) {
-    float p = params[i], mi = m[i], vi = v[i];
-    AdamStep(p, mi, vi, grad_scale != nullptr ? grads[i] * scale : grads[i], a);
-    params[i] = p;
-    m[i] = mi;
-    v[i] = vi;
-    if (params_bf16 != nullptr) params_bf16[i] = __float2bfloat16_rn(p);
-  }
+  if (single) UpdateOne(x, a, scale, single_i, e);
 }
 
-int Blocks(int64_t n) {
-  return static_cast<int>(
-      std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxBlocks)));
+// Element index offset of the next 16-byte boundary of an fp32 array (4 floats) or 8-byte
+// boundary of a BF16 array (4 bf16s); -1 where the array is not element-aligned.
+int Phase(const void* p, int elem_bytes) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  if (a % elem_bytes != 0) return -1;
+  return static_cast<int>((a / elem_bytes) % 4);
+}
+
+absl::Status CheckCommon(const char* fn, const float* params, const void* grads, const float* m,
+                         const float* v, float beta1, float beta2, int t) {
+  QT_CHECK_ARG(t >= 1, fn, ": step t must be >= 1, got ", t);
+  QT_CHECK_ARG(beta1 >= 0.f && beta1 < 1.f && beta2 >= 0.f && beta2 < 1.f, fn,
+               ": betas must be in [0, 1), got beta1=", beta1, " beta2=", beta2);
+  QT_CHECK_ARG(params != nullptr && grads != nullptr && m != nullptr && v != nullptr, fn,
+               ": null pointer (params=", params != nullptr, " grads=", grads != nullptr,
+               " m=", m != nullptr, " v=", v != nullptr, ")");
+  return absl::OkStatus();
+}
+
+template <typename G>
+AdamwArgs<G> MakeArgs(float* params, bf16* params_bf16, const G* grads, float* m, float* v,
+                      float lr, float beta1, float beta2, float eps, float weight_decay, int t,
+                      const float* grad_scale, int64_t n) {
+  AdamwArgs<G> x;
+  x.params = params;
+  x.params_bf16 = params_bf16 != nullptr ? cu::Nv(params_bf16) : nullptr;
+  x.grads = grads;
+  x.m = m;
+  x.v = v;
+  x.grad_scale = grad_scale;
+  x.a.lr = lr;
+  x.a.beta1 = beta1;
+  x.a.beta2 = beta2;
+  x.a.eps = eps;
+  x.a.weight_decay = weight_decay;
+  x.a.bc1 = 1.0f - std::pow(beta1, static_cast<float>(t));
+  x.a.bc2 = 1.0f - std::pow(beta2, static_cast<float>(t));
+  x.weight_decay = weight_decay;
+  x.n = n;
+  x.phase = Phase(params, 4);
+  return x;
+}
+
+// True when every buffer is at params' phase: then a float4 of params at element i lines up
+// with float4s of m, v (and grads), a uint2 of BF16 grads and of the BF16 copy.
+template <typename G>
+bool SamePhase(const AdamwArgs<G>& x) {
+  const int ph = x.phase;
+  return ph >= 0 && Phase(x.m, 4) == ph && Phase(x.v, 4) == ph &&
+         Phase(x.grads, sizeof(G)) == ph &&
+         (x.params_bf16 == nullptr || Phase(x.params_bf16, 2) == ph);
+}
+
+template <typename G, bool kTable>
+absl::Status Launch(const AdamwArgs<G>& x, const Chunk* chunks, int64_t blocks,
+                    cudaStream_t stream) {
+  if (blocks == 0) return absl::OkStatus();
+  QT_CHECK_ARG(blocks <= INT_MAX, "adamw: ", blocks, " blocks exceed the grid limit");
+  if (SamePhase(x)) {
+    adamw_kernel<G, true, kTable><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        x, chunks);
+  } else {
+    adamw_kernel<G, false, kTable><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        x, chunks);
+  }
+  CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+template <typename G>
+absl::Status AdamwSingle(float* params, bf16* params_bf16, const G* grads, float* m, float* v,
+                         int64_t n, float lr, float beta1, float beta2, float eps,
+                         float weight_decay, int t, const float* grad_scale,
+                         cudaStream_t stream) {
+  QT_CHECK_ARG(n >= 0, "adamw_update_cuda: n must be >= 0, got ", n);
+  RETURN_IF_ERROR(CheckCommon("adamw_update_cuda", params, grads, m, v, beta1, beta2, t));
+  if (n == 0) return absl::OkStatus();
+  const AdamwArgs<G> x = MakeArgs(params, params_bf16, grads, m, v, lr, beta1, beta2, eps,
+                                  weight_decay, t, grad_scale, n);
+  // Chunks cut where params is 16-byte aligned: the first one is shorter by the phase.
+  const int64_t shift = SamePhase(x) ? x.phase : 0;
+  return Launch<G, false>(x, nullptr, (n + shift + kChunk - 1) / kChunk, stream);
+}
+
+template <typename G>
+absl::Status AdamwMulti(const AdamwPlan& plan, float* params, bf16* params_bf16, const G* grads,
+                        float* m, float* v, float lr, float beta1, float beta2, float eps,
+                        float weight_decay, int t, const float* grad_scale,
+                        cudaStream_t stream) {
+  RETURN_IF_ERROR(
+      CheckCommon("adamw_update_multi_cuda", params, grads, m, v, beta1, beta2, t));
+  const AdamwArgs<G> x = MakeArgs(params, params_bf16, grads, m, v, lr, beta1, beta2, eps,
+                                  weight_decay, t, grad_scale, plan.size());
+  return Launch<G, true>(x, static_cast<const Chunk*>(plan.device_chunks()), plan.num_chunks(),
+                         stream);
 }
 
 }  // namespace
@@ -90,36 +303,90 @@ absl::Status adamw_update_cuda(float* params, bf16* params_bf16, const float* gr
                                float* v, int64_t n, float lr, float beta1, float beta2,
                                float eps, float weight_decay, int t, const float* grad_scale,
                                cudaStream_t stream) {
-  QT_CHECK_ARG(n >= 0, "adamw_update_cuda: n must be >= 0, got ", n);
-  QT_CHECK_ARG(t >= 1, "adamw_update_cuda: step t must be >= 1, got ", t);
-  QT_CHECK_ARG(beta1 >= 0.f && beta1 < 1.f && beta2 >= 0.f && beta2 < 1.f,
-               "adamw_update_cuda: betas must be in [0, 1), got beta1=", beta1,
-               " beta2=", beta2);
-  QT_CHECK_ARG(params != nullptr && grads != nullptr && m != nullptr && v != nullptr,
-               "adamw_update_cuda: null pointer (params=", params != nullptr,
-               " grads=", grads != nullptr, " m=", m != nullptr, " v=", v != nullptr, ")");
-  if (n == 0) return absl::OkStatus();
-  AdamParams a;
-  a.lr = lr;
-  a.beta1 = beta1;
-  a.beta2 = beta2;
-  a.eps = eps;
-  a.weight_decay = weight_decay;
-  a.bc1 = 1.0f - std::pow(beta1, static_cast<float>(t));
-  a.bc2 = 1.0f - std::pow(beta2, static_cast<float>(t));
-  const bool vec = cu::IsAligned(params, 16) && cu::IsAligned(grads, 16) &&
-                   cu::IsAligned(m, 16) && cu::IsAligned(v, 16) &&
-                   (params_bf16 == nullptr || cu::IsAligned(params_bf16, 8));
-  nv_bf16* pb = params_bf16 != nullptr ? cu::Nv(params_bf16) : nullptr;
-  if (vec) {
-    adamw_kernel<Access::kVec4><<<Blocks((n + 3) / 4), kThreads, 0, stream>>>(
-        params, pb, grads, m, v, n, a, grad_scale);
-  } else {
-    adamw_kernel<Access::kScalar><<<Blocks(n), kThreads, 0, stream>>>(params, pb, grads, m, v,
-                                                                      n, a, grad_scale);
+  return AdamwSingle(params, params_bf16, grads, m, v, n, lr, beta1, beta2, eps, weight_decay,
+                     t, grad_scale, stream);
+}
+
+absl::Status adamw_update_cuda(float* params, bf16* params_bf16, const bf16* grads, float* m,
+                               float* v, int64_t n, float lr, float beta1, float beta2,
+                               float eps, float weight_decay, int t, const float* grad_scale,
+                               cudaStream_t stream) {
+  return AdamwSingle(params, params_bf16, grads != nullptr ? cu::Nv(grads) : nullptr, m, v, n,
+                     lr, beta1, beta2, eps, weight_decay, t, grad_scale, stream);
+}
+
+absl::Status adamw_update_multi_cuda(const AdamwPlan& plan, float* params, bf16* params_bf16,
+                                     const float* grads, float* m, float* v, float lr,
+                                     float beta1, float beta2, float eps, float weight_decay,
+                                     int t, const float* grad_scale, cudaStream_t stream) {
+  return AdamwMulti(plan, params, params_bf16, grads, m, v, lr, beta1, beta2, eps,
+                    weight_decay, t, grad_scale, stream);
+}
+
+absl::Status adamw_update_multi_cuda(const AdamwPlan& plan, float* params, bf16* params_bf16,
+                                     const bf16* grads, float* m, float* v, float lr,
+                                     float beta1, float beta2, float eps, float weight_decay,
+                                     int t, const float* grad_scale, cudaStream_t stream) {
+  return AdamwMulti(plan, params, params_bf16, grads != nullptr ? cu::Nv(grads) : nullptr, m,
+                    v, lr, beta1, beta2, eps, weight_decay, t, grad_scale, stream);
+}
+
+absl::StatusOr<std::unique_ptr<AdamwPlan>> AdamwPlan::Create(
+    absl::Span<const AdamwSegment> segments, int64_t n) {
+  QT_CHECK_ARG(n >= 0, "AdamwPlan::Create: n must be >= 0, got ", n);
+  for (size_t i = 0; i < segments.size(); ++i) {
+    const AdamwSegment& s = segments[i];
+    QT_CHECK_ARG(s.offset >= 0 && s.size >= 0 && s.offset <= n && s.size <= n - s.offset,
+                 "AdamwPlan::Create: segment ", i, " (offset=", s.offset, " size=", s.size,
+                 ") is not inside [0, ", n, ")");
   }
-  CUDA_RETURN_IF_ERROR(cudaGetLastError());
-  return absl::OkStatus();
+  // Non-empty segments by offset (ties by index, for a stable message); neighbours must not
+  // overlap. The chunks follow this order, so consecutive blocks walk memory forwards.
+  std::vector<size_t> order;
+  for (size_t i = 0; i < segments.size(); ++i) {
+    if (segments[i].size > 0) order.push_back(i);
+  }
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return segments[a].offset < segments[b].offset;
+  });
+  for (size_t j = 1; j < order.size(); ++j) {
+    const AdamwSegment& p = segments[order[j - 1]];
+    const AdamwSegment& s = segments[order[j]];
+    QT_CHECK_ARG(p.offset + p.size <= s.offset, "AdamwPlan::Create: segment ", order[j - 1],
+                 " (offset=", p.offset, " size=", p.size, ") overlaps segment ", order[j],
+                 " (offset=", s.offset, " size=", s.size, ")");
+  }
+  // Cut at multiples of kChunk of the flat index, so that interior chunks start 16-byte aligned
+  // in cudaMalloc'd buffers.
+  std::vector<Chunk> chunks;
+  int64_t covered = 0;
+  for (size_t i : order) {
+    const AdamwSegment& s = segments[i];
+    covered += s.size;
+    for (int64_t b = s.offset; b < s.offset + s.size;) {
+      const int64_t e = std::min(s.offset + s.size, (b / kChunk + 1) * kChunk);
+      chunks.push_back(Chunk{b, static_cast<int32_t>(e - b), s.decay ? 1 : 0});
+      b = e;
+    }
+  }
+  QT_CHECK_ARG(chunks.size() <= static_cast<size_t>(INT_MAX), "AdamwPlan::Create: ",
+               chunks.size(), " chunks exceed the grid limit");
+  void* table = nullptr;
+  if (!chunks.empty()) {
+    const size_t bytes = chunks.size() * sizeof(Chunk);
+    CUDA_RETURN_IF_ERROR(cudaMalloc(&table, bytes));
+    const cudaError_t err = cudaMemcpy(table, chunks.data(), bytes, cudaMemcpyHostToDevice);
+    if (err != cudaSuccess) {
+      cudaFree(table);
+      CUDA_RETURN_IF_ERROR(err);
+    }
+  }
+  return std::unique_ptr<AdamwPlan>(
+      new AdamwPlan(n, static_cast<int64_t>(chunks.size()), covered, table));
+}
+
+AdamwPlan::~AdamwPlan() {
+  if (chunks_ != nullptr) cudaFree(chunks_);
 }
 
 }  // namespace qtrain::ops

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "absl/status/status.h"
+#include "ops/cuda/bf16.h"
 
 typedef struct CUstream_st* cudaStream_t;
 
@@ -19,6 +20,12 @@ int64_t sum_squares_cuda_workspace_bytes();
 // Deterministic: a fixed grid (independent of the device) of block partials reduced in a fixed
 // tree order, then one block sums the partials; no atomics.
 absl::Status sum_squares_cuda(double* out, const float* grads, int64_t n, void* workspace,
+                              int64_t workspace_bytes, cudaStream_t stream);
+// The same over BF16 gradients: squares of the exactly widened values, summed in fp64 with the
+// partition above, so the bits equal those of the fp32 overload fed the widened values when
+// both take the same access branch (16-byte aligned fp32 and 8-byte aligned BF16 pointers, or
+// neither).
+absl::Status sum_squares_cuda(double* out, const bf16* grads, int64_t n, void* workspace,
                               int64_t workspace_bytes, cudaStream_t stream);
 
 // *factor (device float) = min(1, max_norm / (sqrt(*sum_squares) + 1e-6)), computed in double
