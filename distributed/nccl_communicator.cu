@@ -180,18 +180,28 @@ absl::Status NcclCommunicator::WaitEnqueued(const std::string& what) {
   }
 }
 
-absl::Status NcclCommunicator::AllReduceSumAsync(float* data, int64_t n) {
+absl::Status NcclCommunicator::AllReduceSumAsyncOf(void* data, int64_t n, int dtype,
+                                                   const char* what) {
   QT_CHECK_ARG(n >= 0 && (n == 0 || data != nullptr), "AllReduceSum: bad buffer (n=", n, ")");
   if (broken_) return absl::FailedPreconditionError("NCCL communicator was aborted");
-  const ncclResult_t r = ncclAllReduce(data, data, static_cast<size_t>(n), ncclFloat32, ncclSum,
-                                       comm_, static_cast<cudaStream_t>(stream_));
+  const ncclResult_t r =
+      ncclAllReduce(data, data, static_cast<size_t>(n), static_cast<ncclDataType_t>(dtype),
+                    ncclSum, comm_, static_cast<cudaStream_t>(stream_));
   // A nonblocking communicator may still be setting the call up (connections on first use):
   // no other NCCL call, and no other work on stream(), may come before that is done.
-  if (r == ncclInProgress) return WaitEnqueued(absl::StrCat("ncclAllReduce of ", n, " floats"));
+  if (r == ncclInProgress) return WaitEnqueued(absl::StrCat("ncclAllReduce of ", n, " ", what));
   if (r != ncclSuccess) {
     return NcclErrorToStatus(r, comm_, __FILE__, __LINE__, "ncclAllReduce");
   }
   return absl::OkStatus();
+}
+
+absl::Status NcclCommunicator::AllReduceSumAsync(float* data, int64_t n) {
+  return AllReduceSumAsyncOf(data, n, ncclFloat32, "floats");
+}
+
+absl::Status NcclCommunicator::AllReduceSumAsync(ops::bf16* data, int64_t n) {
+  return AllReduceSumAsyncOf(data, n, ncclBfloat16, "bf16s");
 }
 
 absl::Status NcclCommunicator::Synchronize() { return Wait("NCCL collectives"); }

@@ -11,6 +11,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "distributed/communicator.h"
+#include "ops/cuda/bf16.h"
 
 struct ncclComm;  // nccl.h: typedef struct ncclComm* ncclComm_t
 
@@ -50,6 +51,9 @@ class NcclCommunicator : public Communicator {
   // Synchronize waits for everything enqueued (with the timeout). Ordering against compute
   // streams is the caller's (cudaEvent on the producing stream, WaitEvent below).
   absl::Status AllReduceSumAsync(float* data, int64_t n);
+  // The same over BF16 values (e.g. BF16 gradients, training.grad_dtype): NCCL sums in its own
+  // order and rounds to BF16.
+  absl::Status AllReduceSumAsync(ops::bf16* data, int64_t n);
   absl::Status Synchronize();
   // Collectives enqueued after this call wait for the device work recorded so far in `event`
   // (an opaque cudaEvent_t of this device, e.g. DeviceModel's gradient-ready event); the host
@@ -65,6 +69,8 @@ class NcclCommunicator : public Communicator {
   absl::Status Wait(const std::string& what);
   // After a call that returned ncclInProgress: polls until NCCL has enqueued it.
   absl::Status WaitEnqueued(const std::string& what);
+  // ncclAllReduce (sum, in place) of n values of ncclDataType_t `dtype` on stream().
+  absl::Status AllReduceSumAsyncOf(void* data, int64_t n, int dtype, const char* what);
 
   Communicator* bootstrap_ = nullptr;
   ncclComm* comm_ = nullptr;

@@ -83,6 +83,20 @@ __device__ __forceinline__ void Store8(nv_bf16* p, const Bf16x8& r) {
   *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(&r);
 }
 
+// Parameter gradients are fp32 or BF16 (training.grad_dtype); GradWrite semantics for both:
+// the new value is formed in fp32 and rounded once.
+inline float* Grad(float* p) { return p; }
+inline nv_bf16* Grad(bf16* p) { return Nv(p); }
+__device__ __forceinline__ float GradToFloat(float g) { return g; }
+__device__ __forceinline__ float GradToFloat(nv_bf16 g) { return __bfloat162float(g); }
+__device__ __forceinline__ void GradStore(float* p, float v) { *p = v; }
+__device__ __forceinline__ void GradStore(nv_bf16* p, float v) { *p = __float2bfloat16_rn(v); }
+// *p += v (accumulate) or *p = v (overwrite).
+template <typename G>
+__device__ __forceinline__ void GradWriteOne(G* p, float v, bool overwrite) {
+  GradStore(p, overwrite ? v : GradToFloat(*p) + v);
+}
+
 }  // namespace qtrain::ops::cu
 
 #endif  // QTRAIN_OPS_CUDA_CUDA_UTILS_CUH_

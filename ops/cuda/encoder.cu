@@ -75,7 +75,8 @@ __global__ void encoder_keys_kernel(int32_t* __restrict__ keys, int32_t* __restr
 
 // Block (p, chunk): if sorted position p starts a run of equal tokens, its threads sum the
 // run's rows in (b,t) order (the sort is stable), one channel each, and add into dwte.
-__global__ void encoder_dwte_kernel(float* __restrict__ dwte, const nv_bf16* __restrict__ dout,
+template <typename G>
+__global__ void encoder_dwte_kernel(G* __restrict__ dwte, const nv_bf16* __restrict__ dout,
                                     const int32_t* __restrict__ keys,
                                     const int32_t* __restrict__ rows, int64_t N, int C, int V) {
   const int64_t p = blockIdx.x;
@@ -99,11 +100,12 @@ __global__ void encoder_dwte_kernel(float* __restrict__ dwte, const nv_bf16* __r
   for (; q < N && keys[q] == key; ++q) {
     acc += __bfloat162float(dout[static_cast<int64_t>(rows[q]) * C + c]);
   }
-  dwte[static_cast<int64_t>(key) * C + c] += acc;
+  cu::GradWriteOne(dwte + static_cast<int64_t>(key) * C + c, acc, /*overwrite=*/false);
 }
 
 // One thread per (t, c): sum over b in order.
-__global__ void encoder_dwpe_kernel(float* __restrict__ dwpe, const nv_bf16* __restrict__ dout,
+template <typename G>
+__global__ void encoder_dwpe_kernel(G* __restrict__ dwpe, const nv_bf16* __restrict__ dout,
                                     int B, int T, int C) {
   const int64_t total = static_cast<int64_t>(T) * C;
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
@@ -111,7 +113,7 @@ __global__ void encoder_dwpe_kernel(float* __restrict__ dwpe, const nv_bf16* __r
        i += stride) {
     float acc = 0.f;
     for (int b = 0; b < B; ++b) acc += __bfloat162float(dout[static_cast<int64_t>(b) * total + i]);
-    dwpe[i] += acc;
+    cu::GradWriteOne(dwpe + i, acc, /*overwrite=*/false);
   }
 }
 
@@ -180,10 +182,12 @@ absl::StatusOr<int64_t> encoder_backward_cuda_workspace_bytes(int B, int T, int 
          RoundUp(static_cast<int64_t>(temp));
 }
 
-absl::Status encoder_backward_cuda(float* dwte, float* dwpe, const bf16* dout,
-                                   const int32_t* inp, int B, int T, int C, int V,
-                                   void* workspace, int64_t workspace_bytes,
-                                   cudaStream_t stream) {
+namespace {
+
+template <typename G>
+absl::Status EncoderBackward(G* dwte, G* dwpe, const bf16* dout, const int32_t* inp, int B, int T,
+                             int C, int V, void* workspace, int64_t workspace_bytes,
+                             cudaStream_t stream) {
   RETURN_IF_ERROR(CheckShapes("encoder_backward_cuda", B, T, C, V));
   QT_CHECK_ARG(dwte != nullptr && dwpe != nullptr && dout != nullptr && inp != nullptr,
                "encoder_backward_cuda: null pointer (dwte=", dwte != nullptr, " dwpe=",
@@ -211,13 +215,29 @@ absl::Status encoder_backward_cuda(float* dwte, float* dwpe, const bf16* dout,
                                                        ws.keys_out, ws.vals_in, ws.vals_out,
                                                        N, 0, EndBit(V), stream));
   const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>((C + kThreads - 1) / kThreads));
-  encoder_dwte_kernel<<<grid, kThreads, 0, stream>>>(dwte, cu::Nv(dout), ws.keys_out,
+  encoder_dwte_kernel<<<grid, kThreads, 0, stream>>>(cu::Grad(dwte), cu::Nv(dout), ws.keys_out,
                                                      ws.vals_out, N, C, V);
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   encoder_dwpe_kernel<<<Blocks(static_cast<int64_t>(T) * C), kThreads, 0, stream>>>(
-      dwpe, cu::Nv(dout), B, T, C);
+      cu::Grad(dwpe), cu::Nv(dout), B, T, C);
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status encoder_backward_cuda(float* dwte, float* dwpe, const bf16* dout,
+                                   const int32_t* inp, int B, int T, int C, int V,
+                                   void* workspace, int64_t workspace_bytes,
+                                   cudaStream_t stream) {
+  return EncoderBackward(dwte, dwpe, dout, inp, B, T, C, V, workspace, workspace_bytes, stream);
+}
+
+absl::Status encoder_backward_cuda(bf16* dwte, bf16* dwpe, const bf16* dout,
+                                   const int32_t* inp, int B, int T, int C, int V,
+                                   void* workspace, int64_t workspace_bytes,
+                                   cudaStream_t stream) {
+  return EncoderBackward(dwte, dwpe, dout, inp, B, T, C, V, workspace, workspace_bytes, stream);
 }
 
 }  // namespace qtrain::ops

@@ -35,6 +35,12 @@ absl::Status encoder_backward_cuda(float* dwte, float* dwpe, const bf16* dout,
                                    const int32_t* inp, int B, int T, int C, int V,
                                    void* workspace, int64_t workspace_bytes,
                                    cudaStream_t stream);
+// The same with BF16 gradients (training.grad_dtype): each sum is formed in fp32, added to the
+// gradient's value in fp32 and rounded once.
+absl::Status encoder_backward_cuda(bf16* dwte, bf16* dwpe, const bf16* dout,
+                                   const int32_t* inp, int B, int T, int C, int V,
+                                   void* workspace, int64_t workspace_bytes,
+                                   cudaStream_t stream);
 
 }  // namespace qtrain::ops
 

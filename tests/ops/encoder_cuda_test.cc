@@ -140,6 +140,43 @@ TEST(EncoderCudaTest, BackwardAccumulatesLikeCpuAndIsDeterministic) {
   }
 }
 
+// BF16 gradients: the fp32 path's sums added to the BF16 start in fp32 and rounded once, so
+// every element is within one BF16 rounding of bf16(float(start) + fp32 increment).
+TEST(EncoderCudaTest, Bf16GradientsAreTheFp32SumsRoundedOnce) {
+  QT_SKIP_WITHOUT_GPU();
+  testing::TestStream stream;
+  for (const Shape& sh : kShapes) {
+    SCOPED_TRACE(::testing::Message() << "B=" << sh.B << " T=" << sh.T << " C=" << sh.C
+                                    << " V=" << sh.V);
+    const int64_t N = static_cast<int64_t>(sh.B) * sh.T;
+    const int64_t nwte = static_cast<int64_t>(sh.V) * sh.C, nwpe = static_cast<int64_t>(sh.T) * sh.C;
+    const auto dout = RandomBf16(N * sh.C, 16);
+    const std::vector<int32_t> tokens = ops::testing::RandomTokens(N, sh.V, 17);
+    const auto wte0 = RandomBf16(nwte, 18), wpe0 = RandomBf16(nwpe, 19);
+    absl::StatusOr<int64_t> ws_bytes = encoder_backward_cuda_workspace_bytes(sh.B, sh.T, sh.V);
+    ASSERT_TRUE(ws_bytes.ok()) << ws_bytes.status();
+    DeviceArray<unsigned char> ws(*ws_bytes);
+    DeviceArray<bf16> d_dout(dout.bits);
+    DeviceArray<int32_t> d_tok(tokens);
+    DeviceArray<float> f_wte(wte0.values), f_wpe(wpe0.values);
+    DeviceArray<bf16> b_wte(wte0.bits), b_wpe(wpe0.bits);
+    QT_ASSERT_OK(encoder_backward_cuda(f_wte.get(), f_wpe.get(), d_dout.get(), d_tok.get(), sh.B,
+                                       sh.T, sh.C, sh.V, ws.get(), *ws_bytes, stream.get()));
+    QT_ASSERT_OK(encoder_backward_cuda(b_wte.get(), b_wpe.get(), d_dout.get(), d_tok.get(), sh.B,
+                                       sh.T, sh.C, sh.V, ws.get(), *ws_bytes, stream.get()));
+    QT_ASSERT_OK(stream.Sync());
+    // The same fp32 sums in the same order: the BF16 result is exactly the fp32 one rounded.
+    const std::vector<float> fw = f_wte.ToHost("wte32"), fp = f_wpe.ToHost("wpe32");
+    const std::vector<bf16> bw = b_wte.ToHost("wte16"), bp = b_wpe.ToHost("wpe16");
+    for (int64_t i = 0; i < nwte; ++i) {
+      ASSERT_EQ(bw[i].bits, FloatToBf16(fw[i]).bits) << "dwte[" << i << "]";
+    }
+    for (int64_t i = 0; i < nwpe; ++i) {
+      ASSERT_EQ(bp[i].bits, FloatToBf16(fp[i]).bits) << "dwpe[" << i << "]";
+    }
+  }
+}
+
 TEST(EncoderCudaTest, BackwardSkipsBadTokens) {
   QT_SKIP_WITHOUT_GPU();
   const int B = 2, T = 3, C = 8, V = 4;
