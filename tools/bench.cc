@@ -34,6 +34,9 @@ ABSL_FLAG(int, profile_steps, 3, "steps of the per-op profile after the timed on
 ABSL_FLAG(int, batch_size, 0, "sequences per step (0: the job's training.batch_size)");
 ABSL_FLAG(int, seq_len, 0, "tokens per sequence (0: the job's training.seq_len)");
 ABSL_FLAG(double, peak_tflops, 989.0, "dense BF16 peak for MFU (H100 SXM: 989)");
+ABSL_FLAG(bool, autotune, false,
+          "time cuBLASLt's candidate algorithms per GEMM on first use and keep the fastest "
+          "(prints what it chose)");
 
 namespace qtrain {
 namespace {
@@ -87,7 +90,12 @@ absl::Status Main() {
   FastInit(&host->params(), config.n_layer);
   gpu::DeviceMemory mem0;
   RETURN_IF_ERROR(gpu::GetDeviceMemory(&mem0));
-  ASSIGN_OR_RETURN(std::unique_ptr<CudaGpt> model, CudaGpt::Create(config, host->params()));
+  const GradDtype grad_dtype =
+      spec.training().grad_dtype() == GRAD_BF16 ? GradDtype::kBf16 : GradDtype::kFp32;
+  ASSIGN_OR_RETURN(std::unique_ptr<CudaGpt> model,
+                   CudaGpt::Create(config, host->params(), grad_dtype));
+  model->set_deterministic(spec.training().deterministic());
+  model->set_autotune(absl::GetFlag(FLAGS_autotune));
   RETURN_IF_ERROR(model->Upload(host->params(), nullptr));
   const double flops_per_token = host->flops_per_token(T);
   const int64_t n_params = host->num_parameters();
@@ -114,7 +122,8 @@ absl::Status Main() {
   double last_loss = 0, last_norm = 0;
   auto step = [&](int i) -> absl::Status {
     RETURN_IF_ERROR(model->ZeroGrads());
-    ASSIGN_OR_RETURN(last_loss, model->Forward(xs[i % 4].data(), ys[i % 4].data(), B, T));
+    ASSIGN_OR_RETURN(last_loss,
+                     model->Forward(xs[i % 4].data(), ys[i % 4].data(), B, T, 1.0f));
     RETURN_IF_ERROR(model->Backward(1.0f));
     ASSIGN_OR_RETURN(const double ss, model->GradSumSquares());
     last_norm = std::sqrt(ss);
@@ -123,9 +132,10 @@ absl::Status Main() {
 
   std::printf("bench: %s on %s\n", spec.name().c_str(), device.c_str());
   std::printf("model: %.1fM parameters, %d layers, d=%d, %d heads, V=%d; B=%d T=%d (%d tokens "
-              "per step); %.3g FLOPs per token\n",
+              "per step); %.3g FLOPs per token; %s gradients%s\n",
               n_params / 1e6, config.n_layer, config.n_embd, config.n_head, config.vocab_size, B,
-              T, B * T, flops_per_token);
+              T, B * T, flops_per_token, grad_dtype == GradDtype::kBf16 ? "BF16" : "FP32",
+              spec.training().deterministic() ? "; deterministic" : "");
   std::fflush(stdout);
   const auto w0 = Clock::now();
   for (int i = 0; i < warmup; ++i) RETURN_IF_ERROR(step(i));
@@ -161,6 +171,13 @@ absl::Status Main() {
               "model: CUDA context and others)\n",
               model_gib, used_gib, before_gib);
 
+  if (absl::GetFlag(FLAGS_autotune)) {
+    std::printf("GEMM autotuning (heuristic #0 vs chosen, ms):\n");
+    for (const ops::MatmulTuneRecord& r : model->matmul().autotune_report()) {
+      std::printf("  %-70s %d cand., #%d: %.4f -> %.4f\n", r.problem.c_str(), r.candidates,
+                  r.chosen, r.default_ms, r.chosen_ms);
+    }
+  }
   const int profile_steps = absl::GetFlag(FLAGS_profile_steps);
   if (profile_steps > 0) {
     model->set_profiling(true);

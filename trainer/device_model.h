@@ -1,6 +1,6 @@
 // The model on an accelerator. The CPU Gpt (trainer/gpt.h) stays the host container of the
 // parameters (init, init_from, checkpoints, resume); a DeviceModel holds the device copy
-// (FP32 master weights, BF16 compute copies, FP32 gradients, AdamW moments) and runs the steps.
+// (FP32 master weights, BF16 compute copies, FP32 or BF16 gradients, AdamW moments) and runs the steps.
 // The training loop (trainer/trainer.cc) drives either through the same calls.
 #ifndef QTRAIN_TRAINER_DEVICE_MODEL_H_
 #define QTRAIN_TRAINER_DEVICE_MODEL_H_
@@ -16,6 +16,9 @@
 
 namespace qtrain {
 
+// Element type of a device model's parameter gradients (training.grad_dtype).
+enum class GradDtype { kFp32, kBf16 };
+
 class DeviceModel {
  public:
   virtual ~DeviceModel() = default;
@@ -26,14 +29,21 @@ class DeviceModel {
   virtual absl::Status Download(ParamStore* params, AdamW* opt) = 0;
 
   // inputs, targets: host (B,T). Returns the mean cross-entropy (0 without targets).
+  // backward_scale > 0 (needs targets) promises that Backward(backward_scale) comes next, so the
+  // model may start it here: the CUDA model runs the LM head's backward chunk by chunk while
+  // that chunk's logits are at hand, and never holds the logits of the whole batch (this writes
+  // wte's gradient). 0: no Backward follows (evaluation).
   virtual absl::StatusOr<double> Forward(const int32_t* inputs, const int32_t* targets, int B,
-                                         int T) = 0;
-  // Accumulates d(loss_scale * mean loss)/d params of the last Forward into the gradients.
+                                         int T, float backward_scale) = 0;
+  // Accumulates d(loss_scale * mean loss)/d params of the last Forward into the gradients;
+  // loss_scale must be the backward_scale that Forward was given (FailedPrecondition otherwise).
   virtual absl::Status Backward(float loss_scale) = 0;
   virtual absl::Status ZeroGrads() = 0;
 
-  // The flat fp32 gradient buffer in device memory, ParamStore layout (for NCCL all-reduce).
-  virtual float* device_grads() = 0;
+  // The flat gradient buffer in device memory, ParamStore layout, of element type
+  // grad_dtype() (for the NCCL all-reduce).
+  virtual void* device_grads() = 0;
+  virtual GradDtype grad_dtype() const = 0;
   virtual int64_t num_parameters() const = 0;
   // Sum of squares of the gradients (deterministic), for the global-norm clip.
   virtual absl::StatusOr<double> GradSumSquares() = 0;
@@ -65,7 +75,8 @@ class DeviceModel {
 // The CUDA implementation (trainer/cuda/); Unavailable with a clear message when no CUDA
 // device can be used.
 absl::StatusOr<std::unique_ptr<DeviceModel>> CreateCudaModel(const GptConfig& config,
-                                                             const ParamStore& layout);
+                                                             const ParamStore& layout,
+                                                             GradDtype grad_dtype);
 
 }  // namespace qtrain
 

@@ -65,7 +65,7 @@ absl::StatusOr<double> Evaluate(Gpt* model, DeviceModel* dev, DataLoader* val, i
                                 DistributedContext* dist) {
   ASSIGN_OR_RETURN(double mean, EvaluateLoss(
                                     [&](const int32_t* x, const int32_t* y, int B, int T) {
-                                      return dev ? dev->Forward(x, y, B, T)
+                                      return dev ? dev->Forward(x, y, B, T, 0.f)
                                                  : model->Forward(x, y, B, T);
                                     },
                                     val, batches));
@@ -111,11 +111,13 @@ absl::Status BroadcastResumeState(DistributedContext* dist, Gpt* model, AdamW* f
 // run.
 class OverlappedGradSum {
  public:
-  OverlappedGradSum(NcclCommunicator* nccl, float* grads, int64_t n, int64_t bucket_bytes)
+  OverlappedGradSum(NcclCommunicator* nccl, void* grads, GradDtype dtype, int64_t n,
+                    int64_t bucket_bytes)
       : nccl_(nccl),
         grads_(grads),
+        dtype_(dtype),
         n_(n),
-        bucket_elems_(std::max<int64_t>(1, bucket_bytes / static_cast<int64_t>(sizeof(float)))) {}
+        bucket_elems_(std::max<int64_t>(1, bucket_bytes / ElementBytes(dtype))) {}
 
   // The hook: gradients [begin, end) are final once `ready` (a cudaEvent_t) has passed.
   absl::Status Ready(int64_t begin, int64_t end, void* ready) {
@@ -164,14 +166,22 @@ class OverlappedGradSum {
  private:
   absl::Status Flush() {
     if (pending_end_ <= pending_begin_) return absl::OkStatus();
-    RETURN_IF_ERROR(
-        nccl_->AllReduceSumAsync(grads_ + pending_begin_, pending_end_ - pending_begin_));
+    const int64_t n = pending_end_ - pending_begin_;
+    if (dtype_ == GradDtype::kBf16) {
+      RETURN_IF_ERROR(
+          nccl_->AllReduceSumAsync(static_cast<ops::bf16*>(grads_) + pending_begin_, n));
+    } else {
+      RETURN_IF_ERROR(nccl_->AllReduceSumAsync(static_cast<float*>(grads_) + pending_begin_, n));
+    }
     pending_begin_ = pending_end_ = 0;
     return absl::OkStatus();
   }
 
   NcclCommunicator* nccl_;
-  float* grads_;
+  static int64_t ElementBytes(GradDtype d) { return d == GradDtype::kBf16 ? 2 : 4; }
+
+  void* grads_;
+  GradDtype dtype_;
   int64_t n_;
   int64_t bucket_elems_;
   int64_t pending_begin_ = 0, pending_end_ = 0;  // gathered, not yet sent
@@ -306,7 +316,9 @@ absl::StatusOr<RunResult> RunTraining(const JobSpec& spec, const RunOptions& opt
       RETURN_IF_AGREED_ERROR(dist->AllOk(made_nccl.status(), "joining NCCL"));
       nccl = *std::move(made_nccl);
     }
-    absl::StatusOr<std::unique_ptr<DeviceModel>> made = CreateCudaModel(gc, model->params());
+    absl::StatusOr<std::unique_ptr<DeviceModel>> made = CreateCudaModel(
+        gc, model->params(),
+        ts.grad_dtype() == GRAD_BF16 ? GradDtype::kBf16 : GradDtype::kFp32);
     RETURN_IF_AGREED_ERROR(dist->AllOk(made.status(), "creating the CUDA model"));
     dev = *std::move(made);
     dev->set_deterministic(ts.deterministic());
@@ -314,8 +326,8 @@ absl::StatusOr<RunResult> RunTraining(const JobSpec& spec, const RunOptions& opt
     if (nccl) {
       // The gradient buffer stays where it is for the model's life (no ZeroGrads is pending yet,
       // so asking for it clears nothing).
-      grad_sum.emplace(nccl.get(), dev->device_grads(), dev->num_parameters(),
-                       dist->bucket_bytes());
+      grad_sum.emplace(nccl.get(), dev->device_grads(), dev->grad_dtype(),
+                       dev->num_parameters(), dist->bucket_bytes());
     }
   }
   std::optional<MetricsLog> metrics;
@@ -374,7 +386,9 @@ absl::StatusOr<RunResult> RunTraining(const JobSpec& spec, const RunOptions& opt
     for (int micro = 0; micro < accum; ++micro) {
       RETURN_IF_ERROR((*train)->Next(x.data(), y.data()));
       if (dev) {
-        ASSIGN_OR_RETURN(double l, dev->Forward(x.data(), y.data(), B, T));
+        // The 1/world of the mean over ranks rides in the loss scale: NCCL then only sums.
+        const float loss_scale = 1.0f / (accum * world);
+        ASSIGN_OR_RETURN(double l, dev->Forward(x.data(), y.data(), B, T, loss_scale));
         // Several GPUs: the last micro-step's backward hands each range of finished gradients
         // to NCCL as it goes (earlier micro-steps only add to the gradients).
         const bool overlap = grad_sum && micro == accum - 1;
@@ -383,8 +397,7 @@ absl::StatusOr<RunResult> RunTraining(const JobSpec& spec, const RunOptions& opt
             return grad_sum->Ready(begin, end, ready);
           });
         }
-        // The 1/world of the mean over ranks rides in the loss scale: NCCL then only sums.
-        const absl::Status backward = dev->Backward(1.0f / (accum * world));
+        const absl::Status backward = dev->Backward(loss_scale);
         if (overlap) dev->SetGradientReadyHook(nullptr);
         RETURN_IF_ERROR(backward);
         if (overlap) {
@@ -420,7 +433,7 @@ absl::StatusOr<RunResult> RunTraining(const JobSpec& spec, const RunOptions& opt
                          "training");
     }
     double grad_norm = 0;
-    float* grads = dev ? dev->device_grads() : model->params().grads().data();
+    float* grads = model->params().grads().data();
     if (dev) {
       ASSIGN_OR_RETURN(const double sum_squares, dev->GradSumSquares());
       grad_norm = std::sqrt(sum_squares);

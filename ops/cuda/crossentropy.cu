@@ -1,6 +1,7 @@
 // CUDA fused softmax cross-entropy over the tied LM head: one block per row reads the BF16
 // logits (online max/sum), then writes softmax - onehot in place; rows up to 64K entries stay
 // in registers between the two, so they are read once.
+#include <algorithm>
 #include <cmath>
 
 #include <cuda_runtime.h>
@@ -215,17 +216,10 @@ __global__ void mean_loss_kernel(double* __restrict__ out, const float* __restri
   if (threadIdx.x == 0) *out = acc / N;
 }
 
-}  // namespace
 
-absl::Status crossentropy_softmax_cuda(float* losses, double* mean_loss, bf16* logits,
-                                       const int32_t* targets, int N, int V, float dloss,
-                                       cudaStream_t stream) {
-  QT_CHECK_ARG(N > 0 && V > 0, "crossentropy_softmax_cuda: N and V must be > 0, got N=", N,
-               " V=", V);
-  QT_CHECK_ARG(losses != nullptr && logits != nullptr && targets != nullptr,
-               "crossentropy_softmax_cuda: null pointer (losses=", losses != nullptr,
-               " logits=", logits != nullptr, " targets=", targets != nullptr, ")");
-  const float grad_scale = dloss / static_cast<float>(N);
+// The softmax kernels over N rows with dlogits = grad_scale * (softmax - onehot).
+absl::Status LaunchSoftmax(float* losses, bf16* logits, const int32_t* targets, int N, int V,
+                           float grad_scale, cudaStream_t stream) {
   const int reg_chunks = (V / 8 + kRegThreads - 1) / kRegThreads;
   if (V % 8 == 0 && cu::IsAligned(logits, 16) && reg_chunks <= kMaxRegChunks) {
     LaunchReg<1>(reg_chunks, N, losses, cu::Nv(logits), targets, V, grad_scale, stream);
@@ -237,11 +231,81 @@ absl::Status crossentropy_softmax_cuda(float* losses, double* mean_loss, bf16* l
         <<<N, kThreads, 0, stream>>>(losses, cu::Nv(logits), targets, V, grad_scale);
   }
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
-  if (mean_loss != nullptr) {
-    mean_loss_kernel<<<1, 1024, 0, stream>>>(mean_loss, losses, N);
-    CUDA_RETURN_IF_ERROR(cudaGetLastError());
-  }
   return absl::OkStatus();
+}
+
+absl::Status LaunchMeanLoss(double* mean_loss, const float* losses, int N, cudaStream_t stream) {
+  mean_loss_kernel<<<1, 1024, 0, stream>>>(mean_loss, losses, N);
+  CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+template <typename G>
+absl::Status LmHeadChunked(MatmulContext& ctx, float* losses, double* mean_loss, bf16* logits,
+                           int chunk_rows, bf16* dx, G* dwte, const bf16* x, const bf16* wte,
+                           const int32_t* targets, int N, int C, int V, float dloss,
+                           cudaStream_t stream, GradWrite dwte_write, GradWrite dx_write) {
+  QT_CHECK_ARG(N > 0 && C > 0 && V > 0, "lm_head_crossentropy_chunked_cuda: N, C, V must be > 0, got N=",
+               N, " C=", C, " V=", V);
+  QT_CHECK_ARG(chunk_rows > 0, "lm_head_crossentropy_chunked_cuda: chunk_rows must be > 0, got ",
+               chunk_rows);
+  QT_CHECK_ARG(losses != nullptr && logits != nullptr && x != nullptr && wte != nullptr &&
+                   targets != nullptr,
+               "lm_head_crossentropy_chunked_cuda: null pointer (losses=", losses != nullptr,
+               " logits=", logits != nullptr, " x=", x != nullptr, " wte=", wte != nullptr,
+               " targets=", targets != nullptr, ")");
+  // The same scale for every chunk: the gradient of the mean over all N rows.
+  const float grad_scale = dloss / static_cast<float>(N);
+  for (int r0 = 0; r0 < N; r0 += chunk_rows) {
+    const int rows = std::min(chunk_rows, N - r0);
+    const int64_t off = static_cast<int64_t>(r0) * C;
+    RETURN_IF_ERROR(matmul_forward_cuda(ctx, logits, x + off, wte, nullptr, rows, C, V, stream));
+    RETURN_IF_ERROR(LaunchSoftmax(losses + r0, logits, targets + r0, rows, V, grad_scale, stream));
+    if (dx == nullptr && dwte == nullptr) continue;
+    // The first chunk writes dwte as asked, later chunks add to it; dx rows are the chunk's own.
+    const GradWrite w = r0 == 0 ? dwte_write : GradWrite::kAccumulate;
+    RETURN_IF_ERROR(matmul_backward_cuda(ctx, dx != nullptr ? dx + off : nullptr, dwte,
+                                         static_cast<G*>(nullptr), logits, x + off, wte, rows, C,
+                                         V, nullptr, 0, stream, nullptr, w, dx_write));
+  }
+  if (mean_loss != nullptr) RETURN_IF_ERROR(LaunchMeanLoss(mean_loss, losses, N, stream));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status crossentropy_softmax_cuda(float* losses, double* mean_loss, bf16* logits,
+                                       const int32_t* targets, int N, int V, float dloss,
+                                       cudaStream_t stream) {
+  QT_CHECK_ARG(N > 0 && V > 0, "crossentropy_softmax_cuda: N and V must be > 0, got N=", N,
+               " V=", V);
+  QT_CHECK_ARG(losses != nullptr && logits != nullptr && targets != nullptr,
+               "crossentropy_softmax_cuda: null pointer (losses=", losses != nullptr,
+               " logits=", logits != nullptr, " targets=", targets != nullptr, ")");
+  RETURN_IF_ERROR(
+      LaunchSoftmax(losses, logits, targets, N, V, dloss / static_cast<float>(N), stream));
+  if (mean_loss != nullptr) RETURN_IF_ERROR(LaunchMeanLoss(mean_loss, losses, N, stream));
+  return absl::OkStatus();
+}
+
+absl::Status lm_head_crossentropy_chunked_cuda(MatmulContext& ctx, float* losses,
+                                               double* mean_loss, bf16* logits, int chunk_rows,
+                                               bf16* dx, float* dwte, const bf16* x,
+                                               const bf16* wte, const int32_t* targets, int N,
+                                               int C, int V, float dloss, cudaStream_t stream,
+                                               GradWrite dwte_write, GradWrite dx_write) {
+  return LmHeadChunked(ctx, losses, mean_loss, logits, chunk_rows, dx, dwte, x, wte, targets, N,
+                       C, V, dloss, stream, dwte_write, dx_write);
+}
+
+absl::Status lm_head_crossentropy_chunked_cuda(MatmulContext& ctx, float* losses,
+                                               double* mean_loss, bf16* logits, int chunk_rows,
+                                               bf16* dx, bf16* dwte, const bf16* x,
+                                               const bf16* wte, const int32_t* targets, int N,
+                                               int C, int V, float dloss, cudaStream_t stream,
+                                               GradWrite dwte_write, GradWrite dx_write) {
+  return LmHeadChunked(ctx, losses, mean_loss, logits, chunk_rows, dx, dwte, x, wte, targets, N,
+                       C, V, dloss, stream, dwte_write, dx_write);
 }
 
 absl::Status lm_head_crossentropy_forward_cuda(MatmulContext& ctx, float* losses,

@@ -42,6 +42,30 @@ absl::Status lm_head_crossentropy_backward_cuda(MatmulContext& ctx, bf16* dx, fl
                                                 GradWrite dwte_write = GradWrite::kAccumulate,
                                                 GradWrite dx_write = GradWrite::kAccumulate);
 
+// The LM head and its cross-entropy, forward and (when dx or dwte is non-null) backward, over
+// chunks of chunk_rows rows, so that the logits of only one chunk exist at a time: `logits`
+// holds (min(chunk_rows, N), V). Per chunk: logits = x @ wte^T, the chunk's losses and, in
+// place, dlogits = dloss / N * (softmax - onehot) (crossentropy_softmax_cuda's math with the
+// mean over all N rows), then dx's rows of the chunk (dx_write) and dwte (dwte_write for the
+// first chunk, += for the others) from them. Without dx and dwte it is the forward only (an
+// evaluation). mean_loss (may be null) = mean of all N losses (deterministic). One chunk of N
+// rows is lm_head_crossentropy_forward_cuda then _backward_cuda.
+absl::Status lm_head_crossentropy_chunked_cuda(MatmulContext& ctx, float* losses,
+                                               double* mean_loss, bf16* logits, int chunk_rows,
+                                               bf16* dx, float* dwte, const bf16* x,
+                                               const bf16* wte, const int32_t* targets, int N,
+                                               int C, int V, float dloss, cudaStream_t stream,
+                                               GradWrite dwte_write = GradWrite::kAccumulate,
+                                               GradWrite dx_write = GradWrite::kAccumulate);
+// The same with BF16 gradients (training.grad_dtype).
+absl::Status lm_head_crossentropy_chunked_cuda(MatmulContext& ctx, float* losses,
+                                               double* mean_loss, bf16* logits, int chunk_rows,
+                                               bf16* dx, bf16* dwte, const bf16* x,
+                                               const bf16* wte, const int32_t* targets, int N,
+                                               int C, int V, float dloss, cudaStream_t stream,
+                                               GradWrite dwte_write = GradWrite::kAccumulate,
+                                               GradWrite dx_write = GradWrite::kAccumulate);
+
 }  // namespace qtrain::ops
 
 #endif  // QTRAIN_OPS_CUDA_CROSSENTROPY_CUDA_H_

@@ -22,7 +22,7 @@ TEST(GptCudaErrors, Fp8LinearsAreUnimplemented) {
   config.precision = *pc;
   absl::StatusOr<std::unique_ptr<Gpt>> cpu = Gpt::Create(config);
   ASSERT_TRUE(cpu.ok()) << cpu.status();
-  absl::StatusOr<std::unique_ptr<DeviceModel>> m = CreateCudaModel(config, (*cpu)->params());
+  absl::StatusOr<std::unique_ptr<DeviceModel>> m = CreateCudaModel(config, (*cpu)->params(), GradDtype::kFp32);
   ASSERT_FALSE(m.ok());
   EXPECT_EQ(m.status().code(), absl::StatusCode::kUnimplemented) << m.status();
   EXPECT_NE(m.status().message().find("FP8"), absl::string_view::npos) << m.status();
@@ -33,7 +33,7 @@ TEST(GptCudaErrors, TweoIsUnimplemented) {
   config.tweo.enabled = true;
   absl::StatusOr<std::unique_ptr<Gpt>> cpu = Gpt::Create(config);
   ASSERT_TRUE(cpu.ok());
-  absl::StatusOr<std::unique_ptr<DeviceModel>> m = CreateCudaModel(config, (*cpu)->params());
+  absl::StatusOr<std::unique_ptr<DeviceModel>> m = CreateCudaModel(config, (*cpu)->params(), GradDtype::kFp32);
   ASSERT_FALSE(m.ok());
   EXPECT_EQ(m.status().code(), absl::StatusCode::kUnimplemented) << m.status();
   EXPECT_NE(m.status().message().find("TWEO"), absl::string_view::npos) << m.status();
@@ -46,7 +46,7 @@ TEST(GptCudaErrors, NoDeviceIsUnavailable) {
   const GptConfig config{2, 64, 4, 256, 64};
   absl::StatusOr<std::unique_ptr<Gpt>> cpu = Gpt::Create(config);
   ASSERT_TRUE(cpu.ok());
-  absl::StatusOr<std::unique_ptr<DeviceModel>> m = CreateCudaModel(config, (*cpu)->params());
+  absl::StatusOr<std::unique_ptr<DeviceModel>> m = CreateCudaModel(config, (*cpu)->params(), GradDtype::kFp32);
   ASSERT_FALSE(m.ok());
   EXPECT_EQ(m.status().code(), absl::StatusCode::kUnavailable) << m.status();
   EXPECT_NE(m.status().message().find("no CUDA device"), absl::string_view::npos) << m.status();

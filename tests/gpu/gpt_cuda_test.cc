@@ -88,8 +88,10 @@ std::unique_ptr<Gpt> MakeCpu(const GptConfig& config, uint64_t seed) {
 
 // deterministic: our attention kernels instead of cuDNN's (whose dq uses atomics), as the
 // bit-identical tests need.
-std::unique_ptr<CudaGpt> MakeGpu(const Gpt& cpu, bool deterministic = false) {
-  absl::StatusOr<std::unique_ptr<CudaGpt>> m = CudaGpt::Create(cpu.config(), cpu.params());
+std::unique_ptr<CudaGpt> MakeGpu(const Gpt& cpu, bool deterministic = false,
+                                 GradDtype grads = GradDtype::kFp32) {
+  absl::StatusOr<std::unique_ptr<CudaGpt>> m =
+      CudaGpt::Create(cpu.config(), cpu.params(), grads);
   EXPECT_TRUE(m.ok()) << m.status();
   if (!m.ok()) return nullptr;
   (*m)->set_deterministic(deterministic);
@@ -120,7 +122,7 @@ TEST_P(GptCudaGolden, LossLogitsAndEveryGradientMatchCpu) {
   ASSERT_OK(cpu->Backward(1.0f));
 
   ASSERT_OK(gpu->ZeroGrads());
-  absl::StatusOr<double> lg = gpu->Forward(x.data(), y.data(), s.B, s.T);
+  absl::StatusOr<double> lg = gpu->Forward(x.data(), y.data(), s.B, s.T, 1.0f);
   ASSERT_TRUE(lg.ok()) << lg.status();
   ASSERT_OK(gpu->Backward(1.0f));
   std::vector<float> grads;
@@ -161,15 +163,25 @@ TEST_P(GptCudaGolden, BatchShapeChangesMatchCpu) {
     std::vector<int32_t> x, y;
     MakeBatch(B, T, s.config.vocab_size, 100 + B * T, &x, &y);
     absl::StatusOr<double> lc = cpu->Forward(x.data(), y.data(), B, T);
-    absl::StatusOr<double> lg = gpu->Forward(x.data(), y.data(), B, T);
+    absl::StatusOr<double> lg = gpu->Forward(x.data(), y.data(), B, T, 0.f);
     ASSERT_TRUE(lc.ok() && lg.ok());
     EXPECT_NEAR(*lg, *lc, 1e-2) << "B=" << B << " T=" << T;
   }
   std::vector<int32_t> x(4, 0), y(4, 0);
-  EXPECT_FALSE(gpu->Forward(x.data(), y.data(), 1, s.config.max_seq_len + 1).ok());
+  EXPECT_FALSE(gpu->Forward(x.data(), y.data(), 1, s.config.max_seq_len + 1, 1.0f).ok());
   x[2] = s.config.vocab_size;
-  EXPECT_FALSE(gpu->Forward(x.data(), y.data(), 1, 4).ok());
+  EXPECT_FALSE(gpu->Forward(x.data(), y.data(), 1, 4, 1.0f).ok());
   EXPECT_FALSE(gpu->Backward(1.0f).ok()) << "Backward after a failed Forward";
+  x[2] = 0;
+  EXPECT_FALSE(gpu->Forward(x.data(), nullptr, 1, 4, 1.0f).ok()) << "backward without targets";
+  EXPECT_FALSE(gpu->Forward(x.data(), y.data(), 1, 4, -1.0f).ok()) << "negative scale";
+  ASSERT_TRUE(gpu->Forward(x.data(), y.data(), 1, 4, 0.f).ok());
+  EXPECT_EQ(gpu->Backward(1.0f).code(), absl::StatusCode::kFailedPrecondition)
+      << "Backward after an evaluation Forward";
+  ASSERT_TRUE(gpu->Forward(x.data(), y.data(), 1, 4, 0.5f).ok());
+  const absl::Status other = gpu->Backward(1.0f);
+  EXPECT_EQ(other.code(), absl::StatusCode::kFailedPrecondition) << other;
+  EXPECT_NE(other.message().find("backward_scale 0.5"), absl::string_view::npos) << other;
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, GptCudaGolden, ::testing::ValuesIn(Shapes()),
@@ -187,7 +199,7 @@ absl::StatusOr<double> GpuStep(DeviceModel* m, const std::vector<int32_t>& x,
                                const std::vector<int32_t>& y, int B, int T, float lr, int t,
                                double* norm = nullptr) {
   RETURN_IF_ERROR(m->ZeroGrads());
-  ASSIGN_OR_RETURN(const double loss, m->Forward(x.data(), y.data(), B, T));
+  ASSIGN_OR_RETURN(const double loss, m->Forward(x.data(), y.data(), B, T, 1.0f));
   RETURN_IF_ERROR(m->Backward(1.0f));
   ASSIGN_OR_RETURN(const double ss, m->GradSumSquares());
   if (norm != nullptr) *norm = std::sqrt(ss);
@@ -197,11 +209,14 @@ absl::StatusOr<double> GpuStep(DeviceModel* m, const std::vector<int32_t>& x,
 }
 
 // 20 AdamW steps (clip and weight decay active) on both; the losses stay together.
-TEST(GptCuda, TwentyStepsFollowCpu) {
+// FP32 and BF16 gradients (training.grad_dtype).
+class GptCudaSteps : public ::testing::TestWithParam<GradDtype> {};
+
+TEST_P(GptCudaSteps, TwentyStepsFollowCpu) {
   SKIP_WITHOUT_GPU();
   const Shape s = Shapes()[0];
   std::unique_ptr<Gpt> cpu = MakeCpu(s.config, 5);
-  std::unique_ptr<CudaGpt> gpu = MakeGpu(*cpu);
+  std::unique_ptr<CudaGpt> gpu = MakeGpu(*cpu, false, GetParam());
   ASSERT_NE(gpu, nullptr);
   AdamW opt(TestAdam(), cpu->num_parameters());
   const float lr = 3e-3f;
@@ -235,6 +250,43 @@ TEST(GptCuda, TwentyStepsFollowCpu) {
     den += static_cast<double>(cpu->params().params()[i]) * cpu->params().params()[i];
   }
   EXPECT_LT(std::sqrt(num / den), 2e-2);
+}
+
+INSTANTIATE_TEST_SUITE_P(GradDtypes, GptCudaSteps,
+                         ::testing::Values(GradDtype::kFp32, GradDtype::kBf16),
+                         [](const ::testing::TestParamInfo<GradDtype>& i) {
+                           return i.param == GradDtype::kBf16 ? "bf16" : "fp32";
+                         });
+
+// BF16 gradients are the FP32 path's rounded once per write: every tensor within a few BF16
+// ulps of the FP32 model's (relative L2 well under 1e-2), and the CPU's tolerance holds.
+TEST_P(GptCudaGolden, Bf16GradientsMatchFp32AndCpu) {
+  SKIP_WITHOUT_GPU();
+  const Shape& s = GetParam();
+  std::unique_ptr<Gpt> cpu = MakeCpu(s.config, 7);
+  std::unique_ptr<CudaGpt> g32 = MakeGpu(*cpu, true);
+  std::unique_ptr<CudaGpt> g16 = MakeGpu(*cpu, true, GradDtype::kBf16);
+  ASSERT_TRUE(g32 != nullptr && g16 != nullptr);
+  EXPECT_EQ(g16->grad_dtype(), GradDtype::kBf16);
+  std::vector<int32_t> x, y;
+  MakeBatch(s.B, s.T, s.config.vocab_size, 11, &x, &y);
+  ASSERT_TRUE(cpu->Forward(x.data(), y.data(), s.B, s.T).ok());
+  cpu->params().ZeroGrads();
+  ASSERT_OK(cpu->Backward(1.0f));
+  std::vector<float> a, b;
+  for (auto [m, out] : {std::pair<CudaGpt*, std::vector<float>*>{g32.get(), &a}, {g16.get(), &b}}) {
+    ASSERT_OK(m->ZeroGrads());
+    ASSERT_TRUE(m->Forward(x.data(), y.data(), s.B, s.T, 1.0f).ok());
+    ASSERT_OK(m->Backward(1.0f));
+    ASSERT_OK(m->DownloadGrads(out));
+  }
+  const ParamStore& ps = cpu->params();
+  for (const ParamInfo& info : ps.infos()) {
+    EXPECT_LT(RelL2(b.data() + info.offset, a.data() + info.offset, info.size), 1e-2)
+        << "bf16 vs fp32 gradient of " << info.name;
+    EXPECT_LT(RelL2(b.data() + info.offset, ps.grads().data() + info.offset, info.size), 3e-2)
+        << "bf16 vs cpu gradient of " << info.name;
+  }
 }
 
 // Runs `steps` steps on a fresh device model from the same init; returns the losses.
@@ -322,13 +374,13 @@ TEST(GptCuda, LossScaleAndAccumulation) {
   std::vector<int32_t> x, y;
   MakeBatch(s.B, s.T, s.config.vocab_size, 77, &x, &y);
   ASSERT_OK(gpu->ZeroGrads());
-  ASSERT_TRUE(gpu->Forward(x.data(), y.data(), s.B, s.T).ok());
+  ASSERT_TRUE(gpu->Forward(x.data(), y.data(), s.B, s.T, 1.0f).ok());
   ASSERT_OK(gpu->Backward(1.0f));
   std::vector<float> full;
   ASSERT_OK(gpu->DownloadGrads(&full));
   ASSERT_OK(gpu->ZeroGrads());
   for (int i = 0; i < 2; ++i) {
-    ASSERT_TRUE(gpu->Forward(x.data(), y.data(), s.B, s.T).ok());
+    ASSERT_TRUE(gpu->Forward(x.data(), y.data(), s.B, s.T, 0.5f).ok());
     ASSERT_OK(gpu->Backward(0.5f));
   }
   std::vector<float> halves;
@@ -356,7 +408,7 @@ TEST(GptCuda, GradientReadyHookCoversEveryRangeOnceInBackwardOrder) {
   std::vector<int32_t> x, y;
   MakeBatch(s.B, s.T, s.config.vocab_size, 91, &x, &y);
   ASSERT_OK(gpu->ZeroGrads());
-  ASSERT_TRUE(gpu->Forward(x.data(), y.data(), s.B, s.T).ok());
+  ASSERT_TRUE(gpu->Forward(x.data(), y.data(), s.B, s.T, 1.0f).ok());
   ASSERT_OK(gpu->Backward(1.0f));
   std::vector<float> plain;
   ASSERT_OK(gpu->DownloadGrads(&plain));
@@ -368,7 +420,7 @@ TEST(GptCuda, GradientReadyHookCoversEveryRangeOnceInBackwardOrder) {
     return absl::OkStatus();
   });
   ASSERT_OK(gpu->ZeroGrads());
-  ASSERT_TRUE(gpu->Forward(x.data(), y.data(), s.B, s.T).ok());
+  ASSERT_TRUE(gpu->Forward(x.data(), y.data(), s.B, s.T, 1.0f).ok());
   ASSERT_OK(gpu->Backward(1.0f));
   gpu->SetGradientReadyHook(nullptr);
   std::vector<float> hooked;

@@ -55,7 +55,7 @@ TEST(TorchReference, Gpt2SmallAtInitMatchesPyTorch) {
   absl::StatusOr<std::unique_ptr<CudaGpt>> gpu = CudaGpt::Create(config, (*cpu)->params());
   ASSERT_TRUE(gpu.ok()) << gpu.status();
   ASSERT_TRUE((*gpu)->Upload((*cpu)->params(), nullptr).ok());
-  absl::StatusOr<double> loss = (*gpu)->Forward(x.data(), y.data(), B, T);
+  absl::StatusOr<double> loss = (*gpu)->Forward(x.data(), y.data(), B, T, 0.f);
   ASSERT_TRUE(loss.ok()) << loss.status();
   std::vector<int32_t> rows;
   for (int r = 0; r < B * T; r += 97) rows.push_back(r);

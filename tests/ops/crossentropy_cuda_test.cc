@@ -187,5 +187,92 @@ TEST(CrossentropyCudaTest, LmHeadForwardBackwardMatchCpu) {
   }
 }
 
+// The chunked head (the CUDA model's training Forward) against the one-chunk forward+backward
+// above: chunks of every size, dx written over (poisoned first: every row must be written),
+// dwte written over then accumulated, BF16 dwte, and the forward-only mode.
+TEST(CrossentropyCudaTest, ChunkedLmHeadMatchesWholeBatch) {
+  QT_SKIP_WITHOUT_GPU();
+  testing::TestStream stream;
+  absl::StatusOr<std::unique_ptr<MatmulContext>> ctx = MatmulContext::Create();
+  ASSERT_TRUE(ctx.ok()) << ctx.status();
+  const int N = 200, C = 64, V = 520;
+  const int64_t nx = static_cast<int64_t>(N) * C, nw = static_cast<int64_t>(V) * C;
+  const auto x = RandomBf16(nx, 15, -2, 2), wte = RandomBf16(nw, 16, -0.2, 0.2);
+  const std::vector<int32_t> targets = ops::testing::RandomTokens(N, V, 17);
+  DeviceArray<bf16> d_x(x.bits), d_wte(wte.bits);
+  DeviceArray<int32_t> d_targets(targets);
+  const float dloss = 0.5f;
+  // Reference: the whole batch at once.
+  DeviceArray<bf16> d_logits(nx / C * V), d_dx(nx);
+  DeviceArray<float> d_losses(N), d_dwte(nw);
+  DeviceArray<double> d_mean(1);
+  QT_ASSERT_OK(lm_head_crossentropy_forward_cuda(**ctx, d_losses.get(), d_mean.get(),
+                                                 d_logits.get(), d_x.get(), d_wte.get(),
+                                                 d_targets.get(), N, C, V, dloss, stream.get()));
+  QT_ASSERT_OK(lm_head_crossentropy_backward_cuda(**ctx, d_dx.get(), d_dwte.get(), d_logits.get(),
+                                                  d_x.get(), d_wte.get(), N, C, V, stream.get(),
+                                                  GradWrite::kOverwrite, GradWrite::kOverwrite));
+  QT_ASSERT_OK(stream.Sync());
+  const std::vector<float> losses_ref = d_losses.ToHost("losses");
+  const double mean_ref = d_mean.ToHost("mean")[0];
+  const std::vector<float> dx_ref = Bf16ToFloat(d_dx.ToHost("dx"));
+  const std::vector<float> dwte_ref = d_dwte.ToHost("dwte");
+  const std::vector<bf16> poison(nx, bf16{0x7fc0});  // NaN
+  for (int chunk : {N, 64, 37, 1}) {
+    SCOPED_TRACE(::testing::Message() << "chunk_rows=" << chunk);
+    DeviceArray<bf16> c_logits(static_cast<int64_t>(chunk) * V), c_dx(poison);
+    DeviceArray<float> c_losses(N), c_dwte(testing::RandomFloats(nw, 3));
+    DeviceArray<bf16> c_dwte16(nw);
+    DeviceArray<double> c_mean(1);
+    QT_ASSERT_OK(lm_head_crossentropy_chunked_cuda(
+        **ctx, c_losses.get(), c_mean.get(), c_logits.get(), chunk, c_dx.get(), c_dwte.get(),
+        d_x.get(), d_wte.get(), d_targets.get(), N, C, V, dloss, stream.get(),
+        GradWrite::kOverwrite, GradWrite::kOverwrite));
+    QT_ASSERT_OK(stream.Sync());
+    testing::ExpectNear(c_losses.ToHost("losses"), losses_ref, 1e-3, 1e-3, "losses");
+    EXPECT_NEAR(c_mean.ToHost("mean")[0], mean_ref, 1e-3);
+    const std::vector<float> dx = Bf16ToFloat(c_dx.ToHost("dx"));
+    for (float v : dx) ASSERT_FALSE(std::isnan(v)) << "a dx row was not written";
+    EXPECT_LT(testing::RelL2(dx, dx_ref), 1e-2) << "dx";
+    EXPECT_LT(testing::RelL2(c_dwte.ToHost("dwte"), dwte_ref), 1e-2) << "dwte";
+    // Accumulate: a second call adds the same gradient again.
+    QT_ASSERT_OK(lm_head_crossentropy_chunked_cuda(
+        **ctx, c_losses.get(), nullptr, c_logits.get(), chunk, nullptr, c_dwte.get(), d_x.get(),
+        d_wte.get(), d_targets.get(), N, C, V, dloss, stream.get(), GradWrite::kAccumulate));
+    QT_ASSERT_OK(stream.Sync());
+    std::vector<float> twice = dwte_ref;
+    for (float& v : twice) v *= 2;
+    EXPECT_LT(testing::RelL2(c_dwte.ToHost("dwte"), twice), 1e-2) << "accumulated dwte";
+    // BF16 dwte: the fp32 result rounded.
+    QT_ASSERT_OK(lm_head_crossentropy_chunked_cuda(
+        **ctx, c_losses.get(), nullptr, c_logits.get(), chunk, nullptr, c_dwte16.get(),
+        d_x.get(), d_wte.get(), d_targets.get(), N, C, V, dloss, stream.get(),
+        GradWrite::kOverwrite));
+    QT_ASSERT_OK(stream.Sync());
+    // Each chunk adds its term to the BF16 gradient with one rounding: with one-row chunks
+    // that is N roundings (a random walk of ~sqrt(N) BF16 ulps).
+    const int chunks = (N + chunk - 1) / chunk;
+    EXPECT_LT(testing::RelL2(Bf16ToFloat(c_dwte16.ToHost("dwte16")), dwte_ref),
+              chunks <= 8 ? 1e-2 : 4e-2);
+    // Forward only: the losses, nothing else.
+    DeviceArray<float> f_losses(N);
+    DeviceArray<double> f_mean(1);
+    QT_ASSERT_OK(lm_head_crossentropy_chunked_cuda(
+        **ctx, f_losses.get(), f_mean.get(), c_logits.get(), chunk, nullptr,
+        static_cast<float*>(nullptr), d_x.get(), d_wte.get(), d_targets.get(), N, C, V, dloss,
+        stream.get()));
+    QT_ASSERT_OK(stream.Sync());
+    testing::ExpectNear(f_losses.ToHost("losses"), losses_ref, 1e-3, 1e-3, "forward-only losses");
+  }
+  float f = 0;
+  bf16 b{};
+  int32_t t = 0;
+  const absl::Status bad = lm_head_crossentropy_chunked_cuda(
+      **ctx, &f, nullptr, &b, 0, nullptr, static_cast<float*>(nullptr), &b, &b, &t, 1, 1, 1, 1.f,
+      nullptr);
+  EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.message().find("chunk_rows"), absl::string_view::npos) << bad;
+}
+
 }  // namespace
 }  // namespace qtrain::ops

@@ -52,7 +52,8 @@ class Carver {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<CudaGpt>> CudaGpt::Create(const GptConfig& config,
-                                                        const ParamStore& layout) {
+                                                        const ParamStore& layout,
+                                                        GradDtype grad_dtype) {
   if (config.tweo.enabled) {
     return absl::UnimplementedError(
         "CUDA model: the TWEO outlier loss (precision.tweo) is not implemented on CUDA yet");
@@ -90,7 +91,7 @@ absl::StatusOr<std::unique_ptr<CudaGpt>> CudaGpt::Create(const GptConfig& config
         "CUDA model: no CUDA device is usable (cudaGetDeviceCount found none, or no driver); "
         "run with device CPU or on a machine with an NVIDIA GPU");
   }
-  std::unique_ptr<CudaGpt> m(new CudaGpt(config));
+  std::unique_ptr<CudaGpt> m(new CudaGpt(config, grad_dtype));
   RETURN_IF_ERROR(m->Init(layout));
   return m;
 }
@@ -196,11 +197,11 @@ absl::Status CudaGpt::Init(const ParamStore& layout) {
 
   ASSIGN_OR_RETURN(stream_, ops::CreateStream());
   ASSIGN_OR_RETURN(matmul_, ops::MatmulContext::Create());
+  matmul_->set_autotune(false);
   const int64_t n = num_params_;
   ASSIGN_OR_RETURN(void* p, Alloc(n * 4));
   params_ = static_cast<float*>(p);
-  ASSIGN_OR_RETURN(p, Alloc(n * 4));
-  grads_ = static_cast<float*>(p);
+  ASSIGN_OR_RETURN(grads_, Alloc(n * grad_bytes()));
   ASSIGN_OR_RETURN(p, Alloc(n * 4));
   m_ = static_cast<float*>(p);
   ASSIGN_OR_RETURN(p, Alloc(n * 4));
@@ -213,9 +214,13 @@ absl::Status CudaGpt::Init(const ParamStore& layout) {
   clip_factor_ = static_cast<float*>(p);
   norm_ws_bytes_ = ops::sum_squares_cuda_workspace_bytes();
   ASSIGN_OR_RETURN(norm_ws_, Alloc(norm_ws_bytes_));
-  for (float* buf : {params_, grads_, m_, v_}) {
+  for (float* buf : {params_, m_, v_}) {
     RETURN_IF_ERROR(gpu::MemsetAsync(buf, 0, n * 4, stream_));
   }
+  RETURN_IF_ERROR(gpu::MemsetAsync(grads_, 0, n * grad_bytes(), stream_));
+  std::vector<ops::AdamwSegment> segments;
+  for (const DecayRun& r : decay_runs_) segments.push_back({r.offset, r.size, r.decay});
+  ASSIGN_OR_RETURN(adamw_plan_, ops::AdamwPlan::Create(segments, n));
   RETURN_IF_ERROR(gpu::MemsetAsync(params_bf16_, 0, n * 2, stream_));
   return ops::SynchronizeStream(stream_);
 }
@@ -258,19 +263,18 @@ absl::Status CudaGpt::EnsureActivations(int B, int T) {
                                   ops::matmul_backward_cuda_workspace_bytes(n, 3 * c.n_embd),
                                   ops::matmul_backward_cuda_workspace_bytes(n, c.n_embd)});
   const int64_t att_ws = ops::attention_backward_cuda_workspace_bytes(B, T, c.n_head);
+  const int logits_rows = LogitsChunkRows(n);
 
   // Two passes over the same carving: count, then assign.
   auto carve = [&](Carver& k) {
     acts_.assign(L, LayerActs{});
     for (LayerActs& a : acts_) {
-      a.ln1 = k.Take<bf16>(N * C);
       a.ln1_mean = k.Take<float>(N);
       a.ln1_rstd = k.Take<float>(N);
       a.qkv = k.Take<bf16>(N * 3 * C);
       a.atty = k.Take<bf16>(N * C);
       a.lse = k.Take<float>(static_cast<int64_t>(B) * NH * T);
       a.res2 = k.Take<bf16>(N * C);
-      a.ln2 = k.Take<bf16>(N * C);
       a.ln2_mean = k.Take<float>(N);
       a.ln2_rstd = k.Take<float>(N);
       a.fch = k.Take<bf16>(N * 4 * C);
@@ -280,17 +284,17 @@ absl::Status CudaGpt::EnsureActivations(int B, int T) {
     inputs_ = k.Take<int32_t>(N);
     targets_ = k.Take<int32_t>(N);
     encoded_ = k.Take<bf16>(N * C);
+    ln_ = k.Take<bf16>(N * C);
     lnf_ = k.Take<bf16>(N * C);
     lnf_mean_ = k.Take<float>(N);
     lnf_rstd_ = k.Take<float>(N);
-    logits_ = k.Take<bf16>(N * V);
+    logits_ = k.Take<bf16>(static_cast<int64_t>(logits_rows) * V);
     losses_ = k.Take<float>(N);
-    proj_out_ = k.Take<bf16>(N * C);
     dres_ = k.Take<bf16>(N * C);
     dln_ = k.Take<bf16>(N * C);
     datty_ = k.Take<bf16>(N * C);
+    proj_out_ = datty_;
     dqkv_ = k.Take<bf16>(N * 3 * C);
-    dfch_ = k.Take<bf16>(N * 4 * C);
     enc_ws_ = k.Take<char>(enc_ws);
     ln_ws_ = k.Take<char>(ln_ws);
     mm_ws_ = k.Take<char>(mm_ws);
@@ -307,6 +311,7 @@ absl::Status CudaGpt::EnsureActivations(int B, int T) {
   ln_ws_bytes_ = ln_ws;
   mm_ws_bytes_ = mm_ws;
   att_ws_bytes_ = att_ws;
+  logits_rows_ = logits_rows;
   B_ = B;
   T_ = T;
   have_targets_ = false;
@@ -391,18 +396,49 @@ absl::Status CudaGpt::Download(ParamStore* params, AdamW* opt) {
 absl::Status CudaGpt::DownloadGrads(std::vector<float>* grads) {
   RETURN_IF_ERROR(FlushZeroGrads());
   grads->resize(num_params_);
-  RETURN_IF_ERROR(gpu::CopyToHostAsync(grads->data(), grads_, num_params_ * 4, stream_));
-  return ops::SynchronizeStream(stream_);
+  if (grad_dtype_ == GradDtype::kFp32) {
+    RETURN_IF_ERROR(gpu::CopyToHostAsync(grads->data(), grads_, num_params_ * 4, stream_));
+    return ops::SynchronizeStream(stream_);
+  }
+  std::vector<bf16> g16(num_params_);
+  RETURN_IF_ERROR(gpu::CopyToHostAsync(g16.data(), grads_, num_params_ * 2, stream_));
+  RETURN_IF_ERROR(ops::SynchronizeStream(stream_));
+  for (int64_t i = 0; i < num_params_; ++i) (*grads)[i] = ops::Bf16ToFloat(g16[i]);
+  return absl::OkStatus();
+}
+
+void CudaGpt::set_deterministic(bool on) {
+  deterministic_ = on;
+  matmul_->set_autotune(autotune_ && !deterministic_);
+}
+
+void CudaGpt::set_autotune(bool on) {
+  autotune_ = on;
+  matmul_->set_autotune(autotune_ && !deterministic_);
+}
+
+int CudaGpt::LogitsChunkRows(int N) const {
+  // Two chunks once the logits are large: half the logits buffer for one more read and write
+  // of wte's gradient (e.g. GPT-2 1.5B, B=4: 206 MB instead of 412 MB; the buffer is the
+  // largest activation of small models). Rows stay a multiple of 64 for the GEMMs.
+  const int64_t bytes = static_cast<int64_t>(N) * config_.vocab_size * 2;
+  if (bytes <= (int64_t{64} << 20) || N < 128) return N;
+  return std::min(N, ((N + 1) / 2 + 63) / 64 * 64);
 }
 
 absl::StatusOr<double> CudaGpt::Forward(const int32_t* inputs, const int32_t* targets, int B,
-                                        int T) {
+                                        int T, float backward_scale) {
   const GptConfig& c = config_;
   have_targets_ = false;  // also when this call fails: Backward then refuses
   if (B <= 0 || T <= 0 || T > c.max_seq_len) {
     return absl::InvalidArgumentError(absl::StrCat("batch shape B=", B, " T=", T,
                                                    " must be positive with T <= max_seq_len ",
                                                    c.max_seq_len));
+  }
+  if (!(backward_scale >= 0.f) || (backward_scale > 0.f && targets == nullptr)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "CudaGpt::Forward: backward_scale ", backward_scale,
+        " must be 0 (no Backward follows) or positive with targets"));
   }
   const int64_t N64 = static_cast<int64_t>(B) * T;
   if (N64 > (1 << 30)) {
@@ -417,7 +453,6 @@ absl::StatusOr<double> CudaGpt::Forward(const int32_t* inputs, const int32_t* ta
     }
   }
   RETURN_IF_ERROR(EnsureActivations(B, T));
-  have_targets_ = false;
   RETURN_IF_ERROR(Mark("(host)"));
   RETURN_IF_ERROR(gpu::CopyToDeviceAsync(inputs_, inputs, N64 * 4, stream_));
   if (targets != nullptr) {
@@ -433,17 +468,17 @@ absl::StatusOr<double> CudaGpt::Forward(const int32_t* inputs, const int32_t* ta
     LayerActs& a = acts_[l];
     const bf16* x = l > 0 ? acts_[l - 1].res3 : encoded_;
     if (l == 0) {
-      RETURN_IF_ERROR(ops::layernorm_forward_cuda(a.ln1, a.ln1_mean, a.ln1_rstd, encoded_,
+      RETURN_IF_ERROR(ops::layernorm_forward_cuda(ln_, a.ln1_mean, a.ln1_rstd, encoded_,
                                                   W(b.ln1w), W(b.ln1b), N, C, stream_));
     } else {
       // The previous block's MLP residual, fused with this block's first layernorm.
       const LayerActs& p = acts_[l - 1];
-      RETURN_IF_ERROR(ops::residual_layernorm_forward_cuda(p.res3, a.ln1, a.ln1_mean, a.ln1_rstd,
+      RETURN_IF_ERROR(ops::residual_layernorm_forward_cuda(p.res3, ln_, a.ln1_mean, a.ln1_rstd,
                                                            p.res2, proj_out_, W(b.ln1w),
                                                            W(b.ln1b), N, C, stream_));
     }
     RETURN_IF_ERROR(Mark("fwd layernorm"));
-    RETURN_IF_ERROR(ops::matmul_forward_cuda(mm, a.qkv, a.ln1, W(b.qkvw), W(b.qkvb), N, C, 3 * C,
+    RETURN_IF_ERROR(ops::matmul_forward_cuda(mm, a.qkv, ln_, W(b.qkvw), W(b.qkvb), N, C, 3 * C,
                                              stream_));
     RETURN_IF_ERROR(Mark("fwd matmul qkv"));
     RETURN_IF_ERROR(ops::attention_forward_cuda(a.atty, a.lse, a.qkv, B, T, C, NH, stream_,
@@ -452,11 +487,11 @@ absl::StatusOr<double> CudaGpt::Forward(const int32_t* inputs, const int32_t* ta
     RETURN_IF_ERROR(ops::matmul_forward_cuda(mm, proj_out_, a.atty, W(b.projw), W(b.projb), N, C,
                                              C, stream_));
     RETURN_IF_ERROR(Mark("fwd matmul attn.proj"));
-    RETURN_IF_ERROR(ops::residual_layernorm_forward_cuda(a.res2, a.ln2, a.ln2_mean, a.ln2_rstd, x,
+    RETURN_IF_ERROR(ops::residual_layernorm_forward_cuda(a.res2, ln_, a.ln2_mean, a.ln2_rstd, x,
                                                          proj_out_, W(b.ln2w), W(b.ln2b), N, C,
                                                          stream_));
     RETURN_IF_ERROR(Mark("fwd layernorm"));
-    RETURN_IF_ERROR(ops::matmul_forward_cuda(mm, a.fch_gelu, a.ln2, W(b.fcw), W(b.fcb), N, C,
+    RETURN_IF_ERROR(ops::matmul_forward_cuda(mm, a.fch_gelu, ln_, W(b.fcw), W(b.fcb), N, C,
                                              4 * C, stream_, ops::Activation::kGelu, a.fch));
     RETURN_IF_ERROR(Mark("fwd matmul fc+gelu"));
     RETURN_IF_ERROR(ops::matmul_forward_cuda(mm, proj_out_, a.fch_gelu, W(b.mprojw), W(b.mprojb),
@@ -469,97 +504,134 @@ absl::StatusOr<double> CudaGpt::Forward(const int32_t* inputs, const int32_t* ta
                                                        N, C, stream_));
   RETURN_IF_ERROR(Mark("fwd layernorm"));
   if (targets == nullptr) return 0.0;
-  // The softmax kernel writes dlogits in place with the loss scale folded in; the scale of
-  // the next Backward is not known yet, so take the last one (Backward corrects a change).
-  RETURN_IF_ERROR(ops::lm_head_crossentropy_forward_cuda(mm, losses_, &scalars_[0], logits_, lnf_,
-                                                         W(wte_), targets_, N, C, V, dloss_,
-                                                         stream_));
-  RETURN_IF_ERROR(Mark("fwd lm_head+crossentropy"));
+  if (backward_scale > 0.f) {
+    // The gradients are written from here on; a pending ZeroGrads makes the first writes
+    // overwrite. Every parameter gradient is then written once before anything adds to it,
+    // except wpe's (the encoder adds into it): only wpe needs clearing.
+    backward_gw_ = zero_pending_ ? ops::GradWrite::kOverwrite : ops::GradWrite::kAccumulate;
+    if (zero_pending_) {
+      RETURN_IF_ERROR(gpu::MemsetAsync(static_cast<char*>(grads_) + wpe_ * grad_bytes(), 0,
+                                       static_cast<int64_t>(c.max_seq_len) * C * grad_bytes(),
+                                       stream_));
+      zero_pending_ = false;
+    }
+  }
+  if (grad_dtype_ == GradDtype::kBf16) {
+    RETURN_IF_ERROR(LmHead(static_cast<bf16*>(grads_), backward_scale));
+  } else {
+    RETURN_IF_ERROR(LmHead(static_cast<float*>(grads_), backward_scale));
+  }
   double loss = 0;
   RETURN_IF_ERROR(gpu::CopyToHostAsync(&loss, &scalars_[0], sizeof(double), stream_));
   RETURN_IF_ERROR(ops::SynchronizeStream(stream_));
   RETURN_IF_ERROR(Mark("(host)"));
-  have_targets_ = true;
+  have_targets_ = backward_scale > 0.f;
+  backward_scale_ = backward_scale;
   return loss;
+}
+
+template <typename G>
+absl::Status CudaGpt::LmHead(G* grads, float backward_scale) {
+  const int N = B_ * T_, C = config_.n_embd, V = config_.vocab_size;
+  // Training: dln_ receives d lnf (written over), wte's gradient its LM-head term.
+  const bool train = backward_scale > 0.f;
+  RETURN_IF_ERROR(ops::lm_head_crossentropy_chunked_cuda(
+      *matmul_, losses_, &scalars_[0], logits_, logits_rows_, train ? dln_ : nullptr,
+      train ? grads + wte_ : nullptr, lnf_, W(wte_), targets_, N, C, V,
+      train ? backward_scale : 1.f, stream_, backward_gw_, ops::GradWrite::kOverwrite));
+  return Mark(train ? "fwd+bwd lm_head+crossentropy" : "fwd lm_head+crossentropy");
 }
 
 absl::Status CudaGpt::Backward(float loss_scale) {
   if (!have_targets_) {
     return absl::FailedPreconditionError(
-        "CudaGpt::Backward needs a Forward with targets first (and only one Backward per Forward)");
+        "CudaGpt::Backward needs a training Forward (targets, backward_scale > 0) right before "
+        "it (and only one Backward per Forward)");
   }
   have_targets_ = false;
+  if (loss_scale != backward_scale_) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "CudaGpt::Backward: loss_scale ", loss_scale, " differs from the backward_scale ",
+        backward_scale_, " the Forward was given (the LM head's backward ran with it)"));
+  }
+  RETURN_IF_ERROR(Mark("(host)"));
+  if (grad_dtype_ == GradDtype::kBf16) return BackwardBlocks(static_cast<bf16*>(grads_));
+  return BackwardBlocks(static_cast<float*>(grads_));
+}
+
+template <typename G>
+absl::Status CudaGpt::BackwardBlocks(G* grads) {
   const GptConfig& c = config_;
   const int B = B_, T = T_, N = B * T, C = c.n_embd, V = c.vocab_size, NH = c.n_head;
   const int64_t NC = static_cast<int64_t>(N) * C;
   ops::MatmulContext& mm = *matmul_;
-  RETURN_IF_ERROR(Mark("(host)"));
-  if (loss_scale != dloss_) {
-    RETURN_IF_ERROR(gpu::ScaleBf16(logits_, static_cast<int64_t>(N) * V, loss_scale / dloss_,
-                                   stream_));
-    RETURN_IF_ERROR(Mark("bwd rescale dlogits"));
-    dloss_ = loss_scale;
-  }
-  // After a ZeroGrads every parameter gradient is written once here before anything adds to
-  // it, except wpe's (the encoder adds into it) and wte's second term (the encoder, after the
-  // LM head wrote the first): only wpe needs clearing.
-  const ops::GradWrite gw = zero_pending_ ? ops::GradWrite::kOverwrite : ops::GradWrite::kAccumulate;
-  if (zero_pending_) {
-    RETURN_IF_ERROR(gpu::MemsetAsync(G(wpe_), 0, static_cast<int64_t>(c.max_seq_len) * C * 4,
-                                     stream_));
-    zero_pending_ = false;
-  }
-  // dln_ first holds d lnf. Activation gradients with one consumer are written over, not
-  // accumulated, so their buffers need no clearing.
-  RETURN_IF_ERROR(ops::lm_head_crossentropy_backward_cuda(mm, dln_, G(wte_), logits_, lnf_,
-                                                          W(wte_), N, C, V, stream_, gw,
-                                                          ops::GradWrite::kOverwrite));
-  RETURN_IF_ERROR(Mark("bwd lm_head"));
-  // dres_ carries d loss / d residual stream down through the blocks.
+  const ops::GradWrite gw = backward_gw_;
+  const ops::GradWrite over = ops::GradWrite::kOverwrite;
+  auto g = [grads](int64_t off) { return grads + off; };
+  // dln_ holds d lnf from the LM head. dres_ carries d loss / d residual stream down through
+  // the blocks. Activation gradients with one consumer are written over, not accumulated, so
+  // their buffers need no clearing.
   RETURN_IF_ERROR(gpu::MemsetAsync(dres_, 0, NC * 2, stream_));
-  RETURN_IF_ERROR(ops::layernorm_backward_cuda(dres_, G(lnfw_), G(lnfb_), dln_, acts_.back().res3,
-                                               W(lnfw_), lnf_mean_, lnf_rstd_, N, C, ln_ws_,
-                                               ln_ws_bytes_, stream_, gw));
+  RETURN_IF_ERROR(ops::layernorm_backward_cuda(dres_, g(lnfw_), g(lnfb_), dln_, acts_.back().res3,
+                                               W(lnfw_), W(lnfb_), lnf_mean_, lnf_rstd_, N, C,
+                                               ln_ws_, ln_ws_bytes_, stream_, gw, nullptr));
   RETURN_IF_ERROR(Mark("bwd layernorm"));
   for (int l = c.n_layer - 1; l >= 0; --l) {
     const BlockOffsets& b = blocks_[l];
     const LayerActs& a = acts_[l];
     const bf16* x = l > 0 ? acts_[l - 1].res3 : encoded_;
-    // MLP branch: res3 = res2 + proj(gelu(fc(ln2(res2)))). The GELU's gradient is fused into
-    // the proj's dinp (overwritten, so dfch_ needs no clearing).
-    RETURN_IF_ERROR(ops::matmul_backward_cuda(mm, dfch_, G(b.mprojw), G(b.mprojb), dres_,
-                                              a.fch_gelu, W(b.mprojw), N, 4 * C, C, mm_ws_,
-                                              mm_ws_bytes_, stream_, a.fch, gw));
+    // MLP branch: res3 = res2 + proj(gelu(fc(ln2(res2)))). The proj's weight gradient first
+    // (it reads the GELU output), then its dinp with the GELU's gradient fused, written over
+    // the GELU output (whose only reader is done).
+    bf16* dfch = a.fch_gelu;
+    RETURN_IF_ERROR(ops::matmul_backward_cuda(mm, nullptr, g(b.mprojw), g(b.mprojb), dres_,
+                                              a.fch_gelu, nullptr, N, 4 * C, C, mm_ws_,
+                                              mm_ws_bytes_, stream_, nullptr, gw));
+    RETURN_IF_ERROR(ops::matmul_backward_cuda(mm, dfch, static_cast<G*>(nullptr),
+                                              static_cast<G*>(nullptr), dres_, nullptr,
+                                              W(b.mprojw), N, 4 * C, C, mm_ws_, mm_ws_bytes_,
+                                              stream_, a.fch, gw, over));
     RETURN_IF_ERROR(Mark("bwd matmul mlp.proj+dgelu"));
-    RETURN_IF_ERROR(ops::matmul_backward_cuda(mm, dln_, G(b.fcw), G(b.fcb), dfch_, a.ln2,
-                                              W(b.fcw), N, C, 4 * C, mm_ws_, mm_ws_bytes_,
-                                              stream_, nullptr, gw, ops::GradWrite::kOverwrite));
+    // fc: dinp, then ln2's backward recomputes ln2's output into ln_ for fc's weight gradient.
+    RETURN_IF_ERROR(ops::matmul_backward_cuda(mm, dln_, static_cast<G*>(nullptr),
+                                              static_cast<G*>(nullptr), dfch, nullptr, W(b.fcw),
+                                              N, C, 4 * C, mm_ws_, mm_ws_bytes_, stream_, nullptr,
+                                              gw, over));
     RETURN_IF_ERROR(Mark("bwd matmul fc"));
-    RETURN_IF_ERROR(ops::layernorm_backward_cuda(dres_, G(b.ln2w), G(b.ln2b), dln_, a.res2,
-                                                 W(b.ln2w), a.ln2_mean, a.ln2_rstd, N, C, ln_ws_,
-                                                 ln_ws_bytes_, stream_, gw));
+    RETURN_IF_ERROR(ops::layernorm_backward_cuda(dres_, g(b.ln2w), g(b.ln2b), dln_, a.res2,
+                                                 W(b.ln2w), W(b.ln2b), a.ln2_mean, a.ln2_rstd, N,
+                                                 C, ln_ws_, ln_ws_bytes_, stream_, gw, ln_));
     RETURN_IF_ERROR(Mark("bwd layernorm"));
+    RETURN_IF_ERROR(ops::matmul_backward_cuda(mm, nullptr, g(b.fcw), g(b.fcb), dfch, ln_, nullptr,
+                                              N, C, 4 * C, mm_ws_, mm_ws_bytes_, stream_, nullptr,
+                                              gw));
+    RETURN_IF_ERROR(Mark("bwd matmul fc"));
     // Attention branch: res2 = x + proj(attn(qkv(ln1(x)))).
-    RETURN_IF_ERROR(ops::matmul_backward_cuda(mm, datty_, G(b.projw), G(b.projb), dres_, a.atty,
-                                              W(b.projw), N, C, C, mm_ws_, mm_ws_bytes_,
-                                              stream_, nullptr, gw, ops::GradWrite::kOverwrite));
+    RETURN_IF_ERROR(ops::matmul_backward_cuda(mm, datty_, g(b.projw), g(b.projb), dres_, a.atty,
+                                              W(b.projw), N, C, C, mm_ws_, mm_ws_bytes_, stream_,
+                                              nullptr, gw, over));
     RETURN_IF_ERROR(Mark("bwd matmul attn.proj"));
     RETURN_IF_ERROR(ops::attention_backward_cuda(
         dqkv_, datty_, a.qkv, a.atty, a.lse, B, T, C, NH, att_ws_, att_ws_bytes_, stream_,
-        ops::AttentionKernel::kAuto, ops::GradWrite::kOverwrite, deterministic_));
+        ops::AttentionKernel::kAuto, over, deterministic_));
     RETURN_IF_ERROR(Mark("bwd attention"));
-    RETURN_IF_ERROR(ops::matmul_backward_cuda(mm, dln_, G(b.qkvw), G(b.qkvb), dqkv_, a.ln1,
+    RETURN_IF_ERROR(ops::matmul_backward_cuda(mm, dln_, static_cast<G*>(nullptr),
+                                              static_cast<G*>(nullptr), dqkv_, nullptr,
                                               W(b.qkvw), N, C, 3 * C, mm_ws_, mm_ws_bytes_,
-                                              stream_, nullptr, gw, ops::GradWrite::kOverwrite));
+                                              stream_, nullptr, gw, over));
     RETURN_IF_ERROR(Mark("bwd matmul qkv"));
-    RETURN_IF_ERROR(ops::layernorm_backward_cuda(dres_, G(b.ln1w), G(b.ln1b), dln_, x, W(b.ln1w),
-                                                 a.ln1_mean, a.ln1_rstd, N, C, ln_ws_,
-                                                 ln_ws_bytes_, stream_, gw));
+    RETURN_IF_ERROR(ops::layernorm_backward_cuda(dres_, g(b.ln1w), g(b.ln1b), dln_, x, W(b.ln1w),
+                                                 W(b.ln1b), a.ln1_mean, a.ln1_rstd, N, C, ln_ws_,
+                                                 ln_ws_bytes_, stream_, gw, ln_));
     RETURN_IF_ERROR(Mark("bwd layernorm"));
+    RETURN_IF_ERROR(ops::matmul_backward_cuda(mm, nullptr, g(b.qkvw), g(b.qkvb), dqkv_, ln_,
+                                              nullptr, N, C, 3 * C, mm_ws_, mm_ws_bytes_, stream_,
+                                              nullptr, gw));
+    RETURN_IF_ERROR(Mark("bwd matmul qkv"));
     // Nothing later in this backward touches block l's gradients.
     RETURN_IF_ERROR(GradientsReady(l));
   }
-  RETURN_IF_ERROR(ops::encoder_backward_cuda(G(wte_), G(wpe_), dres_, inputs_, B, T, C, V,
+  RETURN_IF_ERROR(ops::encoder_backward_cuda(g(wte_), g(wpe_), dres_, inputs_, B, T, C, V,
                                              enc_ws_, enc_ws_bytes_, stream_));
   RETURN_IF_ERROR(Mark("bwd encoder"));
   // wte's gradient is finished only by the encoder (its second term), so the embeddings and the
@@ -590,11 +662,11 @@ absl::Status CudaGpt::FlushZeroGrads() {
   if (!zero_pending_) return absl::OkStatus();
   zero_pending_ = false;
   RETURN_IF_ERROR(Mark("(host)"));
-  RETURN_IF_ERROR(gpu::MemsetAsync(grads_, 0, num_params_ * 4, stream_));
+  RETURN_IF_ERROR(gpu::MemsetAsync(grads_, 0, num_params_ * grad_bytes(), stream_));
   return Mark("zero grads");
 }
 
-float* CudaGpt::device_grads() {
+void* CudaGpt::device_grads() {
   const absl::Status s = FlushZeroGrads();
   if (!s.ok()) std::fprintf(stderr, "CudaGpt::device_grads: clearing the gradients: %s\n",
                             s.ToString().c_str());
@@ -604,8 +676,13 @@ float* CudaGpt::device_grads() {
 absl::StatusOr<double> CudaGpt::GradSumSquares() {
   RETURN_IF_ERROR(FlushZeroGrads());
   RETURN_IF_ERROR(Mark("(host)"));
-  RETURN_IF_ERROR(ops::sum_squares_cuda(&scalars_[1], grads_, num_params_, norm_ws_,
-                                        norm_ws_bytes_, stream_));
+  if (grad_dtype_ == GradDtype::kBf16) {
+    RETURN_IF_ERROR(ops::sum_squares_cuda(&scalars_[1], static_cast<const bf16*>(grads_),
+                                          num_params_, norm_ws_, norm_ws_bytes_, stream_));
+  } else {
+    RETURN_IF_ERROR(ops::sum_squares_cuda(&scalars_[1], static_cast<const float*>(grads_),
+                                          num_params_, norm_ws_, norm_ws_bytes_, stream_));
+  }
   double sum = 0;
   RETURN_IF_ERROR(gpu::CopyToHostAsync(&sum, &scalars_[1], sizeof(double), stream_));
   RETURN_IF_ERROR(ops::SynchronizeStream(stream_));
@@ -629,11 +706,15 @@ absl::Status CudaGpt::Update(float lr, double grad_norm, const AdamWConfig& conf
       scale = clip_factor_;
     }
   }
-  for (const DecayRun& r : decay_runs_) {
-    RETURN_IF_ERROR(ops::adamw_update_cuda(
-        params_ + r.offset, params_bf16_ + r.offset, grads_ + r.offset, m_ + r.offset,
-        v_ + r.offset, r.size, lr, config.beta1, config.beta2, config.eps,
-        r.decay ? config.weight_decay : 0.0f, t, scale, stream_));
+  // One launch over every tensor; weight decay on the runs whose flag is set.
+  if (grad_dtype_ == GradDtype::kBf16) {
+    RETURN_IF_ERROR(ops::adamw_update_multi_cuda(
+        *adamw_plan_, params_, params_bf16_, static_cast<const bf16*>(grads_), m_, v_, lr,
+        config.beta1, config.beta2, config.eps, config.weight_decay, t, scale, stream_));
+  } else {
+    RETURN_IF_ERROR(ops::adamw_update_multi_cuda(
+        *adamw_plan_, params_, params_bf16_, static_cast<const float*>(grads_), m_, v_, lr,
+        config.beta1, config.beta2, config.eps, config.weight_decay, t, scale, stream_));
   }
   return Mark("adamw");
 }
@@ -649,16 +730,16 @@ absl::StatusOr<std::vector<float>> CudaGpt::Logits(const std::vector<int>& rows)
           absl::StrCat("CudaGpt::Logits: row ", r, " outside [0, ", N, ")"));
     }
   }
-  // The logits buffer may hold dlogits of the last Forward: recompute into it.
-  RETURN_IF_ERROR(ops::matmul_forward_cuda(*matmul_, logits_, lnf_, W(wte_), nullptr, N, C, V,
-                                           stream_));
-  have_targets_ = false;  // the dlogits are gone
+  // The logits buffer holds one chunk's dlogits: recompute each row into its first row.
+  have_targets_ = false;  // a pending Backward's state is not kept
   std::vector<bf16> row(V);
   std::vector<float> out;
   out.reserve(rows.size() * static_cast<size_t>(V));
   for (int r : rows) {
-    RETURN_IF_ERROR(gpu::CopyToHostAsync(row.data(), logits_ + static_cast<int64_t>(r) * V,
-                                         static_cast<int64_t>(V) * 2, stream_));
+    RETURN_IF_ERROR(ops::matmul_forward_cuda(*matmul_, logits_, lnf_ + static_cast<int64_t>(r) * C,
+                                             W(wte_), nullptr, 1, C, V, stream_));
+    RETURN_IF_ERROR(gpu::CopyToHostAsync(row.data(), logits_, static_cast<int64_t>(V) * 2,
+                                         stream_));
     RETURN_IF_ERROR(ops::SynchronizeStream(stream_));
     for (bf16 x : row) out.push_back(ops::Bf16ToFloat(x));
   }
@@ -666,8 +747,9 @@ absl::StatusOr<std::vector<float>> CudaGpt::Logits(const std::vector<int>& rows)
 }
 
 absl::StatusOr<std::unique_ptr<DeviceModel>> CreateCudaModel(const GptConfig& config,
-                                                             const ParamStore& layout) {
-  ASSIGN_OR_RETURN(std::unique_ptr<CudaGpt> m, CudaGpt::Create(config, layout));
+                                                             const ParamStore& layout,
+                                                             GradDtype grad_dtype) {
+  ASSIGN_OR_RETURN(std::unique_ptr<CudaGpt> m, CudaGpt::Create(config, layout, grad_dtype));
   return std::unique_ptr<DeviceModel>(std::move(m));
 }
 

@@ -1,6 +1,13 @@
 // The GPT of trainer/gpt.h on one CUDA device (DeviceModel): FP32 master weights, BF16 compute
-// copies and activations, FP32 gradients and AdamW moments, all over the ParamStore layout of
-// the host model; the kernels are ops/cuda's. Full precision (BF16) only so far.
+// copies and activations, FP32 or BF16 gradients (training.grad_dtype), FP32 AdamW moments, all
+// over the ParamStore layout of the host model; the kernels are ops/cuda's. Full precision
+// (BF16) Linears only so far.
+//
+// Memory: per layer and token the model keeps qkv (3C), the attention output (C), the two
+// residuals (2C) and the MLP's pre- and post-GELU values (8C), in BF16. The layernorm outputs
+// are not kept: the layernorm backward recomputes each one (a write, no extra read) just before
+// the weight-gradient GEMM that needs it. The LM head's backward runs inside the training
+// Forward, two row chunks at a time... one chunk at a time, so only one chunk's logits exist.
 #ifndef QTRAIN_TRAINER_CUDA_GPT_CUDA_H_
 #define QTRAIN_TRAINER_CUDA_GPT_CUDA_H_
 
@@ -13,6 +20,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "ops/cuda/adamw_cuda.h"
 #include "ops/cuda/bf16.h"
 #include "ops/cuda/matmul_cuda.h"
 #include "trainer/device_model.h"
@@ -31,19 +39,21 @@ class CudaGpt : public DeviceModel {
   // (FP8/QAT Linears, TWEO); InvalidArgument when `layout` is not the full-precision Gpt's.
   // Allocates parameters, gradients and moments (zeroed); Upload fills them.
   static absl::StatusOr<std::unique_ptr<CudaGpt>> Create(const GptConfig& config,
-                                                         const ParamStore& layout);
+                                                         const ParamStore& layout,
+                                                         GradDtype grad_dtype = GradDtype::kFp32);
   ~CudaGpt() override;
   CudaGpt(const CudaGpt&) = delete;
   CudaGpt& operator=(const CudaGpt&) = delete;
 
   absl::Status Upload(const ParamStore& params, const AdamW* opt) override;
   absl::Status Download(ParamStore* params, AdamW* opt) override;
-  absl::StatusOr<double> Forward(const int32_t* inputs, const int32_t* targets, int B,
-                                 int T) override;
+  absl::StatusOr<double> Forward(const int32_t* inputs, const int32_t* targets, int B, int T,
+                                 float backward_scale) override;
   absl::Status Backward(float loss_scale) override;
   absl::Status ZeroGrads() override;
   // Clears first when a ZeroGrads is still pending (no Backward since).
-  float* device_grads() override;
+  void* device_grads() override;
+  GradDtype grad_dtype() const override { return grad_dtype_; }
   int64_t num_parameters() const override { return num_params_; }
   absl::StatusOr<double> GradSumSquares() override;
   absl::Status Update(float lr, double grad_norm, const AdamWConfig& config, int t) override;
@@ -55,12 +65,19 @@ class CudaGpt : public DeviceModel {
   // For tests and benchmarks. The logits (rows.size(), V) of the given rows (b*T + t) of the
   // last Forward (recomputed from its final hidden states: BF16 GEMM, fp32 accumulation).
   absl::StatusOr<std::vector<float>> Logits(const std::vector<int>& rows);
-  // The gradients (ParamStore layout) on the host.
+  // The gradients (ParamStore layout) on the host, widened to fp32.
   absl::Status DownloadGrads(std::vector<float>* grads);
   // Deterministic attention: our flash-attention kernels instead of cuDNN's fused attention,
   // whose backward sums dq with atomics (bit-identical reruns and resumes need this on; the
   // trainer's `training.deterministic`).
-  void set_deterministic(bool on) override { deterministic_ = on; }
+  // Also keeps GEMM autotuning off (below).
+  void set_deterministic(bool on) override;
+  // GEMM autotuning (ops::MatmulContext): time cuBLASLt's candidates on first use of each
+  // problem and keep the fastest, instead of its first heuristic pick. Off by default (the pick
+  // is stable across runs; tuned choices may differ between runs and gained little on the
+  // H100, docs/benchmarks.md); never on in deterministic mode.
+  void set_autotune(bool on);
+  const ops::MatmulContext& matmul() const { return *matmul_; }
   // Device bytes this model allocated (parameters, state, activations, workspaces).
   int64_t allocated_bytes() const { return allocated_bytes_; }
 
@@ -81,13 +98,15 @@ class CudaGpt : public DeviceModel {
     int64_t offset, size;
     bool decay;
   };
-  // Activations of one (B, T), in one allocation.
+  // Activations of one (B, T), in one allocation. The layernorm outputs are not among them
+  // (see the top of this file).
   struct LayerActs {
-    ops::bf16 *ln1, *qkv, *atty, *res2, *ln2, *fch, *fch_gelu, *res3;
+    ops::bf16 *qkv, *atty, *res2, *fch, *fch_gelu, *res3;
     float *ln1_mean, *ln1_rstd, *ln2_mean, *ln2_rstd, *lse;
   };
 
-  explicit CudaGpt(const GptConfig& config) : config_(config) {}
+  CudaGpt(const GptConfig& config, GradDtype grad_dtype)
+      : config_(config), grad_dtype_(grad_dtype) {}
   absl::Status Init(const ParamStore& layout);
   absl::Status EnsureActivations(int B, int T);
   absl::Status FreeActivations();
@@ -98,16 +117,26 @@ class CudaGpt : public DeviceModel {
   // Backward's report that the gradients of range `index` (blocks first, see grad_ranges_) are
   // final: records that range's event and calls the hook, when one is set.
   absl::Status GradientsReady(size_t index);
+  // The training Forward's LM head (forward, cross-entropy and backward by row chunks) and
+  // Backward's blocks, over gradients of type G (float or bf16).
+  template <typename G>
+  absl::Status LmHead(G* grads, float backward_scale);
+  template <typename G>
+  absl::Status BackwardBlocks(G* grads);
+  // Rows per chunk of the LM head for a batch of N rows.
+  int LogitsChunkRows(int N) const;
 
   float* P(int64_t off) { return params_ + off; }
   ops::bf16* W(int64_t off) { return params_bf16_ + off; }
-  float* G(int64_t off) { return grads_ + off; }
+  int64_t grad_bytes() const { return grad_dtype_ == GradDtype::kBf16 ? 2 : 4; }
 
   GptConfig config_;
+  GradDtype grad_dtype_;
   int64_t num_params_ = 0;
   int64_t wte_ = 0, wpe_ = 0, lnfw_ = 0, lnfb_ = 0;
   std::vector<BlockOffsets> blocks_;
   std::vector<DecayRun> decay_runs_;
+  std::unique_ptr<ops::AdamwPlan> adamw_plan_;  // the decay runs, one AdamW launch
   // Flat ranges for the gradient-ready hook: [0, n_layer) block l's tensors, then the rest of
   // [0, num_params_) (embeddings, final layernorm) in ascending order; one event each.
   struct GradRange {
@@ -120,11 +149,13 @@ class CudaGpt : public DeviceModel {
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<ops::MatmulContext> matmul_;
   bool deterministic_ = false;
+  bool autotune_ = false;
   std::vector<void*> allocations_;  // freed in the destructor
   int64_t allocated_bytes_ = 0;
 
   // Parameter-sized state.
-  float *params_ = nullptr, *grads_ = nullptr, *m_ = nullptr, *v_ = nullptr;
+  float *params_ = nullptr, *m_ = nullptr, *v_ = nullptr;
+  void* grads_ = nullptr;  // grad_dtype_
   ops::bf16* params_bf16_ = nullptr;
   double* scalars_ = nullptr;  // [0] mean loss, [1] sum of squares
   float* clip_factor_ = nullptr;
@@ -138,19 +169,26 @@ class CudaGpt : public DeviceModel {
   int64_t act_bytes_ = 0;
   std::vector<LayerActs> acts_;
   int32_t *inputs_ = nullptr, *targets_ = nullptr;
-  ops::bf16 *encoded_ = nullptr, *lnf_ = nullptr, *logits_ = nullptr, *proj_out_ = nullptr;
+  // ln_: a layernorm's output, for the GEMM after it (forward) or recomputed for the weight
+  // gradient (backward); lnf_ is the final one. proj_out_ shares datty_'s memory (forward vs
+  // backward). The MLP's dGELU output goes into the layer's fch_gelu once its weight gradient
+  // no longer needs it.
+  ops::bf16 *encoded_ = nullptr, *ln_ = nullptr, *lnf_ = nullptr, *logits_ = nullptr,
+            *proj_out_ = nullptr;
   float *lnf_mean_ = nullptr, *lnf_rstd_ = nullptr, *losses_ = nullptr;
-  ops::bf16 *dres_ = nullptr, *dln_ = nullptr, *datty_ = nullptr, *dqkv_ = nullptr,
-            *dfch_ = nullptr;
+  int logits_rows_ = 0;  // rows of logits_ (one LM-head chunk)
+  ops::bf16 *dres_ = nullptr, *dln_ = nullptr, *datty_ = nullptr, *dqkv_ = nullptr;
   void *enc_ws_ = nullptr, *ln_ws_ = nullptr, *mm_ws_ = nullptr, *att_ws_ = nullptr;
   int64_t enc_ws_bytes_ = 0, ln_ws_bytes_ = 0, mm_ws_bytes_ = 0, att_ws_bytes_ = 0;
 
   // State of the last Forward.
-  bool have_targets_ = false;  // Backward needs a Forward with targets
-  float dloss_ = 1.0f;  // the loss scale the last Forward folded into dlogits
-  // ZeroGrads is deferred: the next Backward writes the gradients instead of adding to them
-  // (GradWrite::kOverwrite), which spares a pass over them and the GEMMs' reads of them.
+  // Backward needs a training Forward (targets, backward_scale > 0) right before it.
+  bool have_targets_ = false;
+  float backward_scale_ = 0.f;  // of that Forward
+  // ZeroGrads is deferred: the next training Forward/Backward writes the gradients instead of
+  // adding to them (GradWrite::kOverwrite), which spares a pass over them and the GEMMs' reads.
   bool zero_pending_ = false;
+  ops::GradWrite backward_gw_ = ops::GradWrite::kAccumulate;  // of the current Forward/Backward
 
   // Profiling.
   bool profiling_ = false;

@@ -29,14 +29,6 @@ __global__ void fp32_to_bf16_kernel(__nv_bfloat16* __restrict__ out, const float
   }
 }
 
-__global__ void scale_bf16_kernel(__nv_bfloat16* __restrict__ x, int64_t n, float scale) {
-  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += stride) {
-    x[i] = __float2bfloat16_rn(__bfloat162float(x[i]) * scale);
-  }
-}
-
 }  // namespace
 
 absl::Status CopyToDeviceAsync(void* dst, const void* src, int64_t bytes, cudaStream_t stream) {
@@ -67,15 +59,6 @@ absl::Status Fp32ToBf16(ops::bf16* out, const float* in, int64_t n, cudaStream_t
   if (n == 0) return absl::OkStatus();
   fp32_to_bf16_kernel<<<Blocks(n), kThreads, 0, stream>>>(
       reinterpret_cast<__nv_bfloat16*>(out), in, n);
-  CUDA_RETURN_IF_ERROR(cudaGetLastError());
-  return absl::OkStatus();
-}
-
-absl::Status ScaleBf16(ops::bf16* x, int64_t n, float scale, cudaStream_t stream) {
-  QT_CHECK_ARG(n >= 0, "ScaleBf16: n must be >= 0, got ", n);
-  if (n == 0) return absl::OkStatus();
-  scale_bf16_kernel<<<Blocks(n), kThreads, 0, stream>>>(reinterpret_cast<__nv_bfloat16*>(x), n,
-                                                        scale);
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
 }

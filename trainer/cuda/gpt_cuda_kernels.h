@@ -22,8 +22,6 @@ absl::Status MemsetAsync(void* ptr, int value, int64_t bytes, cudaStream_t strea
 
 // out (n) = in (n) rounded to nearest even, exactly FloatToBf16.
 absl::Status Fp32ToBf16(ops::bf16* out, const float* in, int64_t n, cudaStream_t stream);
-// x (n) *= scale, in fp32, rounded once.
-absl::Status ScaleBf16(ops::bf16* x, int64_t n, float scale, cudaStream_t stream);
 
 struct DeviceMemory {
   int64_t free_bytes = 0, total_bytes = 0;
