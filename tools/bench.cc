@@ -34,6 +34,9 @@ ABSL_FLAG(int, profile_steps, 3, "steps of the per-op profile after the timed on
 ABSL_FLAG(int, batch_size, 0, "sequences per step (0: the job's training.batch_size)");
 ABSL_FLAG(int, seq_len, 0, "tokens per sequence (0: the job's training.seq_len)");
 ABSL_FLAG(double, peak_tflops, 989.0, "dense BF16 peak for MFU (H100 SXM: 989)");
+ABSL_FLAG(bool, gelu_fusion, false,
+          "GELU and its gradient in cuBLASLt's GEMM epilogues instead of our kernels after the "
+          "GEMM (the model's default is off)");
 ABSL_FLAG(bool, autotune, false,
           "time cuBLASLt's candidate algorithms per GEMM on first use and keep the fastest "
           "(prints what it chose)");
@@ -96,6 +99,7 @@ absl::Status Main() {
                    CudaGpt::Create(config, host->params(), grad_dtype));
   model->set_deterministic(spec.training().deterministic());
   model->set_autotune(absl::GetFlag(FLAGS_autotune));
+  model->matmul().set_gelu_fusion(absl::GetFlag(FLAGS_gelu_fusion));
   RETURN_IF_ERROR(model->Upload(host->params(), nullptr));
   const double flops_per_token = host->flops_per_token(T);
   const int64_t n_params = host->num_parameters();
@@ -132,10 +136,12 @@ absl::Status Main() {
 
   std::printf("bench: %s on %s\n", spec.name().c_str(), device.c_str());
   std::printf("model: %.1fM parameters, %d layers, d=%d, %d heads, V=%d; B=%d T=%d (%d tokens "
-              "per step); %.3g FLOPs per token; %s gradients%s\n",
+              "per step); %.3g FLOPs per token; %s gradients%s%s%s\n",
               n_params / 1e6, config.n_layer, config.n_embd, config.n_head, config.vocab_size, B,
               T, B * T, flops_per_token, grad_dtype == GradDtype::kBf16 ? "BF16" : "FP32",
-              spec.training().deterministic() ? "; deterministic" : "");
+              spec.training().deterministic() ? "; deterministic" : "",
+              absl::GetFlag(FLAGS_gelu_fusion) ? "; GELU in cuBLASLt epilogues" : "",
+              absl::GetFlag(FLAGS_autotune) ? "; GEMM autotuning" : "");
   std::fflush(stdout);
   const auto w0 = Clock::now();
   for (int i = 0; i < warmup; ++i) RETURN_IF_ERROR(step(i));

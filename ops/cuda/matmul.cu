@@ -179,6 +179,7 @@ struct MatmulContext::Impl {
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
   EpilogueFusion fusion = EpilogueFusion::kAuto;
+  bool gelu_fusion = true;
   bool autotune = true;
   mutable std::mutex mu;
   // The algorithm per problem; a missing algorithm is cached too (has_algo false).
@@ -467,6 +468,36 @@ __global__ void bias_act_kernel(nv_bf16* __restrict__ out, nv_bf16* __restrict__
   }
 }
 
+// out = gelu(pre), 8 values per thread (total % 8 == 0, 16-byte aligned pointers).
+__global__ void gelu_vec8_kernel(nv_bf16* __restrict__ out, const nv_bf16* __restrict__ pre,
+                                 int64_t total) {
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x * 8;
+  for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 8; i < total;
+       i += stride) {
+    cu::Bf16x8 v = cu::Load8(pre + i);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) v.v[k] = __float2bfloat16_rn(cu::Gelu(__bfloat162float(v.v[k])));
+    cu::Store8(out + i, v);
+  }
+}
+
+// dinp *= gelu'(pre), 8 values per thread (as above).
+__global__ void dgelu_vec8_kernel(nv_bf16* __restrict__ dinp, const nv_bf16* __restrict__ pre,
+                                  int64_t total) {
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x * 8;
+  for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 8; i < total;
+       i += stride) {
+    cu::Bf16x8 d = cu::Load8(dinp + i);
+    const cu::Bf16x8 p = cu::Load8(pre + i);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      d.v[k] = __float2bfloat16_rn(__bfloat162float(d.v[k]) *
+                                   cu::GeluGrad(__bfloat162float(p.v[k])));
+    }
+    cu::Store8(dinp + i, d);
+  }
+}
+
 __global__ void dgelu_kernel(nv_bf16* __restrict__ dinp, const nv_bf16* __restrict__ pre,
                              int64_t total) {
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
@@ -475,6 +506,17 @@ __global__ void dgelu_kernel(nv_bf16* __restrict__ dinp, const nv_bf16* __restri
     dinp[i] = __float2bfloat16_rn(__bfloat162float(dinp[i]) *
                                   cu::GeluGrad(__bfloat162float(pre[i])));
   }
+}
+
+// dinp (total) *= gelu'(pre), vectorised where sizes and alignment allow.
+absl::Status LaunchDgelu(nv_bf16* dinp, const nv_bf16* pre, int64_t total, cudaStream_t stream) {
+  if (total % 8 == 0 && cu::IsAligned(dinp, 16) && cu::IsAligned(pre, 16)) {
+    dgelu_vec8_kernel<<<Blocks(total / 8), kThreads, 0, stream>>>(dinp, pre, total);
+  } else {
+    dgelu_kernel<<<Blocks(total), kThreads, 0, stream>>>(dinp, pre, total);
+  }
+  CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
 }
 
 // The bias gradient's column sums in two passes with a fixed partition and order: partial
@@ -666,6 +708,16 @@ EpilogueFusion MatmulContext::fusion() const { return impl_->fusion; }
 int64_t MatmulContext::fused_epilogues() const { return impl_->fused.load(); }
 int64_t MatmulContext::unfused_epilogues() const { return impl_->unfused.load(); }
 
+bool MatmulContext::gelu_fusion() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->gelu_fusion;
+}
+
+void MatmulContext::set_gelu_fusion(bool on) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  impl_->gelu_fusion = on;
+}
+
 bool MatmulContext::autotune() const {
   std::lock_guard<std::mutex> lock(impl_->mu);
   return impl_->autotune;
@@ -711,8 +763,28 @@ absl::Status matmul_forward_cuda(MatmulContext& ctx, bf16* out, const bf16* inp,
   g.ldd = OC;
   const bool gelu = act == Activation::kGelu;
   const bool epilogue = bias != nullptr || gelu;
+  const int64_t total = static_cast<int64_t>(N) * OC;
+  // GELU fusion off: the GEMM (with the bias epilogue) writes the pre-activation, then our
+  // vectorised GELU (where sizes and alignment allow it; else the branches below).
+  if (gelu && !impl.gelu_fusion && impl.fusion != EpilogueFusion::kNever && total % 8 == 0 &&
+      cu::IsAligned(out, 16) && cu::IsAligned(pre_act, 16)) {
+    Gemm f = g;
+    f.D = pre_act;
+    f.bias = bias;
+    if (bias != nullptr) f.epilogue = CUBLASLT_EPILOGUE_BIAS;
+    const absl::Status s = impl.Run(f, stream);
+    if (s.ok()) {
+      gelu_vec8_kernel<<<Blocks(total / 8), kThreads, 0, stream>>>(cu::Nv(out), cu::Nv(pre_act),
+                                                                  total);
+      CUDA_RETURN_IF_ERROR(cudaGetLastError());
+      ++impl.unfused;
+      return absl::OkStatus();
+    }
+    if (!absl::IsNotFound(s)) return s;
+  }
   // cuBLASLt wants the GELU input's leading dimension divisible by 8.
-  if (epilogue && impl.fusion != EpilogueFusion::kNever && (!gelu || OC % 8 == 0)) {
+  if (epilogue && impl.fusion != EpilogueFusion::kNever && (!gelu || OC % 8 == 0) &&
+      (!gelu || impl.gelu_fusion)) {
     Gemm f = g;
     f.bias = bias;
     if (gelu) {
@@ -734,7 +806,6 @@ absl::Status matmul_forward_cuda(MatmulContext& ctx, bf16* out, const bf16* inp,
   if (absl::IsNotFound(s)) return absl::InternalError(s.message());
   RETURN_IF_ERROR(s);
   if (epilogue) {
-    const int64_t total = static_cast<int64_t>(N) * OC;
     if (gelu) {
       bias_act_kernel<Activation::kGelu><<<Blocks(total), kThreads, 0, stream>>>(
           cu::Nv(out), cu::Nv(pre_act), bias != nullptr ? cu::Nv(bias) : nullptr, N, OC);
@@ -828,8 +899,8 @@ absl::Status MatmulBackward(MatmulContext& ctx, bf16* dinp, G* dweight, G* dbias
   fi.epilogue = CUBLASLT_EPILOGUE_DGELU;
   fi.aux = dinp_gelu_pre;
   fi.aux_ld = C;
-  const bool try_dgelu =
-      dinp_gelu_pre != nullptr && impl.fusion != EpilogueFusion::kNever && C % 8 == 0;
+  const bool try_dgelu = dinp_gelu_pre != nullptr && impl.fusion != EpilogueFusion::kNever &&
+                        impl.gelu_fusion && C % 8 == 0;
 
   // dweight^T (C x OC) (+)= inp^T (C x N) . dout (N x OC). The GEMM writes straight into
   // dweight (fp32, beta = 1 to accumulate; BF16 when overwriting), or for a BF16 accumulation
@@ -906,10 +977,8 @@ absl::Status MatmulBackward(MatmulContext& ctx, bf16* dinp, G* dweight, G* dbias
       if (absl::IsNotFound(s)) return absl::InternalError(s.message());
       RETURN_IF_ERROR(s);
       if (dinp_gelu_pre != nullptr) {
-        const int64_t total = static_cast<int64_t>(N) * C;
-        dgelu_kernel<<<Blocks(total), kThreads, 0, stream>>>(cu::Nv(dinp),
-                                                             cu::Nv(dinp_gelu_pre), total);
-        CUDA_RETURN_IF_ERROR(cudaGetLastError());
+        RETURN_IF_ERROR(LaunchDgelu(cu::Nv(dinp), cu::Nv(dinp_gelu_pre),
+                                    static_cast<int64_t>(N) * C, stream));
         ++impl.unfused;
       }
     }

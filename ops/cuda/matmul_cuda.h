@@ -88,6 +88,15 @@ class MatmulContext {
   int64_t fused_epilogues() const;
   int64_t unfused_epilogues() const;
 
+  // Whether the GELU (forward) and its gradient (backward) go into cuBLASLt's epilogue
+  // (GELU_AUX[_BIAS], DGELU) under kAuto/kAll; default on. Off: the GEMM (with the bias epilogue
+  // in forward) writes the pre-activation / the output gradient, and our vectorised kernel
+  // applies GELU / multiplies by GELU' (one more read and write of that tensor; the GELU is
+  // then taken of the BF16-rounded pre-activation, which is what backward sees anyway). On the
+  // H100 the epilogue GEMMs ran slower than that at the GPT-2 shapes (docs/benchmarks.md).
+  bool gelu_fusion() const;
+  void set_gelu_fusion(bool on);
+
   bool autotune() const;
   // Switching forgets the choices made so far, so that every problem is chosen again under the
   // new setting (the report is kept).

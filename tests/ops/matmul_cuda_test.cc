@@ -125,14 +125,19 @@ void CheckForward(MatmulContext& ctx, cudaStream_t stream, const Shape& sh, bool
 TEST(MatmulCudaTest, ForwardMatchesCpuEveryEpilogue) {
   QT_SKIP_WITHOUT_GPU();
   testing::TestStream stream;
-  for (EpilogueFusion fusion : {EpilogueFusion::kAuto, EpilogueFusion::kNever}) {
+  // kAuto with GELU fusion on and off (our GELU kernel after the GEMM), and kNever.
+  for (int mode = 0; mode < 3; ++mode) {
+    const EpilogueFusion fusion = mode < 2 ? EpilogueFusion::kAuto : EpilogueFusion::kNever;
     std::unique_ptr<MatmulContext> ctx = MakeContext(fusion);
     ASSERT_NE(ctx, nullptr);
+    ctx->set_gelu_fusion(mode == 0);
+    EXPECT_EQ(ctx->gelu_fusion(), mode == 0);
     for (const Shape& sh : kShapes) {
       for (bool with_bias : {false, true}) {
         for (Activation act : {Activation::kNone, Activation::kGelu}) {
           SCOPED_TRACE(::testing::Message()
                        << "fusion=" << (fusion == EpilogueFusion::kAuto ? "auto" : "never")
+                       << " gelu_fusion=" << ctx->gelu_fusion()
                        << " N=" << sh.N << " C=" << sh.C << " OC=" << sh.OC
                        << " bias=" << with_bias << " gelu=" << (act == Activation::kGelu));
           CheckForward(*ctx, stream.get(), sh, with_bias, act);
@@ -231,12 +236,15 @@ TEST(MatmulCudaTest, BackwardSkipsNullOutputs) {
 TEST(MatmulCudaTest, FusedGeluGradientMatchesCpu) {
   QT_SKIP_WITHOUT_GPU();
   testing::TestStream stream;
-  for (EpilogueFusion fusion : {EpilogueFusion::kAuto, EpilogueFusion::kNever}) {
+  for (int mode = 0; mode < 3; ++mode) {
+    const EpilogueFusion fusion = mode < 2 ? EpilogueFusion::kAuto : EpilogueFusion::kNever;
     std::unique_ptr<MatmulContext> ctx = MakeContext(fusion);
     ASSERT_NE(ctx, nullptr);
+    ctx->set_gelu_fusion(mode == 0);
     for (const Shape& sh : kShapes) {
       SCOPED_TRACE(::testing::Message()
                    << "fusion=" << (fusion == EpilogueFusion::kAuto ? "auto" : "never")
+                   << " gelu_fusion=" << ctx->gelu_fusion()
                    << " N=" << sh.N << " C=" << sh.C << " OC=" << sh.OC);
       // This layer's input is gelu(pre): dpre = (dy @ w) * gelu'(pre), overwritten.
       const int64_t nx = static_cast<int64_t>(sh.N) * sh.C;
@@ -263,7 +271,7 @@ TEST(MatmulCudaTest, FusedGeluGradientMatchesCpu) {
       testing::ExpectNear(Bf16ToFloat(d_dpre.ToHost("dpre")), dpre_ref, 0, kBf16Eps, "dpre",
                           &atol);
     }
-    if (fusion == EpilogueFusion::kNever) {
+    if (fusion == EpilogueFusion::kNever || !ctx->gelu_fusion()) {
       EXPECT_EQ(ctx->fused_epilogues(), 0);
     }
   }
