@@ -34,9 +34,9 @@ ABSL_FLAG(int, profile_steps, 3, "steps of the per-op profile after the timed on
 ABSL_FLAG(int, batch_size, 0, "sequences per step (0: the job's training.batch_size)");
 ABSL_FLAG(int, seq_len, 0, "tokens per sequence (0: the job's training.seq_len)");
 ABSL_FLAG(double, peak_tflops, 989.0, "dense BF16 peak for MFU (H100 SXM: 989)");
-ABSL_FLAG(bool, gelu_fusion, false,
-          "GELU and its gradient in cuBLASLt's GEMM epilogues instead of our kernels after the "
-          "GEMM (the model's default is off)");
+ABSL_FLAG(bool, gelu_fusion, true,
+          "GELU and its gradient in cuBLASLt's GEMM epilogues (false: our kernels after a plain "
+          "GEMM)");
 ABSL_FLAG(bool, autotune, false,
           "time cuBLASLt's candidate algorithms per GEMM on first use and keep the fastest "
           "(prints what it chose)");
@@ -140,7 +140,7 @@ absl::Status Main() {
               n_params / 1e6, config.n_layer, config.n_embd, config.n_head, config.vocab_size, B,
               T, B * T, flops_per_token, grad_dtype == GradDtype::kBf16 ? "BF16" : "FP32",
               spec.training().deterministic() ? "; deterministic" : "",
-              absl::GetFlag(FLAGS_gelu_fusion) ? "; GELU in cuBLASLt epilogues" : "",
+              absl::GetFlag(FLAGS_gelu_fusion) ? "" : "; GELU after the GEMMs (not fused)",
               absl::GetFlag(FLAGS_autotune) ? "; GEMM autotuning" : "");
   std::fflush(stdout);
   const auto w0 = Clock::now();

@@ -93,7 +93,8 @@ class MatmulContext {
   // in forward) writes the pre-activation / the output gradient, and our vectorised kernel
   // applies GELU / multiplies by GELU' (one more read and write of that tensor; the GELU is
   // then taken of the BF16-rounded pre-activation, which is what backward sees anyway). On the
-  // H100 the epilogue GEMMs ran slower than that at the GPT-2 shapes (docs/benchmarks.md).
+  // H100 that was 1.1-1.6% slower per GPT-2 training step than the fused epilogues
+  // (docs/benchmarks.md); it is there for GPUs and cuBLAS versions where it is not.
   bool gelu_fusion() const;
   void set_gelu_fusion(bool on);
 

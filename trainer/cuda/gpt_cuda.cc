@@ -198,7 +198,6 @@ absl::Status CudaGpt::Init(const ParamStore& layout) {
   ASSIGN_OR_RETURN(stream_, ops::CreateStream());
   ASSIGN_OR_RETURN(matmul_, ops::MatmulContext::Create());
   matmul_->set_autotune(false);
-  matmul_->set_gelu_fusion(false);
   const int64_t n = num_params_;
   ASSIGN_OR_RETURN(void* p, Alloc(n * 4));
   params_ = static_cast<float*>(p);

@@ -77,9 +77,9 @@ class CudaGpt : public DeviceModel {
   // is stable across runs; tuned choices may differ between runs and gained little on the
   // H100, docs/benchmarks.md); never on in deterministic mode.
   void set_autotune(bool on);
-  // The GEMM context, e.g. for MatmulContext::set_gelu_fusion (off in this model: cuBLASLt's
-  // GELU epilogues ran slower than plain GEMMs plus our GELU kernels on the H100) or the
-  // autotuning report.
+  // The GEMM context, e.g. for MatmulContext::set_gelu_fusion (on by default: on the H100
+  // cuBLASLt's GELU epilogues beat plain GEMMs plus our GELU kernels, docs/benchmarks.md) or
+  // the autotuning report.
   ops::MatmulContext& matmul() { return *matmul_; }
   // Device bytes this model allocated (parameters, state, activations, workspaces).
   int64_t allocated_bytes() const { return allocated_bytes_; }
