@@ -438,8 +438,9 @@ absl::StatusOr<RunResult> RunTraining(const JobSpec& spec, const RunOptions& opt
       ASSIGN_OR_RETURN(const double sum_squares, dev->GradSumSquares());
       grad_norm = std::sqrt(sum_squares);
       optimizer.set_step(optimizer.step() + 1);
+      // The update may still run while the next step's forward starts (CudaGpt overlaps them);
+      // the step times below are the host's, bounded by each Forward's wait for its loss.
       RETURN_IF_ERROR(dev->Update(lr, grad_norm, ac, optimizer.step()));
-      RETURN_IF_ERROR(dev->Synchronize());
     } else if (zero1) {
       // Reduce-scatter: this rank's shard of the mean gradient; the clip needs the norm of the
       // whole gradient, summed over shards; then each rank updates its shard and the updated

@@ -101,6 +101,11 @@ absl::Status RecordEvent(cudaEvent_t event, cudaStream_t stream) {
   return absl::OkStatus();
 }
 
+absl::Status StreamWaitEvent(cudaStream_t stream, cudaEvent_t event) {
+  CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream, event, 0));
+  return absl::OkStatus();
+}
+
 absl::StatusOr<float> ElapsedMs(cudaEvent_t start, cudaEvent_t end) {
   CUDA_RETURN_IF_ERROR(cudaEventSynchronize(end));
   float ms = 0;

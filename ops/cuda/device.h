@@ -38,6 +38,9 @@ absl::StatusOr<cudaEvent_t> CreateEvent();
 absl::Status DestroyEvent(cudaEvent_t event);
 absl::Status RecordEvent(cudaEvent_t event, cudaStream_t stream);
 absl::StatusOr<float> ElapsedMs(cudaEvent_t start, cudaEvent_t end);  // waits for `end`
+// Work queued on `stream` after this call waits for the work recorded in `event` (the host
+// does not wait).
+absl::Status StreamWaitEvent(cudaStream_t stream, cudaEvent_t event);
 
 }  // namespace qtrain::ops
 

@@ -218,16 +218,34 @@ absl::Status CudaGpt::Init(const ParamStore& layout) {
     RETURN_IF_ERROR(gpu::MemsetAsync(buf, 0, n * 4, stream_));
   }
   RETURN_IF_ERROR(gpu::MemsetAsync(grads_, 0, n * grad_bytes(), stream_));
-  std::vector<ops::AdamwSegment> segments;
-  for (const DecayRun& r : decay_runs_) segments.push_back({r.offset, r.size, r.decay});
-  ASSIGN_OR_RETURN(adamw_plan_, ops::AdamwPlan::Create(segments, n));
+  // One AdamW plan per gradient range: the decay runs clipped to it.
+  for (const GradRange& g : grad_ranges_) {
+    std::vector<ops::AdamwSegment> segments;
+    for (const DecayRun& r : decay_runs_) {
+      const int64_t lo = std::max(r.offset, g.begin), hi = std::min(r.offset + r.size, g.end);
+      if (lo < hi) segments.push_back({lo, hi - lo, r.decay});
+    }
+    ASSIGN_OR_RETURN(std::unique_ptr<ops::AdamwPlan> plan, ops::AdamwPlan::Create(segments, n));
+    adamw_plans_.push_back(std::move(plan));
+  }
+  for (size_t i = blocks_.size(); i < grad_ranges_.size(); ++i) update_order_.push_back(i);
+  for (size_t i = 0; i < blocks_.size(); ++i) update_order_.push_back(i);
+  ASSIGN_OR_RETURN(opt_stream_, ops::CreateStream());
+  ASSIGN_OR_RETURN(grads_final_, ops::CreateEvent());
+  for (size_t i = 0; i < grad_ranges_.size(); ++i) {
+    ASSIGN_OR_RETURN(cudaEvent_t e, ops::CreateEvent());
+    update_events_.push_back(e);
+  }
   RETURN_IF_ERROR(gpu::MemsetAsync(params_bf16_, 0, n * 2, stream_));
   return ops::SynchronizeStream(stream_);
 }
 
 CudaGpt::~CudaGpt() {
+  if (opt_stream_ != nullptr) (void)ops::SynchronizeStream(opt_stream_);
   if (stream_ != nullptr) (void)ops::SynchronizeStream(stream_);
   for (cudaEvent_t e : events_) (void)ops::DestroyEvent(e);
+  for (cudaEvent_t e : update_events_) (void)ops::DestroyEvent(e);
+  if (grads_final_ != nullptr) (void)ops::DestroyEvent(grads_final_);
   for (cudaEvent_t e : ready_events_) {
     if (e != nullptr) (void)ops::DestroyEvent(e);
   }
@@ -235,6 +253,19 @@ CudaGpt::~CudaGpt() {
   for (void* p : allocations_) (void)ops::DeviceFree(p);
   matmul_.reset();
   if (stream_ != nullptr) (void)ops::DestroyStream(stream_);
+  if (opt_stream_ != nullptr) (void)ops::DestroyStream(opt_stream_);
+}
+
+absl::Status CudaGpt::WaitForUpdate(size_t index) {
+  if (!update_pending_) return absl::OkStatus();
+  return ops::StreamWaitEvent(stream_, update_events_[index]);
+}
+
+absl::Status CudaGpt::JoinUpdate() {
+  if (!update_pending_) return absl::OkStatus();
+  for (size_t i : update_order_) RETURN_IF_ERROR(ops::StreamWaitEvent(stream_, update_events_[i]));
+  update_pending_ = false;
+  return absl::OkStatus();
 }
 
 absl::Status CudaGpt::FreeActivations() {
@@ -359,6 +390,7 @@ absl::Status CudaGpt::Upload(const ParamStore& params, const AdamW* opt) {
     return absl::InvalidArgumentError(absl::StrCat("CudaGpt::Upload: ", params.num_elements(),
                                                    " parameters, the model has ", num_params_));
   }
+  RETURN_IF_ERROR(JoinUpdate());
   RETURN_IF_ERROR(gpu::CopyToDeviceAsync(params_, params.params().data(), num_params_ * 4, stream_));
   RETURN_IF_ERROR(gpu::Fp32ToBf16(params_bf16_, params_, num_params_, stream_));
   if (opt != nullptr) {
@@ -379,6 +411,7 @@ absl::Status CudaGpt::Download(ParamStore* params, AdamW* opt) {
     return absl::InvalidArgumentError(absl::StrCat("CudaGpt::Download: ", params->num_elements(),
                                                    " parameters, the model has ", num_params_));
   }
+  RETURN_IF_ERROR(JoinUpdate());
   RETURN_IF_ERROR(gpu::CopyToHostAsync(params->params().data(), params_, num_params_ * 4, stream_));
   if (opt != nullptr) {
     if (opt->sharded() || static_cast<int64_t>(opt->m().size()) != num_params_ ||
@@ -394,6 +427,7 @@ absl::Status CudaGpt::Download(ParamStore* params, AdamW* opt) {
 }
 
 absl::Status CudaGpt::DownloadGrads(std::vector<float>* grads) {
+  RETURN_IF_ERROR(JoinUpdate());
   RETURN_IF_ERROR(FlushZeroGrads());
   grads->resize(num_params_);
   if (grad_dtype_ == GradDtype::kFp32) {
@@ -453,6 +487,9 @@ absl::StatusOr<double> CudaGpt::Forward(const int32_t* inputs, const int32_t* ta
     }
   }
   RETURN_IF_ERROR(EnsureActivations(B, T));
+  // The embeddings and the final layernorm (updated first) before anything; each block's
+  // weights right before the block.
+  for (size_t i = blocks_.size(); i < grad_ranges_.size(); ++i) RETURN_IF_ERROR(WaitForUpdate(i));
   RETURN_IF_ERROR(Mark("(host)"));
   RETURN_IF_ERROR(gpu::CopyToDeviceAsync(inputs_, inputs, N64 * 4, stream_));
   if (targets != nullptr) {
@@ -467,6 +504,7 @@ absl::StatusOr<double> CudaGpt::Forward(const int32_t* inputs, const int32_t* ta
     const BlockOffsets& b = blocks_[l];
     LayerActs& a = acts_[l];
     const bf16* x = l > 0 ? acts_[l - 1].res3 : encoded_;
+    RETURN_IF_ERROR(WaitForUpdate(l));
     if (l == 0) {
       RETURN_IF_ERROR(ops::layernorm_forward_cuda(ln_, a.ln1_mean, a.ln1_rstd, encoded_,
                                                   W(b.ln1w), W(b.ln1b), N, C, stream_));
@@ -498,6 +536,7 @@ absl::StatusOr<double> CudaGpt::Forward(const int32_t* inputs, const int32_t* ta
                                              N, 4 * C, C, stream_));
     RETURN_IF_ERROR(Mark("fwd matmul mlp.proj"));
   }
+  update_pending_ = false;  // stream_ has waited for every range
   const LayerActs& last = acts_.back();
   RETURN_IF_ERROR(ops::residual_layernorm_forward_cuda(last.res3, lnf_, lnf_mean_, lnf_rstd_,
                                                        last.res2, proj_out_, W(lnfw_), W(lnfb_),
@@ -554,6 +593,7 @@ absl::Status CudaGpt::Backward(float loss_scale) {
         "CudaGpt::Backward: loss_scale ", loss_scale, " differs from the backward_scale ",
         backward_scale_, " the Forward was given (the LM head's backward ran with it)"));
   }
+  RETURN_IF_ERROR(JoinUpdate());
   RETURN_IF_ERROR(Mark("(host)"));
   if (grad_dtype_ == GradDtype::kBf16) return BackwardBlocks(static_cast<bf16*>(grads_));
   return BackwardBlocks(static_cast<float*>(grads_));
@@ -660,6 +700,7 @@ absl::Status CudaGpt::ZeroGrads() {
 
 absl::Status CudaGpt::FlushZeroGrads() {
   if (!zero_pending_) return absl::OkStatus();
+  RETURN_IF_ERROR(JoinUpdate());  // the update reads the gradients
   zero_pending_ = false;
   RETURN_IF_ERROR(Mark("(host)"));
   RETURN_IF_ERROR(gpu::MemsetAsync(grads_, 0, num_params_ * grad_bytes(), stream_));
@@ -667,13 +708,15 @@ absl::Status CudaGpt::FlushZeroGrads() {
 }
 
 void* CudaGpt::device_grads() {
-  const absl::Status s = FlushZeroGrads();
+  absl::Status s = JoinUpdate();
+  if (s.ok()) s = FlushZeroGrads();
   if (!s.ok()) std::fprintf(stderr, "CudaGpt::device_grads: clearing the gradients: %s\n",
                             s.ToString().c_str());
   return grads_;
 }
 
 absl::StatusOr<double> CudaGpt::GradSumSquares() {
+  RETURN_IF_ERROR(JoinUpdate());
   RETURN_IF_ERROR(FlushZeroGrads());
   RETURN_IF_ERROR(Mark("(host)"));
   if (grad_dtype_ == GradDtype::kBf16) {
@@ -692,6 +735,7 @@ absl::StatusOr<double> CudaGpt::GradSumSquares() {
 
 absl::Status CudaGpt::Update(float lr, double grad_norm, const AdamWConfig& config, int t) {
   if (t < 1) return absl::InvalidArgumentError(absl::StrCat("CudaGpt::Update: step t=", t, " < 1"));
+  RETURN_IF_ERROR(JoinUpdate());
   RETURN_IF_ERROR(FlushZeroGrads());
   RETURN_IF_ERROR(Mark("(host)"));
   // The clip factor exactly as ops::clip_by_global_norm forms it (double, rounded to float);
@@ -706,20 +750,35 @@ absl::Status CudaGpt::Update(float lr, double grad_norm, const AdamWConfig& conf
       scale = clip_factor_;
     }
   }
-  // One launch over every tensor; weight decay on the runs whose flag is set.
-  if (grad_dtype_ == GradDtype::kBf16) {
-    RETURN_IF_ERROR(ops::adamw_update_multi_cuda(
-        *adamw_plan_, params_, params_bf16_, static_cast<const bf16*>(grads_), m_, v_, lr,
-        config.beta1, config.beta2, config.eps, config.weight_decay, t, scale, stream_));
-  } else {
-    RETURN_IF_ERROR(ops::adamw_update_multi_cuda(
-        *adamw_plan_, params_, params_bf16_, static_cast<const float*>(grads_), m_, v_, lr,
-        config.beta1, config.beta2, config.eps, config.weight_decay, t, scale, stream_));
+  // Range by range on opt_stream_ behind the gradients (see update_events_); weight decay on
+  // the runs whose flag is set. Profiling keeps it on stream_, where its time is measured.
+  const bool overlap = !profiling_;
+  cudaStream_t s = stream_;
+  if (overlap) {
+    RETURN_IF_ERROR(ops::RecordEvent(grads_final_, stream_));
+    RETURN_IF_ERROR(ops::StreamWaitEvent(opt_stream_, grads_final_));
+    s = opt_stream_;
   }
+  for (size_t i : update_order_) {
+    if (grad_dtype_ == GradDtype::kBf16) {
+      RETURN_IF_ERROR(ops::adamw_update_multi_cuda(
+          *adamw_plans_[i], params_, params_bf16_, static_cast<const bf16*>(grads_), m_, v_, lr,
+          config.beta1, config.beta2, config.eps, config.weight_decay, t, scale, s));
+    } else {
+      RETURN_IF_ERROR(ops::adamw_update_multi_cuda(
+          *adamw_plans_[i], params_, params_bf16_, static_cast<const float*>(grads_), m_, v_, lr,
+          config.beta1, config.beta2, config.eps, config.weight_decay, t, scale, s));
+    }
+    if (overlap) RETURN_IF_ERROR(ops::RecordEvent(update_events_[i], s));
+  }
+  update_pending_ = overlap;
   return Mark("adamw");
 }
 
-absl::Status CudaGpt::Synchronize() { return ops::SynchronizeStream(stream_); }
+absl::Status CudaGpt::Synchronize() {
+  RETURN_IF_ERROR(JoinUpdate());
+  return ops::SynchronizeStream(stream_);
+}
 
 absl::StatusOr<std::vector<float>> CudaGpt::Logits(const std::vector<int>& rows) {
   if (B_ == 0) return absl::FailedPreconditionError("CudaGpt::Logits: no Forward yet");
@@ -730,6 +789,7 @@ absl::StatusOr<std::vector<float>> CudaGpt::Logits(const std::vector<int>& rows)
           absl::StrCat("CudaGpt::Logits: row ", r, " outside [0, ", N, ")"));
     }
   }
+  RETURN_IF_ERROR(JoinUpdate());
   // The logits buffer holds one chunk's dlogits: recompute each row into its first row.
   have_targets_ = false;  // a pending Backward's state is not kept
   std::vector<bf16> row(V);

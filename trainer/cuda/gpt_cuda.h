@@ -120,6 +120,9 @@ class CudaGpt : public DeviceModel {
   // Backward's report that the gradients of range `index` (blocks first, see grad_ranges_) are
   // final: records that range's event and calls the hook, when one is set.
   absl::Status GradientsReady(size_t index);
+  // stream_ waits for the last Update's range `index` / for all of it (no-op when none pending).
+  absl::Status WaitForUpdate(size_t index);
+  absl::Status JoinUpdate();
   // The training Forward's LM head (forward, cross-entropy and backward by row chunks) and
   // Backward's blocks, over gradients of type G (float or bf16).
   template <typename G>
@@ -139,7 +142,18 @@ class CudaGpt : public DeviceModel {
   int64_t wte_ = 0, wpe_ = 0, lnfw_ = 0, lnfb_ = 0;
   std::vector<BlockOffsets> blocks_;
   std::vector<DecayRun> decay_runs_;
-  std::unique_ptr<ops::AdamwPlan> adamw_plan_;  // the decay runs, one AdamW launch
+  // Update overlaps the next Forward: one AdamW launch per gradient range (grad_ranges_, the
+  // embeddings and final layernorm first, then block by block) on opt_stream_, each followed by
+  // its event in update_events_; Forward waits for a range's event right before it reads that
+  // range's weights, so block l's update runs beside the forward of the blocks below it (a
+  // memory-bound kernel beside compute-bound GEMMs). Every other call first waits for the whole
+  // update (JoinUpdate). With profiling on, the update runs on stream_ (its time is then seen).
+  std::vector<std::unique_ptr<ops::AdamwPlan>> adamw_plans_;  // per gradient range
+  std::vector<size_t> update_order_;                          // ranges in update order
+  std::vector<cudaEvent_t> update_events_;                    // per gradient range
+  cudaEvent_t grads_final_ = nullptr;  // on stream_: the gradients and clip factor are ready
+  cudaStream_t opt_stream_ = nullptr;
+  bool update_pending_ = false;  // update_events_ not yet waited for on stream_
   // Flat ranges for the gradient-ready hook: [0, n_layer) block l's tensors, then the rest of
   // [0, num_params_) (embeddings, final layernorm) in ascending order; one event each.
   struct GradRange {
