@@ -424,6 +424,11 @@ void CheckTraining(const JobSpec& spec, Errors* e) {
   e->Positive("training.batch_size", t.batch_size());
   e->Positive("training.seq_len", t.seq_len());
   e->Positive("training.grad_accum", t.grad_accum());
+  e->NonNegative("training.lm_head_chunks", t.lm_head_chunks());
+  if (t.lm_head_chunks() > 0 && t.batch_size() > 0 && t.seq_len() > 0 &&
+      t.lm_head_chunks() > static_cast<int64_t>(t.batch_size()) * t.seq_len())
+    e->Add("training.lm_head_chunks", "must be <= batch_size * seq_len ",
+           static_cast<int64_t>(t.batch_size()) * t.seq_len(), ", got ", t.lm_head_chunks());
 
   const ScheduleSpec& s = spec.schedule();
   e->NonNegative("schedule.warmup_steps", s.warmup_steps());
@@ -661,8 +666,11 @@ absl::Status RejectUnimplemented(const JobSpec& spec) {
     if (!p.distill().teacher_checkpoint().empty())
       reject("precision.distill.teacher_checkpoint", "distillation on CUDA");
     if (spec.optimizer().zero1()) reject("optimizer.zero1", "ZeRO-1 on CUDA");
-  } else if (spec.training().grad_dtype() == GRAD_BF16) {
-    reject("training.grad_dtype", "BF16 gradients on the CPU trainer (device CPU)");
+  } else {
+    if (spec.training().grad_dtype() == GRAD_BF16)
+      reject("training.grad_dtype", "BF16 gradients on the CPU trainer (device CPU)");
+    if (spec.training().lm_head_chunks() > 1)
+      reject("training.lm_head_chunks", "a chunked LM head on the CPU trainer (device CPU)");
   }
   reject(ChangedField(spec.parameter_service(), "parameter_service"), "the parameter service");
   reject(ChangedField(spec.federated(), "federated"), "federated training");

@@ -98,6 +98,7 @@ absl::Status Main() {
   ASSIGN_OR_RETURN(std::unique_ptr<CudaGpt> model,
                    CudaGpt::Create(config, host->params(), grad_dtype));
   model->set_deterministic(spec.training().deterministic());
+  RETURN_IF_ERROR(model->set_lm_head_chunks(spec.training().lm_head_chunks()));
   model->set_autotune(absl::GetFlag(FLAGS_autotune));
   model->matmul().set_gelu_fusion(absl::GetFlag(FLAGS_gelu_fusion));
   RETURN_IF_ERROR(model->Upload(host->params(), nullptr));

@@ -70,6 +70,9 @@ class DeviceModel {
   // training.deterministic: bit-identical reruns and resumes, at some speed (on CUDA the
   // attention backward then avoids cuDNN's atomic dq accumulation).
   virtual void set_deterministic(bool on) = 0;
+  // training.lm_head_chunks: the LM head's logits exist `chunks` row chunks at a time (0 or 1:
+  // the whole batch at once).
+  virtual absl::Status set_lm_head_chunks(int chunks) = 0;
 };
 
 // The CUDA implementation (trainer/cuda/); Unavailable with a clear message when no CUDA

@@ -322,6 +322,7 @@ absl::StatusOr<RunResult> RunTraining(const JobSpec& spec, const RunOptions& opt
     RETURN_IF_AGREED_ERROR(dist->AllOk(made.status(), "creating the CUDA model"));
     dev = *std::move(made);
     dev->set_deterministic(ts.deterministic());
+    RETURN_IF_ERROR(dev->set_lm_head_chunks(ts.lm_head_chunks()));
     RETURN_IF_ERROR(dev->Upload(model->params(), &optimizer));
     if (nccl) {
       // The gradient buffer stays where it is for the model's life (no ZeroGrads is pending yet,

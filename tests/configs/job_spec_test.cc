@@ -520,6 +520,12 @@ std::vector<BadCase> BadCases() {
        "optimizer.grad_clip: must be >= 0 and finite, got -1"},
       {"grad clip nan", [](JobSpec* s) { s->mutable_optimizer()->set_grad_clip(kNaN); },
        "optimizer.grad_clip: must be >= 0 and finite, got nan"},
+      {"lm head chunks negative",
+       [](JobSpec* s) { s->mutable_training()->set_lm_head_chunks(-1); },
+       "training.lm_head_chunks: must be >= 0, got -1"},
+      {"lm head chunks over rows",
+       [](JobSpec* s) { s->mutable_training()->set_lm_head_chunks(1 << 30); },
+       "training.lm_head_chunks: must be <= batch_size * seq_len"},
       {"zero1 alone", [](JobSpec* s) { s->mutable_optimizer()->set_zero1(true); },
        "optimizer.zero1: shards state across ranks; needs distributed.backend MPI or NCCL"},
       // Training, schedule, eval, checkpoint, logging.
@@ -688,6 +694,12 @@ std::vector<UnimplementedCase> UnimplementedCases() {
          s->mutable_training()->set_grad_dtype(GRAD_BF16);
        },
        "training.grad_dtype"},
+      {"cpu lm head chunks",
+       [](JobSpec* s) {
+         s->set_device(CPU);
+         s->mutable_training()->set_lm_head_chunks(2);
+       },
+       "training.lm_head_chunks"},
       {"parameter service",
        [](JobSpec* s) { s->mutable_parameter_service()->set_address("localhost:50051"); },
        "parameter_service.address"},

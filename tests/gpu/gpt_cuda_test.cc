@@ -10,6 +10,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -327,6 +328,36 @@ TEST(GptCuda, RerunsAreBitIdentical) {
     ASSERT_OK(b->Download(&pb, nullptr));
     EXPECT_EQ(std::memcmp(pa.params().data(), pb.params().data(), pa.num_elements() * 4), 0)
         << s.name << ": parameters differ after identical runs";
+  }
+}
+
+// training.lm_head_chunks: the LM head in 3 row chunks gives the loss and gradients of the
+// whole batch at once (the chunk GEMMs may sum in another order: a few BF16 roundings).
+TEST_P(GptCudaGolden, LmHeadChunksMatchWholeBatch) {
+  SKIP_WITHOUT_GPU();
+  const Shape& s = GetParam();
+  std::unique_ptr<Gpt> cpu = MakeCpu(s.config, 21);
+  std::unique_ptr<CudaGpt> whole = MakeGpu(*cpu, true), chunked = MakeGpu(*cpu, true);
+  ASSERT_TRUE(whole && chunked);
+  ASSERT_OK(chunked->set_lm_head_chunks(3));
+  EXPECT_EQ(chunked->set_lm_head_chunks(-1).code(), absl::StatusCode::kInvalidArgument);
+  std::vector<int32_t> x, y;
+  MakeBatch(s.B, s.T, s.config.vocab_size, 23, &x, &y);
+  std::vector<float> a, b;
+  double la = 0, lb = 0;
+  for (auto [m, out, loss] : {std::tuple<CudaGpt*, std::vector<float>*, double*>{whole.get(), &a, &la},
+                              {chunked.get(), &b, &lb}}) {
+    ASSERT_OK(m->ZeroGrads());
+    absl::StatusOr<double> l = m->Forward(x.data(), y.data(), s.B, s.T, 1.0f);
+    ASSERT_TRUE(l.ok()) << l.status();
+    *loss = *l;
+    ASSERT_OK(m->Backward(1.0f));
+    ASSERT_OK(m->DownloadGrads(out));
+  }
+  EXPECT_NEAR(lb, la, 1e-3);
+  for (const ParamInfo& info : cpu->params().infos()) {
+    EXPECT_LT(RelL2(b.data() + info.offset, a.data() + info.offset, info.size), 1e-2)
+        << "gradient of " << info.name;
   }
 }
 

@@ -451,13 +451,20 @@ void CudaGpt::set_autotune(bool on) {
   matmul_->set_autotune(autotune_ && !deterministic_);
 }
 
+absl::Status CudaGpt::set_lm_head_chunks(int chunks) {
+  if (chunks < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("CudaGpt: lm_head_chunks must be >= 0, got ", chunks));
+  }
+  if (std::max(chunks, 1) == lm_head_chunks_) return absl::OkStatus();
+  lm_head_chunks_ = std::max(chunks, 1);
+  return FreeActivations();  // the next Forward sizes the logits buffer anew
+}
+
 int CudaGpt::LogitsChunkRows(int N) const {
-  // Two chunks once the logits are large: half the logits buffer for one more read and write
-  // of wte's gradient (e.g. GPT-2 1.5B, B=4: 206 MB instead of 412 MB; the buffer is the
-  // largest activation of small models). Rows stay a multiple of 64 for the GEMMs.
-  const int64_t bytes = static_cast<int64_t>(N) * config_.vocab_size * 2;
-  if (bytes <= (int64_t{64} << 20) || N < 128) return N;
-  return std::min(N, ((N + 1) / 2 + 63) / 64 * 64);
+  // Equal chunks, rounded up to a multiple of 64 rows for the GEMMs when that is possible.
+  const int rows = (N + lm_head_chunks_ - 1) / lm_head_chunks_;
+  return std::min(N, N >= 64 * lm_head_chunks_ ? (rows + 63) / 64 * 64 : rows);
 }
 
 absl::StatusOr<double> CudaGpt::Forward(const int32_t* inputs, const int32_t* targets, int B,

@@ -7,7 +7,8 @@
 // residuals (2C) and the MLP's pre- and post-GELU values (8C), in BF16. The layernorm outputs
 // are not kept: the layernorm backward recomputes each one (a write, no extra read) just before
 // the weight-gradient GEMM that needs it. The LM head's backward runs inside the training
-// Forward, two row chunks at a time... one chunk at a time, so only one chunk's logits exist.
+// Forward, in training.lm_head_chunks chunks of rows, so the logits of only one chunk exist at
+// a time.
 #ifndef QTRAIN_TRAINER_CUDA_GPT_CUDA_H_
 #define QTRAIN_TRAINER_CUDA_GPT_CUDA_H_
 
@@ -77,6 +78,7 @@ class CudaGpt : public DeviceModel {
   // is stable across runs; tuned choices may differ between runs and gained little on the
   // H100, docs/benchmarks.md); never on in deterministic mode.
   void set_autotune(bool on);
+  absl::Status set_lm_head_chunks(int chunks) override;
   // The GEMM context, e.g. for MatmulContext::set_gelu_fusion (on by default: on the H100
   // cuBLASLt's GELU epilogues beat plain GEMMs plus our GELU kernels, docs/benchmarks.md) or
   // the autotuning report.
@@ -167,6 +169,7 @@ class CudaGpt : public DeviceModel {
   std::unique_ptr<ops::MatmulContext> matmul_;
   bool deterministic_ = false;
   bool autotune_ = false;
+  int lm_head_chunks_ = 1;
   std::vector<void*> allocations_;  // freed in the destructor
   int64_t allocated_bytes_ = 0;
 
