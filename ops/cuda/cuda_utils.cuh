@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 
 #include "ops/cuda/bf16.h"
+#include "ops/cuda/grad_write.h"
 
 namespace qtrain::ops::cu {
 
@@ -84,17 +85,18 @@ __device__ __forceinline__ void Store8(nv_bf16* p, const Bf16x8& r) {
 }
 
 // Parameter gradients are fp32 or BF16 (training.grad_dtype); GradWrite semantics for both:
-// the new value is formed in fp32 and rounded once.
+// the new value is formed in fp32 and rounded once. Grad() is the device view of a host API
+// gradient pointer.
 inline float* Grad(float* p) { return p; }
 inline nv_bf16* Grad(bf16* p) { return Nv(p); }
 __device__ __forceinline__ float GradToFloat(float g) { return g; }
 __device__ __forceinline__ float GradToFloat(nv_bf16 g) { return __bfloat162float(g); }
 __device__ __forceinline__ void GradStore(float* p, float v) { *p = v; }
 __device__ __forceinline__ void GradStore(nv_bf16* p, float v) { *p = __float2bfloat16_rn(v); }
-// *p += v (accumulate) or *p = v (overwrite).
+// *p = v (kOverwrite) or *p = round(float(*p) + v) (kAccumulate).
 template <typename G>
-__device__ __forceinline__ void GradWriteOne(G* p, float v, bool overwrite) {
-  GradStore(p, overwrite ? v : GradToFloat(*p) + v);
+__device__ __forceinline__ void WriteGrad(G* p, float v, GradWrite write) {
+  GradStore(p, write == GradWrite::kOverwrite ? v : __fadd_rn(GradToFloat(*p), v));
 }
 
 }  // namespace qtrain::ops::cu

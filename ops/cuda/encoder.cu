@@ -100,7 +100,7 @@ __global__ void encoder_dwte_kernel(G* __restrict__ dwte, const nv_bf16* __restr
   for (; q < N && keys[q] == key; ++q) {
     acc += __bfloat162float(dout[static_cast<int64_t>(rows[q]) * C + c]);
   }
-  cu::GradWriteOne(dwte + static_cast<int64_t>(key) * C + c, acc, /*overwrite=*/false);
+  cu::WriteGrad(dwte + static_cast<int64_t>(key) * C + c, acc, GradWrite::kAccumulate);
 }
 
 // One thread per (t, c): sum over b in order.
@@ -113,7 +113,7 @@ __global__ void encoder_dwpe_kernel(G* __restrict__ dwpe, const nv_bf16* __restr
        i += stride) {
     float acc = 0.f;
     for (int b = 0; b < B; ++b) acc += __bfloat162float(dout[static_cast<int64_t>(b) * total + i]);
-    cu::GradWriteOne(dwpe + i, acc, /*overwrite=*/false);
+    cu::WriteGrad(dwpe + i, acc, GradWrite::kAccumulate);
   }
 }
 

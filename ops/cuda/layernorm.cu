@@ -435,13 +435,7 @@ __launch_bounds__(kBwdMaxWarps * 32, BwdMinBlocksPerSm(kAccess == Access::kVec8,
   }
 }
 
-// Writes one parameter gradient: fp32, or BF16 rounded once from the fp32 sum.
-__device__ __forceinline__ void WriteGrad(float* p, float v, GradWrite write) {
-  *p = write == GradWrite::kOverwrite ? v : __fadd_rn(*p, v);
-}
-__device__ __forceinline__ void WriteGrad(nv_bf16* p, float v, GradWrite write) {
-  *p = __float2bfloat16_rn(write == GradWrite::kOverwrite ? v : __fadd_rn(__bfloat162float(*p), v));
-}
+using cu::WriteGrad;  // one parameter gradient: fp32, or BF16 rounded once from the fp32 sum
 
 constexpr int kReduceWarps = 32;
 

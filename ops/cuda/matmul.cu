@@ -432,17 +432,7 @@ int Blocks(int64_t n) {
 }
 
 // Gradient element types: fp32 or BF16, values formed in fp32 and rounded once.
-__device__ __forceinline__ float ToF32(float x) { return x; }
-__device__ __forceinline__ float ToF32(nv_bf16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ void StoreRounded(float* p, float v) { *p = v; }
-__device__ __forceinline__ void StoreRounded(nv_bf16* p, float v) { *p = __float2bfloat16_rn(v); }
-template <typename T>
-__device__ __forceinline__ void WriteGrad(T* p, float v, GradWrite write) {
-  StoreRounded(p, write == GradWrite::kOverwrite ? v : ToF32(*p) + v);
-}
-
-inline float* DevGrad(float* p) { return p; }
-inline nv_bf16* DevGrad(bf16* p) { return cu::Nv(p); }
+using cu::WriteGrad;
 
 // Unfused epilogue. kNone: out += bias (in place). kGelu: pre was written by the GEMM;
 // pre += bias (rounded), out = gelu(pre).
@@ -955,7 +945,7 @@ absl::Status MatmulBackward(MatmulContext& ctx, bf16* dinp, G* dweight, G* dbias
     CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(impl.side, impl.fork, 0));
     join.Arm();
     RETURN_IF_ERROR(
-        LaunchDbias(DevGrad(dbias), cu::Nv(dout), partial, N, OC, dparams, impl.side));
+        LaunchDbias(cu::Grad(dbias), cu::Nv(dout), partial, N, OC, dparams, impl.side));
     CUDA_RETURN_IF_ERROR(cudaEventRecord(impl.join, impl.side));
     ++impl.unfused;
     dbias_done = true;
@@ -991,7 +981,7 @@ absl::Status MatmulBackward(MatmulContext& ctx, bf16* dinp, G* dweight, G* dbias
         ++impl.fused;
         done = dbias_done = true;
         if (!direct_bgrad) {
-          RETURN_IF_ERROR(LaunchAddGrad(DevGrad(dbias), partial, OC, dparams, stream));
+          RETURN_IF_ERROR(LaunchAddGrad(cu::Grad(dbias), partial, OC, dparams, stream));
         }
       } else if (!absl::IsNotFound(s)) {
         return s;
@@ -1003,13 +993,13 @@ absl::Status MatmulBackward(MatmulContext& ctx, bf16* dinp, G* dweight, G* dbias
       RETURN_IF_ERROR(s);
     }
     if (via_scratch) {
-      RETURN_IF_ERROR(LaunchAddGrad(DevGrad(dweight), static_cast<const float*>(gw.D), nw,
+      RETURN_IF_ERROR(LaunchAddGrad(cu::Grad(dweight), static_cast<const float*>(gw.D), nw,
                                     GradWrite::kAccumulate, stream));
     }
   }
   // No GEMM to run beside (dbias alone), or BGRADB not offered for these shapes.
   if (dbias != nullptr && !dbias_done) {
-    RETURN_IF_ERROR(LaunchDbias(DevGrad(dbias), cu::Nv(dout), partial, N, OC, dparams, stream));
+    RETURN_IF_ERROR(LaunchDbias(cu::Grad(dbias), cu::Nv(dout), partial, N, OC, dparams, stream));
     ++impl.unfused;
   }
   return join.Join();
