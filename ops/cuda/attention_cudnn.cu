@@ -6,8 +6,10 @@
 
 #include <cudnn.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -221,11 +223,16 @@ enum Uid : int64_t {
   kQ = 1, kK, kV, kO, kStats, kScale, kLowest, kOne, kDO, kDQ, kDK, kDV, kDQAccum,
 };
 
+// The execution plans of one graph that finalized, in the heuristic's order; the first call
+// times them and keeps the fastest (`best`), so a shape costs one timing round per process.
 struct Plan {
-  DescPtr plan;
-  int64_t workspace = 0;       // the plan's own workspace
+  std::vector<DescPtr> candidates;
+  int best = -1;               // -1: not timed yet
+  int64_t workspace = 0;       // the largest candidate's own workspace
   int64_t dq_accum_bytes = 0;  // backward: fp32 dQ accumulator placed after it, zeroed per call
 };
+
+constexpr int kMaxCandidates = 6;
 
 struct State {
   std::mutex mu;
@@ -285,7 +292,8 @@ View StatsView(int B, int T, int NH) {
   return {{B, NH, T, 1}, {static_cast<int64_t>(NH) * T, T, 1, 1}};
 }
 
-// Heuristics, then the first engine config whose plan finalizes.
+// Heuristics, then up to kMaxCandidates engine configs whose plans finalize (mode A's list;
+// the fallback list only when mode A gives none).
 absl::StatusOr<std::shared_ptr<Plan>> MakePlan(cudnnHandle_t handle, const GraphBuilder& g) {
   auto graph = std::make_shared<Desc>();
   RETURN_IF_ERROR(graph->Create(CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR));
@@ -297,7 +305,9 @@ absl::StatusOr<std::shared_ptr<Plan>> MakePlan(cudnnHandle_t handle, const Graph
   RETURN_IF_ERROR(Finalize(graph));
 
   absl::Status last = absl::NotFoundError("cuDNN heuristics returned no engine config");
+  auto out = std::make_shared<Plan>();
   for (cudnnBackendHeurMode_t mode : {CUDNN_HEUR_MODE_A, CUDNN_HEUR_MODE_FALLBACK}) {
+    if (!out->candidates.empty()) break;
     auto heur = std::make_shared<Desc>();
     RETURN_IF_ERROR(heur->Create(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR));
     RETURN_IF_ERROR(SetDesc(heur, CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, graph));
@@ -321,7 +331,8 @@ absl::StatusOr<std::shared_ptr<Plan>> MakePlan(cudnnHandle_t handle, const Graph
     CUDNN_RETURN_IF_ERROR(cudnnBackendGetAttribute(heur->get(), CUDNN_ATTR_ENGINEHEUR_RESULTS,
                                                    CUDNN_TYPE_BACKEND_DESCRIPTOR, count, &got,
                                                    raw_cfgs.data()));
-    for (int64_t i = 0; i < got; ++i) {
+    for (int64_t i = 0; i < got && static_cast<int>(out->candidates.size()) < kMaxCandidates;
+         ++i) {
       auto plan = std::make_shared<Desc>();
       RETURN_IF_ERROR(plan->Create(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR));
       RETURN_IF_ERROR(Set(plan, CUDNN_ATTR_EXECUTION_PLAN_HANDLE, CUDNN_TYPE_HANDLE, 1, &handle));
@@ -331,16 +342,17 @@ absl::StatusOr<std::shared_ptr<Plan>> MakePlan(cudnnHandle_t handle, const Graph
         last = CudnnError(s, "finalize execution plan", __LINE__);
         continue;
       }
-      auto out = std::make_shared<Plan>();
-      out->plan = plan;
-      int64_t n = 0;
+      int64_t n = 0, ws = 0;
       CUDNN_RETURN_IF_ERROR(cudnnBackendGetAttribute(plan->get(),
                                                      CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE,
-                                                     CUDNN_TYPE_INT64, 1, &n, &out->workspace));
-      return out;
+                                                     CUDNN_TYPE_INT64, 1, &n, &ws));
+      out->candidates.push_back(plan);
+      out->workspace = std::max(out->workspace, ws);
     }
   }
-  return last;
+  if (out->candidates.empty()) return last;
+  if (out->candidates.size() == 1) out->best = 0;
+  return out;
 }
 
 absl::StatusOr<std::shared_ptr<Plan>> BuildForward(cudnnHandle_t handle, int B, int T, int C,
@@ -504,7 +516,7 @@ absl::StatusOr<void*> Workspace(State& st, int64_t bytes) {
   return st.workspace;
 }
 
-absl::Status Execute(State& st, const Plan& plan, const std::vector<int64_t>& uids,
+absl::Status Execute(State& st, const DescPtr& plan, const std::vector<int64_t>& uids,
                      std::vector<void*> ptrs, void* workspace, cudaStream_t stream) {
   CUDNN_RETURN_IF_ERROR(cudnnSetStream(st.handle, stream));
   auto pack = std::make_shared<Desc>();
@@ -515,8 +527,48 @@ absl::Status Execute(State& st, const Plan& plan, const std::vector<int64_t>& ui
                       static_cast<int64_t>(ptrs.size()), ptrs.data()));
   RETURN_IF_ERROR(Set(pack, CUDNN_ATTR_VARIANT_PACK_WORKSPACE, CUDNN_TYPE_VOID_PTR, 1, &workspace));
   RETURN_IF_ERROR(Finalize(pack));
-  CUDNN_RETURN_IF_ERROR(cudnnBackendExecute(st.handle, plan.plan->get(), pack->get()));
+  CUDNN_RETURN_IF_ERROR(cudnnBackendExecute(st.handle, plan->get(), pack->get()));
   return absl::OkStatus();
+}
+
+// Runs `call(candidate)` with the plan's chosen candidate; on the plan's first use with several
+// candidates, first times each (one warm-up, then the mean of 3 calls, on `stream`, which this
+// waits for) and keeps the fastest; a candidate whose call fails is skipped. The timed calls
+// write the same outputs as the real one, which comes last.
+absl::Status RunBest(Plan& plan, cudaStream_t stream,
+                     const std::function<absl::Status(const DescPtr&)>& call) {
+  if (plan.best < 0) {
+    cudaEvent_t start = nullptr, stop = nullptr;
+    CUDA_RETURN_IF_ERROR(cudaEventCreate(&start));
+    CUDA_RETURN_IF_ERROR(cudaEventCreate(&stop));
+    float best_ms = 0;
+    for (size_t i = 0; i < plan.candidates.size(); ++i) {
+      if (!call(plan.candidates[i]).ok() || cudaStreamSynchronize(stream) != cudaSuccess) {
+        cudaGetLastError();
+        continue;
+      }
+      cudaEventRecord(start, stream);
+      bool ok = true;
+      for (int r = 0; r < 3 && ok; ++r) ok = call(plan.candidates[i]).ok();
+      cudaEventRecord(stop, stream);
+      float ms = 0;
+      if (!ok || cudaEventSynchronize(stop) != cudaSuccess ||
+          cudaEventElapsedTime(&ms, start, stop) != cudaSuccess) {
+        cudaGetLastError();
+        continue;
+      }
+      if (plan.best < 0 || ms < best_ms) {
+        plan.best = static_cast<int>(i);
+        best_ms = ms;
+      }
+    }
+    cudaEventDestroy(start);
+    cudaEventDestroy(stop);
+    if (plan.best < 0) {
+      return absl::InternalError("cuDNN attention: no engine config ran for this shape");
+    }
+  }
+  return call(plan.candidates[plan.best]);
 }
 
 }  // namespace
@@ -540,10 +592,12 @@ absl::Status Forward(bf16* out, float* lse, const bf16* inp, int B, int T, int C
   float scale = 1.f / std::sqrt(static_cast<float>(C / NH));
   float lowest = -FLT_MAX;
   const bf16* x = inp;
-  return Execute(st, *plan, {kQ, kK, kV, kO, kStats, kScale, kLowest},
-                 {const_cast<bf16*>(x), const_cast<bf16*>(x + C), const_cast<bf16*>(x + 2 * C),
-                  out, lse, &scale, &lowest},
-                 ws, stream);
+  return RunBest(*plan, stream, [&](const DescPtr& p) {
+    return Execute(st, p, {kQ, kK, kV, kO, kStats, kScale, kLowest},
+                   {const_cast<bf16*>(x), const_cast<bf16*>(x + C), const_cast<bf16*>(x + 2 * C),
+                    out, lse, &scale, &lowest},
+                   ws, stream);
+  });
 }
 
 absl::Status Backward(bf16* dinp, const bf16* dout, const bf16* inp, const bf16* out,
@@ -554,16 +608,18 @@ absl::Status Backward(bf16* dinp, const bf16* dout, const bf16* inp, const bf16*
   const int64_t plan_ws = (plan->workspace + 255) / 256 * 256;
   ASSIGN_OR_RETURN(void* ws, Workspace(st, plan_ws + plan->dq_accum_bytes));
   void* dq_acc = static_cast<char*>(ws) + plan_ws;
-  CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dq_acc, 0, plan->dq_accum_bytes, stream));
   float scale = 1.f / std::sqrt(static_cast<float>(C / NH));
   float lowest = -FLT_MAX;
   float one = 1.f;
   auto mut = [](const void* p) { return const_cast<void*>(p); };
-  return Execute(st, *plan,
-                 {kQ, kK, kV, kO, kDO, kStats, kDQ, kDK, kDV, kScale, kLowest, kOne, kDQAccum},
-                 {mut(inp), mut(inp + C), mut(inp + 2 * C), mut(out), mut(dout), mut(lse), dinp,
-                  dinp + C, dinp + 2 * C, &scale, &lowest, &one, dq_acc},
-                 ws, stream);
+  return RunBest(*plan, stream, [&](const DescPtr& p) -> absl::Status {
+    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dq_acc, 0, plan->dq_accum_bytes, stream));
+    return Execute(st, p,
+                   {kQ, kK, kV, kO, kDO, kStats, kDQ, kDK, kDV, kScale, kLowest, kOne, kDQAccum},
+                   {mut(inp), mut(inp + C), mut(inp + 2 * C), mut(out), mut(dout), mut(lse), dinp,
+                    dinp + C, dinp + 2 * C, &scale, &lowest, &one, dq_acc},
+                   ws, stream);
+  });
 }
 
 }  // namespace qtrain::ops::cudnn_attention
