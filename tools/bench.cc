@@ -93,12 +93,10 @@ absl::Status Main() {
   FastInit(&host->params(), config.n_layer);
   gpu::DeviceMemory mem0;
   RETURN_IF_ERROR(gpu::GetDeviceMemory(&mem0));
-  const GradDtype grad_dtype =
-      spec.training().grad_dtype() == GRAD_BF16 ? GradDtype::kBf16 : GradDtype::kFp32;
+  const GradDtype grad_dtype = GradDtypeFromSpec(spec.training());
   ASSIGN_OR_RETURN(std::unique_ptr<CudaGpt> model,
                    CudaGpt::Create(config, host->params(), grad_dtype));
-  model->set_deterministic(spec.training().deterministic());
-  RETURN_IF_ERROR(model->set_lm_head_chunks(spec.training().lm_head_chunks()));
+  RETURN_IF_ERROR(ConfigureDeviceModel(spec.training(), model.get()));
   model->set_autotune(absl::GetFlag(FLAGS_autotune));
   model->matmul().set_gelu_fusion(absl::GetFlag(FLAGS_gelu_fusion));
   RETURN_IF_ERROR(model->Upload(host->params(), nullptr));

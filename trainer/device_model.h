@@ -18,6 +18,7 @@ namespace qtrain {
 
 // Element type of a device model's parameter gradients (training.grad_dtype).
 enum class GradDtype { kFp32, kBf16 };
+inline int64_t GradDtypeBytes(GradDtype d) { return d == GradDtype::kBf16 ? 2 : 4; }
 
 class DeviceModel {
  public:

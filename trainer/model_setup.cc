@@ -28,6 +28,15 @@ absl::StatusOr<GptConfig> ModelConfigFromSpec(const JobSpec& spec) {
   return gc;
 }
 
+GradDtype GradDtypeFromSpec(const TrainingSpec& training) {
+  return training.grad_dtype() == GRAD_BF16 ? GradDtype::kBf16 : GradDtype::kFp32;
+}
+
+absl::Status ConfigureDeviceModel(const TrainingSpec& training, DeviceModel* model) {
+  model->set_deterministic(training.deterministic());
+  return model->set_lm_head_chunks(training.lm_head_chunks());
+}
+
 bool IsQuantizerParam(const std::string& name) {
   for (const char* suffix : {".w_scale", ".w_zero", ".x_scale", ".x_zero", ".phi_l", ".phi_r"}) {
     if (absl::EndsWith(name, suffix)) return true;

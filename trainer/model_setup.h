@@ -12,12 +12,18 @@
 #include "configs/job_spec.pb.h"
 #include "ops/distill.h"
 #include "trainer/data_loader.h"
+#include "trainer/device_model.h"
 #include "trainer/gpt.h"
 #include "trainer/metrics.h"
 
 namespace qtrain {
 
 absl::StatusOr<GptConfig> ModelConfigFromSpec(const JobSpec& spec);
+
+// The device model's share of the training block: the gradient type to create it with, then
+// the settings of the created model (training.deterministic, training.lm_head_chunks).
+GradDtype GradDtypeFromSpec(const TrainingSpec& training);
+absl::Status ConfigureDeviceModel(const TrainingSpec& training, DeviceModel* model);
 
 // Parameters that a full-precision checkpoint lacks and InitQuantizers sets: LSQ steps and
 // offsets, Phi factors.

@@ -117,7 +117,7 @@ class OverlappedGradSum {
         grads_(grads),
         dtype_(dtype),
         n_(n),
-        bucket_elems_(std::max<int64_t>(1, bucket_bytes / ElementBytes(dtype))) {}
+        bucket_elems_(std::max<int64_t>(1, bucket_bytes / GradDtypeBytes(dtype))) {}
 
   // The hook: gradients [begin, end) are final once `ready` (a cudaEvent_t) has passed.
   absl::Status Ready(int64_t begin, int64_t end, void* ready) {
@@ -178,8 +178,6 @@ class OverlappedGradSum {
   }
 
   NcclCommunicator* nccl_;
-  static int64_t ElementBytes(GradDtype d) { return d == GradDtype::kBf16 ? 2 : 4; }
-
   void* grads_;
   GradDtype dtype_;
   int64_t n_;
@@ -316,13 +314,11 @@ absl::StatusOr<RunResult> RunTraining(const JobSpec& spec, const RunOptions& opt
       RETURN_IF_AGREED_ERROR(dist->AllOk(made_nccl.status(), "joining NCCL"));
       nccl = *std::move(made_nccl);
     }
-    absl::StatusOr<std::unique_ptr<DeviceModel>> made = CreateCudaModel(
-        gc, model->params(),
-        ts.grad_dtype() == GRAD_BF16 ? GradDtype::kBf16 : GradDtype::kFp32);
+    absl::StatusOr<std::unique_ptr<DeviceModel>> made =
+        CreateCudaModel(gc, model->params(), GradDtypeFromSpec(ts));
     RETURN_IF_AGREED_ERROR(dist->AllOk(made.status(), "creating the CUDA model"));
     dev = *std::move(made);
-    dev->set_deterministic(ts.deterministic());
-    RETURN_IF_ERROR(dev->set_lm_head_chunks(ts.lm_head_chunks()));
+    RETURN_IF_ERROR(ConfigureDeviceModel(ts, dev.get()));
     RETURN_IF_ERROR(dev->Upload(model->params(), &optimizer));
     if (nccl) {
       // The gradient buffer stays where it is for the model's life (no ZeroGrads is pending yet,

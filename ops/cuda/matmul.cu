@@ -612,10 +612,7 @@ __global__ void add_grad_bf16x8_kernel(nv_bf16* __restrict__ dst, const float* _
     const float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
     cu::Bf16x8 d = cu::Load8(dst + i);
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const float old = write == GradWrite::kOverwrite ? 0.f : __bfloat162float(d.v[j]);
-      d.v[j] = __float2bfloat16_rn(old + v[j]);
-    }
+    for (int j = 0; j < 8; ++j) WriteGrad(&d.v[j], v[j], write);
     cu::Store8(dst + i, d);
   }
 }

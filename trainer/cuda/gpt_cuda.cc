@@ -562,11 +562,7 @@ absl::StatusOr<double> CudaGpt::Forward(const int32_t* inputs, const int32_t* ta
       zero_pending_ = false;
     }
   }
-  if (grad_dtype_ == GradDtype::kBf16) {
-    RETURN_IF_ERROR(LmHead(static_cast<bf16*>(grads_), backward_scale));
-  } else {
-    RETURN_IF_ERROR(LmHead(static_cast<float*>(grads_), backward_scale));
-  }
+  RETURN_IF_ERROR(OnGrads([&](auto* g) { return LmHead(g, backward_scale); }));
   double loss = 0;
   RETURN_IF_ERROR(gpu::CopyToHostAsync(&loss, &scalars_[0], sizeof(double), stream_));
   RETURN_IF_ERROR(ops::SynchronizeStream(stream_));
@@ -602,8 +598,7 @@ absl::Status CudaGpt::Backward(float loss_scale) {
   }
   RETURN_IF_ERROR(JoinUpdate());
   RETURN_IF_ERROR(Mark("(host)"));
-  if (grad_dtype_ == GradDtype::kBf16) return BackwardBlocks(static_cast<bf16*>(grads_));
-  return BackwardBlocks(static_cast<float*>(grads_));
+  return OnGrads([&](auto* g) { return BackwardBlocks(g); });
 }
 
 template <typename G>
@@ -726,13 +721,10 @@ absl::StatusOr<double> CudaGpt::GradSumSquares() {
   RETURN_IF_ERROR(JoinUpdate());
   RETURN_IF_ERROR(FlushZeroGrads());
   RETURN_IF_ERROR(Mark("(host)"));
-  if (grad_dtype_ == GradDtype::kBf16) {
-    RETURN_IF_ERROR(ops::sum_squares_cuda(&scalars_[1], static_cast<const bf16*>(grads_),
-                                          num_params_, norm_ws_, norm_ws_bytes_, stream_));
-  } else {
-    RETURN_IF_ERROR(ops::sum_squares_cuda(&scalars_[1], static_cast<const float*>(grads_),
-                                          num_params_, norm_ws_, norm_ws_bytes_, stream_));
-  }
+  RETURN_IF_ERROR(OnGrads([&](const auto* g) {
+    return ops::sum_squares_cuda(&scalars_[1], g, num_params_, norm_ws_, norm_ws_bytes_,
+                                 stream_);
+  }));
   double sum = 0;
   RETURN_IF_ERROR(gpu::CopyToHostAsync(&sum, &scalars_[1], sizeof(double), stream_));
   RETURN_IF_ERROR(ops::SynchronizeStream(stream_));
@@ -767,15 +759,11 @@ absl::Status CudaGpt::Update(float lr, double grad_norm, const AdamWConfig& conf
     s = opt_stream_;
   }
   for (size_t i : update_order_) {
-    if (grad_dtype_ == GradDtype::kBf16) {
-      RETURN_IF_ERROR(ops::adamw_update_multi_cuda(
-          *adamw_plans_[i], params_, params_bf16_, static_cast<const bf16*>(grads_), m_, v_, lr,
-          config.beta1, config.beta2, config.eps, config.weight_decay, t, scale, s));
-    } else {
-      RETURN_IF_ERROR(ops::adamw_update_multi_cuda(
-          *adamw_plans_[i], params_, params_bf16_, static_cast<const float*>(grads_), m_, v_, lr,
-          config.beta1, config.beta2, config.eps, config.weight_decay, t, scale, s));
-    }
+    RETURN_IF_ERROR(OnGrads([&](const auto* g) {
+      return ops::adamw_update_multi_cuda(*adamw_plans_[i], params_, params_bf16_, g, m_, v_, lr,
+                                          config.beta1, config.beta2, config.eps,
+                                          config.weight_decay, t, scale, s);
+    }));
     if (overlap) RETURN_IF_ERROR(ops::RecordEvent(update_events_[i], s));
   }
   update_pending_ = overlap;

@@ -136,7 +136,13 @@ class CudaGpt : public DeviceModel {
 
   float* P(int64_t off) { return params_ + off; }
   ops::bf16* W(int64_t off) { return params_bf16_ + off; }
-  int64_t grad_bytes() const { return grad_dtype_ == GradDtype::kBf16 ? 2 : 4; }
+  int64_t grad_bytes() const { return GradDtypeBytes(grad_dtype_); }
+  // fn(grads) with the gradient buffer as the pointer type of grad_dtype_ (float* or bf16*).
+  template <typename Fn>
+  absl::Status OnGrads(Fn&& fn) {
+    if (grad_dtype_ == GradDtype::kBf16) return fn(static_cast<ops::bf16*>(grads_));
+    return fn(static_cast<float*>(grads_));
+  }
 
   GptConfig config_;
   GradDtype grad_dtype_;
