@@ -390,3 +390,24 @@ AdamwPlan::~AdamwPlan() {
 }
 
 }  // namespace qtrain::ops
+
+namespace qtrain::ops {
+
+absl::StatusOr<std::unique_ptr<AdamwPlan>> AdamwPlan::Create(
+    absl::Span<const AdamwSegment> segments, int64_t n,
+    absl::Span<const AdamwFp8Segment> fp8_segments) {
+  if (fp8_segments.empty()) return Create(segments, n);
+  return absl::UnimplementedError("AdamwPlan::Create with FP8 segments: not implemented yet");
+}
+absl::Status adamw_update_multi_fp8_cuda(const AdamwPlan&, float*, bf16*, const float*, float*,
+                                         float*, float, float, float, float, float, int,
+                                         const float*, const float*, float*, cudaStream_t) {
+  return absl::UnimplementedError("adamw_update_multi_fp8_cuda: not implemented yet");
+}
+absl::Status adamw_update_multi_fp8_cuda(const AdamwPlan&, float*, bf16*, const bf16*, float*,
+                                         float*, float, float, float, float, float, int,
+                                         const float*, const float*, float*, cudaStream_t) {
+  return absl::UnimplementedError("adamw_update_multi_fp8_cuda: not implemented yet");
+}
+
+}  // namespace qtrain::ops

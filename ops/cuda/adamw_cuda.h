@@ -20,6 +20,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "ops/cuda/bf16.h"
+#include "ops/quant/fp8.h"
 
 typedef struct CUstream_st* cudaStream_t;
 
@@ -50,6 +51,23 @@ struct AdamwSegment {
   bool decay = false;
 };
 
+// The FP8 copy of one weight of an FP8 Linear (ops/cuda/fp8_cuda.h): elements [offset, offset +
+// size) of the flat buffer (the weight (OC, C) row-major) also go out as codes[i - offset] =
+// encode(p_new[i] * scale[scale_index]) in `format` (satfinite, exactly fp8_encode_array of
+// the new fp32 weights), and amax[scale_index] = max(amax[scale_index], max |p_new|)
+// (atomicMax on the bits), where scale/amax are the device arrays passed to the update
+// (Fp8ScalingState::scale()/amax()). write_bf16 = false skips the BF16 copy of these elements
+// (an FP8 Linear reads only its codes). The transposed copy (dgrad's W^T) is fp8_transpose_cuda
+// of codes afterwards (1 byte read and written per weight, against AdamW's 16 to 18).
+struct AdamwFp8Segment {
+  int64_t offset = 0;
+  int64_t size = 0;
+  int scale_index = 0;
+  uint8_t* codes = nullptr;  // device, `size` bytes
+  Fp8Format format = Fp8Format::kE4M3;
+  bool write_bf16 = true;
+};
+
 // The segments of a flat buffer of n elements cut into chunks of at most kChunkElements (one
 // thread block each), as a table in device memory that the plan owns. Build it once (it
 // allocates and copies synchronously) and reuse it every step.
@@ -68,6 +86,13 @@ class AdamwPlan {
   // are left untouched by the update; segments may come in any order.
   static absl::StatusOr<std::unique_ptr<AdamwPlan>> Create(absl::Span<const AdamwSegment> segments,
                                                            int64_t n);
+  // The same, plus FP8 weight copies: every FP8 segment must lie inside one of `segments`
+  // (InvalidArgument naming it otherwise), FP8 segments must not overlap, codes non-null,
+  // scale_index >= 0. Chunks are also cut at the FP8 segments' ends (the update's bits do not
+  // depend on the cut). Without FP8 segments this is the form above.
+  static absl::StatusOr<std::unique_ptr<AdamwPlan>> Create(
+      absl::Span<const AdamwSegment> segments, int64_t n,
+      absl::Span<const AdamwFp8Segment> fp8_segments);
   ~AdamwPlan();  // frees the table (cudaFree: waits for the device)
   AdamwPlan(const AdamwPlan&) = delete;
   AdamwPlan& operator=(const AdamwPlan&) = delete;
@@ -76,12 +101,19 @@ class AdamwPlan {
   int64_t num_chunks() const { return num_chunks_; }  // thread blocks of one update
   int64_t num_elements() const { return covered_; }   // elements in the segments
   const void* device_chunks() const { return chunks_; }  // for the launcher
+  // Per chunk: its FP8 output (null table when the plan has no FP8 segments).
+  const void* device_fp8_chunks() const { return fp8_chunks_; }
+  int num_fp8_segments() const { return num_fp8_; }
+  int max_scale_index() const { return max_scale_index_; }  // -1 without FP8 segments
 
  private:
   AdamwPlan(int64_t n, int64_t num_chunks, int64_t covered, void* chunks)
       : n_(n), num_chunks_(num_chunks), covered_(covered), chunks_(chunks) {}
   int64_t n_, num_chunks_, covered_;
   void* chunks_;  // device array of num_chunks_ chunk records
+  void* fp8_chunks_ = nullptr;  // device array of num_chunks_ FP8 records, or null
+  int num_fp8_ = 0;
+  int max_scale_index_ = -1;
 };
 
 // AdamW as adamw_update_cuda over every segment of `plan` in one launch: params, grads, m, v
@@ -98,6 +130,23 @@ absl::Status adamw_update_multi_cuda(const AdamwPlan& plan, float* params, bf16*
                                      const bf16* grads, float* m, float* v, float lr,
                                      float beta1, float beta2, float eps, float weight_decay,
                                      int t, const float* grad_scale, cudaStream_t stream);
+
+// The same update writing the plan's FP8 weight copies (AdamwFp8Segment) with fp8_scale[k] and
+// recording their amax into fp8_amax[k] (both device arrays of at least
+// plan.max_scale_index() + 1 floats: Fp8ScalingState::scale() and amax()); fp8_scale may be null
+// to record only the amax (current scaling: fp8_current_scale_cuda, then fp8_cast_cuda of the
+// fp32 weights, since the codes need this step's amax before they can be written). params,
+// m, v and the BF16 copy get exactly the bits adamw_update_multi_cuda gives.
+absl::Status adamw_update_multi_fp8_cuda(const AdamwPlan& plan, float* params, bf16* params_bf16,
+                                         const float* grads, float* m, float* v, float lr,
+                                         float beta1, float beta2, float eps, float weight_decay,
+                                         int t, const float* grad_scale, const float* fp8_scale,
+                                         float* fp8_amax, cudaStream_t stream);
+absl::Status adamw_update_multi_fp8_cuda(const AdamwPlan& plan, float* params, bf16* params_bf16,
+                                         const bf16* grads, float* m, float* v, float lr,
+                                         float beta1, float beta2, float eps, float weight_decay,
+                                         int t, const float* grad_scale, const float* fp8_scale,
+                                         float* fp8_amax, cudaStream_t stream);
 
 }  // namespace qtrain::ops
 

@@ -664,3 +664,28 @@ absl::Status layernorm_backward_cuda(bf16* dinp, bf16* dweight, bf16* dbias, con
 }
 
 }  // namespace qtrain::ops
+
+namespace qtrain::ops {
+
+absl::Status layernorm_forward_fp8_cuda(uint8_t*, float*, float*, float*, const bf16*,
+                                        const bf16*, const bf16*, int, int, Fp8Format,
+                                        const float*, cudaStream_t) {
+  return absl::UnimplementedError("layernorm_forward_fp8_cuda: not implemented yet");
+}
+absl::Status residual_layernorm_forward_fp8_cuda(bf16*, uint8_t*, float*, float*, float*,
+                                                 const bf16*, const bf16*, const bf16*,
+                                                 const bf16*, int, int, Fp8Format, const float*,
+                                                 cudaStream_t) {
+  return absl::UnimplementedError("residual_layernorm_forward_fp8_cuda: not implemented yet");
+}
+absl::Status layernorm_forward_amax_cuda(bf16*, float*, float*, float*, const bf16*, const bf16*,
+                                         const bf16*, int, int, cudaStream_t) {
+  return absl::UnimplementedError("layernorm_forward_amax_cuda: not implemented yet");
+}
+absl::Status residual_layernorm_forward_amax_cuda(bf16*, bf16*, float*, float*, float*,
+                                                  const bf16*, const bf16*, const bf16*,
+                                                  const bf16*, int, int, cudaStream_t) {
+  return absl::UnimplementedError("residual_layernorm_forward_amax_cuda: not implemented yet");
+}
+
+}  // namespace qtrain::ops

@@ -691,6 +691,15 @@ absl::StatusOr<std::unique_ptr<MatmulContext>> MatmulContext::Create(EpilogueFus
   return std::unique_ptr<MatmulContext>(new MatmulContext(std::move(impl)));
 }
 
+MatmulContext::Shared MatmulContext::shared() {
+  Shared s;
+  s.handle = impl_->handle;
+  s.workspace = impl_->workspace;
+  s.workspace_bytes = impl_->workspace_bytes;
+  s.mutex = &impl_->mu;
+  return s;
+}
+
 EpilogueFusion MatmulContext::fusion() const { return impl_->fusion; }
 int64_t MatmulContext::fused_epilogues() const { return impl_->fused.load(); }
 int64_t MatmulContext::unfused_epilogues() const { return impl_->unfused.load(); }

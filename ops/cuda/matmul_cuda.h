@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -104,6 +105,17 @@ class MatmulContext {
   void set_autotune(bool on);
   // One record per problem autotuned since creation, in the order first met.
   std::vector<MatmulTuneRecord> autotune_report() const;
+
+  // The cuBLASLt handle (a cublasLtHandle_t), its workspace and the mutex that serializes their
+  // use, for sibling GEMM wrappers that share them (Fp8MatmulContext, matmul_fp8_cuda.h): a
+  // caller holds `mutex` while it queues work that uses the handle or the workspace.
+  struct Shared {
+    void* handle = nullptr;
+    void* workspace = nullptr;
+    size_t workspace_bytes = 0;
+    std::mutex* mutex = nullptr;
+  };
+  Shared shared();
 
   struct Impl;
   Impl* impl() { return impl_.get(); }

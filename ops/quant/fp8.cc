@@ -2,6 +2,7 @@
 // rounding mode), scaled array helpers, amax and the delayed/current scaling recipes.
 #include "ops/quant/fp8.h"
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstring>
@@ -178,6 +179,87 @@ float fp8_scale_from_amax(float amax, Fp8Format format, int margin, float fallba
   const float s = std::ldexp(fp8_max(format) / amax, -margin);
   if (!(s > 0.0f) || !std::isfinite(s)) return fallback;
   return s;
+}
+
+namespace {
+
+absl::Status CheckBlockArgs(const char* op, const void* codes, const void* scale_inv,
+                            const void* data, int64_t rows, int64_t cols) {
+  QT_CHECK_ARG(rows >= 0 && cols >= 0, op, ": rows = ", rows, ", cols = ", cols,
+               " must be >= 0");
+  QT_CHECK_ARG(rows * cols == 0 || (codes != nullptr && scale_inv != nullptr && data != nullptr),
+               op, ": null pointer with rows = ", rows, ", cols = ", cols);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status fp8_quantize_1x128(uint8_t* codes, float* scale_inv, const float* in, int64_t rows,
+                                int64_t cols, Fp8Format format) {
+  RETURN_IF_ERROR(CheckBlockArgs("fp8_quantize_1x128", codes, scale_inv, in, rows, cols));
+  const int64_t nb = fp8_num_blocks(cols);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t c0 = b * kFp8BlockSize, c1 = std::min<int64_t>(cols, c0 + kFp8BlockSize);
+      const float* x = in + r * cols;
+      const float s = fp8_block_scale(amax(x + c0, c1 - c0), format);
+      for (int64_t c = c0; c < c1; ++c) {
+        codes[r * cols + c] = fp8_encode(static_cast<double>(x[c] * s), format);
+      }
+      scale_inv[b * rows + r] = 1.0f / s;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status fp8_quantize_128x128(uint8_t* codes, float* scale_inv, int64_t scale_ld,
+                                  const float* in, int64_t rows, int64_t cols, Fp8Format format) {
+  RETURN_IF_ERROR(CheckBlockArgs("fp8_quantize_128x128", codes, scale_inv, in, rows, cols));
+  const int64_t nb = fp8_num_blocks(cols), np = fp8_num_blocks(rows);
+  QT_CHECK_ARG(scale_ld >= nb, "fp8_quantize_128x128: scale_ld = ", scale_ld,
+               " must be >= ceil(cols / 128) = ", nb);
+  for (int64_t p = 0; p < np; ++p) {
+    const int64_t r0 = p * kFp8BlockSize, r1 = std::min<int64_t>(rows, r0 + kFp8BlockSize);
+    for (int64_t b = 0; b < scale_ld; ++b) {
+      if (b >= nb) {
+        scale_inv[p * scale_ld + b] = 0.0f;
+        continue;
+      }
+      const int64_t c0 = b * kFp8BlockSize, c1 = std::min<int64_t>(cols, c0 + kFp8BlockSize);
+      float m = 0.0f;
+      for (int64_t r = r0; r < r1 && !std::isnan(m); ++r) {
+        const float a = amax(in + r * cols + c0, c1 - c0);
+        if (std::isnan(a) || a > m) m = a;
+      }
+      const float s = fp8_block_scale(m, format);
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t c = c0; c < c1; ++c) {
+          codes[r * cols + c] = fp8_encode(static_cast<double>(in[r * cols + c] * s), format);
+        }
+      }
+      scale_inv[p * scale_ld + b] = 1.0f / s;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status fp8_dequantize_blocks(float* out, const uint8_t* codes, const float* scale_inv,
+                                   int64_t scale_ld, int64_t rows, int64_t cols,
+                                   Fp8Format format) {
+  RETURN_IF_ERROR(CheckBlockArgs("fp8_dequantize_blocks", codes, scale_inv, out, rows, cols));
+  QT_CHECK_ARG(scale_ld == 0 || scale_ld >= fp8_num_blocks(cols), "fp8_dequantize_blocks: scale_ld = ",
+               scale_ld, " must be 0 (1x128 tiles) or >= ceil(cols / 128) = ",
+               fp8_num_blocks(cols));
+  const DecodeTable& table = TableOf(format);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      const int64_t b = c / kFp8BlockSize;
+      const float si = scale_ld == 0 ? scale_inv[b * rows + r]
+                                     : scale_inv[(r / kFp8BlockSize) * scale_ld + b];
+      out[r * cols + c] = table[codes[r * cols + c]] * si;
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<DelayedScaler> DelayedScaler::Create(Fp8Format format, int history_len, int margin) {

@@ -69,6 +69,56 @@ inline float fp8_current_scale(float amax, Fp8Format format, int margin = 0) {
   return fp8_scale_from_amax(amax, format, margin, 1.0f);
 }
 
+// ---- Block scaling (DeepSeek-V3's recipe): one FP32 scale per 128 consecutive elements of a
+// row (1x128 tiles: activations and gradients) or per 128x128 block (weights). The layouts of
+// the scale arrays are those cuBLASLt's block-scaled FP8 GEMMs read on Hopper
+// (CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F / BLK128x128_32F), so the CPU reference and the GPU
+// kernels (ops/cuda/fp8_cuda.h) share them.
+inline constexpr int kFp8BlockSize = 128;
+
+// ceil(n / 128): tiles along a dimension of n elements.
+constexpr int64_t fp8_num_blocks(int64_t n) { return (n + kFp8BlockSize - 1) / kFp8BlockSize; }
+// The row stride of a 128x128 scale grid as cuBLASLt wants it: ceil(cols / 128) rounded up to a
+// multiple of 4.
+constexpr int64_t fp8_block_scale_ld(int64_t cols) { return (fp8_num_blocks(cols) + 3) / 4 * 4; }
+
+// The scale of one tile or block from its amax: s = fp8_max / amax (fp8_current_scale with
+// margin 0, fallback 1: an all-zero block, or one holding inf/NaN, gets s = 1). Codes are
+// encode(x * s) as fp8_encode_array; the GEMMs dequantize with scale_inv = 1.0f / s (an IEEE
+// division), which is what the scale arrays below hold.
+inline float fp8_block_scale(float block_amax, Fp8Format format) {
+  return fp8_current_scale(block_amax, format, 0);
+}
+
+// 1x128 tiles along the rows of in (rows, cols), row-major: tile (r, b) is in[r, 128b ..
+// min(128b + 128, cols)) (the last tile of a row is shorter when cols % 128 != 0).
+//   codes (rows, cols): encode(in * s_(r,b)), exactly as fp8_encode_array with that scale;
+//   scale_inv (ceil(cols/128), rows) row-major, i.e. rows contiguous: scale_inv[b * rows + r] =
+//     1 / s_(r,b) (cuBLASLt's VEC128_32F layout, "M-major").
+// The 128x1 tiles of DeepSeek's backward (a tensor's transpose, quantized along its rows) are
+// this function applied to the transposed tensor. rows, cols >= 0.
+absl::Status fp8_quantize_1x128(uint8_t* codes, float* scale_inv, const float* in, int64_t rows,
+                                int64_t cols, Fp8Format format);
+
+// 128x128 blocks of in (rows, cols), row-major: block (p, b) covers rows [128p, 128p + 128) and
+// cols [128b, 128b + 128), clipped at the edges.
+//   codes (rows, cols): encode(in * s_(p,b));
+//   scale_inv (ceil(rows/128), scale_ld) row-major: scale_inv[p * scale_ld + b] = 1 / s_(p,b),
+//     scale_ld >= ceil(cols/128) (cuBLASLt's BLK128x128_32F layout with scale_ld =
+//     fp8_block_scale_ld(cols), "K-major"); the padding entries b >= ceil(cols/128) are set to 0.
+// The transpose's codes are these codes transposed and its scale grid this grid transposed
+// (no re-quantization): a block's scale does not depend on the orientation.
+absl::Status fp8_quantize_128x128(uint8_t* codes, float* scale_inv, int64_t scale_ld,
+                                  const float* in, int64_t rows, int64_t cols, Fp8Format format);
+
+// out (rows, cols) = decode(codes) * scale_inv of the element's tile or block, one float
+// multiply (how the block-scaled GEMMs apply the scales; the per-tensor fp8_decode_array divides
+// by the scale instead). scale_ld == 0: the 1x128 layout of fp8_quantize_1x128; scale_ld > 0:
+// the 128x128 grid of fp8_quantize_128x128 with that row stride.
+absl::Status fp8_dequantize_blocks(float* out, const uint8_t* codes, const float* scale_inv,
+                                   int64_t scale_ld, int64_t rows, int64_t cols,
+                                   Fp8Format format);
+
 // Delayed scaling (Transformer Engine's recipe): the scale used at step t comes from the amaxes
 // of the last `history_len` steps before t. Usage per step:
 //   quantize with scaler.scale(); a = amax(tensor); scaler.update(a);
