@@ -14,7 +14,8 @@
 #
 # Layout: DIR/<binary> with RUNPATH $ORIGIN/lib:/usr/local/cuda/lib64, DIR/lib/<soname> with
 # RUNPATH $ORIGIN, DIR/MANIFEST.txt. Left out (the node provides them): glibc, libstdc++,
-# libgcc_s, the driver (libcuda, libnvidia-*), libcudart, libcublas*, libcudnn*, NCCL and MPI.
+# libgcc_s, the driver (libcuda, libnvidia-*), libcudart, libcublas*, libcusolver (with its
+# libcusparse and libnvJitLink), libcudnn*, NCCL and MPI.
 # Without patchelf (or with QTRAIN_BUNDLE_WRAPPERS=1) each binary becomes a wrapper script that
 # sets LD_LIBRARY_PATH and runs DIR/.bin/<binary>.
 set -euo pipefail
@@ -61,7 +62,7 @@ bazel_ build --symlink_prefix=/ "${targets[@]}" || die "bazel build failed"
 bin_root="$(bazel_ info bazel-bin 2>/dev/null)" || die "bazel info bazel-bin failed"
 
 # Libraries every CUDA node has (or must take from its own installation, like MPI).
-excluded='^(linux-vdso|ld-linux|libc\.so|libm\.so|libdl\.so|libpthread\.so|librt\.so|libresolv\.so|libutil\.so|libstdc\+\+\.so|libgcc_s\.so|libcuda\.so|libnvidia-|libcudart\.so|libcublas|libcudnn|libnccl\.so|libmpi|libopen-rte\.so|libopen-pal\.so|libhwloc\.so|libevent|libudev\.so|libpmix|libz\.so)'
+excluded='^(linux-vdso|ld-linux|libc\.so|libm\.so|libdl\.so|libpthread\.so|librt\.so|libresolv\.so|libutil\.so|libstdc\+\+\.so|libgcc_s\.so|libcuda\.so|libnvidia-|libcudart\.so|libcublas|libcusolver|libcusparse|libnvJitLink|libcudnn|libnccl\.so|libmpi|libopen-rte\.so|libopen-pal\.so|libhwloc\.so|libevent|libudev\.so|libpmix|libz\.so)'
 
 stage="${out_dir%/}.tmp.$$"
 rm -rf "$stage"
@@ -157,7 +158,7 @@ done
   printf '  %s\n' "${binaries[@]}"
   echo "libraries:"
   (cd "$stage/lib" && ls -1 | sed 's/^/  /')
-  echo "left to the node: glibc, libstdc++, libgcc_s, the NVIDIA driver, libcudart, cuBLAS, cuDNN, NCCL, MPI"
+  echo "left to the node: glibc, libstdc++, libgcc_s, the NVIDIA driver, libcudart, cuBLAS, cuSOLVER (+ cuSPARSE, nvJitLink), cuDNN, NCCL, MPI"
 } >"$stage/MANIFEST.txt"
 
 rm -rf "$out_dir"
