@@ -3,6 +3,7 @@
 // forward output and per-block weight/bias gradient partials; a second kernel sums the
 // partials in a fixed order), with validating launchers.
 #include <algorithm>
+#include <cmath>
 
 #include <cuda_runtime.h>
 
@@ -261,15 +262,24 @@ __device__ __forceinline__ void BwdStats(float& dnorm_sum, float& dnorm_norm_sum
 
 // Output pass over one chunk: dx += (w dy - mean(w dy) - xhat mean(w dy xhat)) rstd (fp32, the
 // caller rounds once), the dweight/dbias terms xhat dy and dy, and (kOut) the forward output.
+// The TWEO outlier loss's gradient at input value x (TweoGradTerm, layernorm_cuda.h).
+__device__ __forceinline__ float TweoGrad(float x, const TweoGradTerm& t) {
+  const float u = __fmul_rn(fabsf(x), t.inv);
+  const float g = t.p == 4.f ? __fmul_rn(__fmul_rn(u, u), u) : powf(u, t.p - 1.f);
+  return x > 0.f ? __fmul_rn(t.a, g) : (x < 0.f ? -__fmul_rn(t.a, g) : 0.f);
+}
+
 template <int kPer, bool kOut>
 __device__ __forceinline__ void BwdChunk(float* dx, float* dw, float* db, float* y, const float* x,
                                          const float* dy, const float* w, const float* b, float m,
-                                         float s, float dnorm_mean, float dnorm_norm_mean) {
+                                         float s, float dnorm_mean, float dnorm_norm_mean,
+                                         const TweoGradTerm& tweo) {
 #pragma unroll
   for (int k = 0; k < kPer; ++k) {
     const float xhat = LnNormalize(x[k], m, s);
     const float centered = __fsub_rn(__fmul_rn(w[k], dy[k]), dnorm_mean);
     dx[k] = __fmaf_rn(__fmaf_rn(-xhat, dnorm_norm_mean, centered), s, dx[k]);
+    if (tweo.a != 0.f) dx[k] = __fadd_rn(dx[k], TweoGrad(x[k], tweo));
     dw[k] = __fmul_rn(xhat, dy[k]);
     db[k] = dy[k];
     if (kOut) y[k] = LnAffine(xhat, w[k], b[k]);
@@ -285,7 +295,8 @@ __device__ __forceinline__ void BackwardRowInRegisters(
     const LaneAcc<Access::kVec8>& acc_db, nv_bf16* __restrict__ dinp, nv_bf16* __restrict__ out,
     const nv_bf16* __restrict__ dout, const nv_bf16* __restrict__ inp,
     const nv_bf16* __restrict__ weight, const nv_bf16* __restrict__ bias,
-    const float* __restrict__ mean, const float* __restrict__ rstd, int C) {
+    const float* __restrict__ mean, const float* __restrict__ rstd, int C,
+    const TweoGradTerm& tweo) {
   constexpr bool kPrefetch = kIters <= 3;
   const int c_lane = lane * 8;
   const int64_t off = r * C + c_lane;  // chunk i of the lane at off + 256 i
@@ -333,7 +344,7 @@ __device__ __forceinline__ void BackwardRowInRegisters(
       } else {
         Unpack8(LoadU4(dinp + off + i * 256), dx);
       }
-      BwdChunk<8, kOut>(dx, dw, db, y, x, dy, w, b, m, s, dnorm_mean, dnorm_norm_mean);
+      BwdChunk<8, kOut>(dx, dw, db, y, x, dy, w, b, m, s, dnorm_mean, dnorm_norm_mean, tweo);
       StoreU4(dinp + off + i * 256, Pack8Rn(dx));
       if (kOut) StoreU4(out + off + i * 256, Pack8Rn(y));
       acc_dw.Add(i, dw);
@@ -350,7 +361,8 @@ __device__ __forceinline__ void BackwardRowReloaded(
     const LaneAcc<kAccess>& acc_db, nv_bf16* __restrict__ dinp, nv_bf16* __restrict__ out,
     const nv_bf16* __restrict__ dout, const nv_bf16* __restrict__ inp,
     const nv_bf16* __restrict__ weight, const nv_bf16* __restrict__ bias,
-    const float* __restrict__ mean, const float* __restrict__ rstd, int C) {
+    const float* __restrict__ mean, const float* __restrict__ rstd, int C,
+    const TweoGradTerm& tweo) {
   using R = Row<kAccess>;
   constexpr int kPer = R::kPer;
   constexpr int kStride = 32 * kPer;  // columns between a lane's consecutive chunks
@@ -374,7 +386,7 @@ __device__ __forceinline__ void BackwardRowReloaded(
     R::Load(w, weight + c);
     R::Load(dx, dinp + off + c);
     if (kOut) R::Load(b, bias + c);
-    BwdChunk<kPer, kOut>(dx, dw, db, y, x, dy, w, b, m, s, dnorm_mean, dnorm_norm_mean);
+    BwdChunk<kPer, kOut>(dx, dw, db, y, x, dy, w, b, m, s, dnorm_mean, dnorm_norm_mean, tweo);
     R::Store(dinp + off + c, dx);
     if (kOut) R::Store(out + off + c, y);
     acc_dw.Add(t, dw);
@@ -391,7 +403,8 @@ __launch_bounds__(kBwdMaxWarps * 32, BwdMinBlocksPerSm(kAccess == Access::kVec8,
                               const nv_bf16* __restrict__ inp,
                               const nv_bf16* __restrict__ weight,
                               const nv_bf16* __restrict__ bias, const float* __restrict__ mean,
-                              const float* __restrict__ rstd, int N, int C, int slab) {
+                              const float* __restrict__ rstd, int N, int C, int slab,
+                              TweoGradTerm tweo) {
   static_assert(kIters == 0 || kAccess == Access::kVec8, "the register path is kVec8 only");
   constexpr int kPer = Row<kAccess>::kPer;
   extern __shared__ float4 bwd_smem[];  // per warp: dweight[slab], dbias[slab]
@@ -413,12 +426,12 @@ __launch_bounds__(kBwdMaxWarps * 32, BwdMinBlocksPerSm(kAccess == Access::kVec8,
   if constexpr (kIters > 0) {
     for (int64_t r = first; r < N; r += step) {
       BackwardRowInRegisters<kIters, kOut>(r, lane, acc_dw, acc_db, dinp, out, dout, inp, weight,
-                                           bias, mean, rstd, C);
+                                           bias, mean, rstd, C, tweo);
     }
   } else {
     for (int64_t r = first; r < N; r += step) {
       BackwardRowReloaded<kAccess, kOut>(r, lane, c0, c1, acc_dw, acc_db, dinp, out, dout, inp,
-                                         weight, bias, mean, rstd, C);
+                                         weight, bias, mean, rstd, C, tweo);
     }
   }
   __syncthreads();
@@ -507,7 +520,7 @@ template <Access kAccess, int kIters>
 absl::Status LaunchBackwardKernel(const BwdPlan& p, float* partial, nv_bf16* dinp, nv_bf16* out,
                                   const nv_bf16* dout, const nv_bf16* inp, const nv_bf16* weight,
                                   const nv_bf16* bias, const float* mean, const float* rstd,
-                                  int N, int C, cudaStream_t stream) {
+                                  int N, int C, const TweoGradTerm& tweo, cudaStream_t stream) {
   auto kernel = out != nullptr ? layernorm_backward_kernel<kAccess, kIters, true>
                                : layernorm_backward_kernel<kAccess, kIters, false>;
   if (p.smem_bytes > 48 * 1024) {
@@ -515,7 +528,7 @@ absl::Status LaunchBackwardKernel(const BwdPlan& p, float* partial, nv_bf16* din
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, p.smem_bytes));
   }
   kernel<<<dim3(p.blocks, p.slabs), p.warps * 32, p.smem_bytes, stream>>>(
-      partial, dinp, out, dout, inp, weight, bias, mean, rstd, N, C, p.slab);
+      partial, dinp, out, dout, inp, weight, bias, mean, rstd, N, C, p.slab, tweo);
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
 }
@@ -575,6 +588,16 @@ absl::Status layernorm_forward_cuda(bf16* out, float* mean, float* rstd, const b
                                         cu::Nv(weight), cu::Nv(bias), N, C, stream);
 }
 
+TweoGradTerm TweoGradTerm::Make(double scale, double tau, double p, double eps, int64_t n) {
+  TweoGradTerm t;
+  if (scale == 0.0 || n <= 0) return t;
+  const double inv = 1.0 / (tau + eps);
+  t.a = static_cast<float>(scale * p / static_cast<double>(n) * inv);
+  t.inv = static_cast<float>(inv);
+  t.p = static_cast<float>(p);
+  return t;
+}
+
 int64_t layernorm_backward_cuda_workspace_bytes(int N, int C) {
   if (N <= 0 || C <= 0) return 0;
   return static_cast<int64_t>(PlanBackward(N, C).blocks) * 2 * C *
@@ -589,8 +612,12 @@ absl::Status LayernormBackward(bf16* dinp, G* dweight, G* dbias, const bf16* dou
                                const bf16* inp, const bf16* weight, const bf16* bias,
                                const float* mean, const float* rstd, int N, int C,
                                void* workspace, int64_t workspace_bytes, cudaStream_t stream,
-                               GradWrite dparams, bf16* out_recompute) {
+                               GradWrite dparams, bf16* out_recompute,
+                               const TweoGradTerm& tweo) {
   RETURN_IF_ERROR(CheckShape("layernorm_backward_cuda", N, C));
+  QT_CHECK_ARG(tweo.a == 0.f || (std::isfinite(tweo.a) && tweo.inv > 0.f && tweo.p >= 1.f),
+               "layernorm_backward_cuda: bad TWEO term a=", tweo.a, " inv=", tweo.inv,
+               " p=", tweo.p);
   QT_CHECK_ARG(dinp != nullptr && dweight != nullptr && dbias != nullptr && dout != nullptr &&
                    inp != nullptr && weight != nullptr && mean != nullptr && rstd != nullptr,
                "layernorm_backward_cuda: null pointer (dinp=", dinp != nullptr,
@@ -615,7 +642,7 @@ absl::Status LayernormBackward(bf16* dinp, G* dweight, G* dbias, const bf16* dou
   const nv_bf16* b = out_recompute != nullptr ? cu::Nv(bias) : nullptr;
   const auto launch = [&](auto kernel_launcher) {
     return kernel_launcher(plan, partial, cu::Nv(dinp), out, cu::Nv(dout), cu::Nv(inp),
-                           cu::Nv(weight), b, mean, rstd, N, C, stream);
+                           cu::Nv(weight), b, mean, rstd, N, C, tweo, stream);
   };
   // kVec8 rows of up to 8 * 256 columns take the register path, one instantiation per number
   // of 256-column chunks.
@@ -648,19 +675,21 @@ absl::Status layernorm_backward_cuda(bf16* dinp, float* dweight, float* dbias, c
                                      const bf16* inp, const bf16* weight, const bf16* bias,
                                      const float* mean, const float* rstd, int N, int C,
                                      void* workspace, int64_t workspace_bytes, cudaStream_t stream,
-                                     GradWrite dparams, bf16* out_recompute) {
+                                     GradWrite dparams, bf16* out_recompute,
+                                     const TweoGradTerm& tweo) {
   return LayernormBackward(dinp, dweight, dbias, dout, inp, weight, bias, mean, rstd, N, C,
-                           workspace, workspace_bytes, stream, dparams, out_recompute);
+                           workspace, workspace_bytes, stream, dparams, out_recompute, tweo);
 }
 
 absl::Status layernorm_backward_cuda(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout,
                                      const bf16* inp, const bf16* weight, const bf16* bias,
                                      const float* mean, const float* rstd, int N, int C,
                                      void* workspace, int64_t workspace_bytes, cudaStream_t stream,
-                                     GradWrite dparams, bf16* out_recompute) {
+                                     GradWrite dparams, bf16* out_recompute,
+                                     const TweoGradTerm& tweo) {
   return LayernormBackward(dinp, cu::Nv(dweight), cu::Nv(dbias), dout, inp, weight, bias, mean,
                            rstd, N, C, workspace, workspace_bytes, stream, dparams,
-                           out_recompute);
+                           out_recompute, tweo);
 }
 
 }  // namespace qtrain::ops

@@ -66,6 +66,19 @@ absl::Status residual_layernorm_forward_amax_cuda(bf16* residual, bf16* out, flo
                                                   const bf16* bias, int N, int C,
                                                   cudaStream_t stream);
 
+// The TWEO outlier loss's gradient with respect to the layernorm's input, added to dinp by
+// the backward that reads that input anyway (the input of a block's first layernorm, and of
+// the final one, is the previous block's output A): dinp += a * (|x| inv)^(p-1) sign(x) in
+// fp32 (x^3 exactly for p = 4), before the one rounding to BF16; a = 0 adds nothing.
+// Make() forms it as ops::tweo_backward's coefficient: a = scale * p / n / (tau + eps),
+// inv = 1 / (tau + eps), with scale = loss_scale * lambda / n_layer and n the elements of A.
+struct TweoGradTerm {
+  float a = 0.f;
+  float inv = 0.f;
+  float p = 4.f;
+  static TweoGradTerm Make(double scale, double tau, double p, double eps, int64_t n);
+};
+
 // Workspace bytes of layernorm_backward_cuda: one fp32 partial row [dweight | dbias] (2C
 // floats) per block of the backward kernel, at most N of them. The partition into blocks (one
 // wave that fills the 132 SMs of an H100/H200) depends on N and C alone, not on the device or
@@ -83,6 +96,7 @@ int64_t layernorm_backward_cuda_workspace_bytes(int N, int C);
 //                 this inp, mean and rstd (the same expression and rounding), so that callers
 //                 need not keep it. Must not overlap the other arrays. Costs one extra write of N*C BF16 values.
 //   bias (C): the forward's bias, read only for out_recompute (may be null without it).
+//   tweo: the TWEO term above (a = 0: none), when inp is a block output.
 // mean, rstd as saved by the forward. Two kernels, deterministic (bit-identical from run to
 // run, no atomics): the first reads each row of dout and inp once, one warp per row (per slab
 // of 12800 columns for wider rows), rows spread over the grid in a fixed interleave; each warp adds its rows' dweight/dbias terms in
@@ -96,7 +110,8 @@ absl::Status layernorm_backward_cuda(bf16* dinp, float* dweight, float* dbias, c
                                      const float* mean, const float* rstd, int N, int C,
                                      void* workspace, int64_t workspace_bytes, cudaStream_t stream,
                                      GradWrite dparams = GradWrite::kAccumulate,
-                                     bf16* out_recompute = nullptr);
+                                     bf16* out_recompute = nullptr,
+                                     const TweoGradTerm& tweo = {});
 
 // The same with BF16 parameter gradients (the sums stay fp32): kOverwrite writes
 // bf16(sum), kAccumulate bf16(float(old) + sum), each rounded once to nearest even.
@@ -105,7 +120,8 @@ absl::Status layernorm_backward_cuda(bf16* dinp, bf16* dweight, bf16* dbias, con
                                      const float* mean, const float* rstd, int N, int C,
                                      void* workspace, int64_t workspace_bytes, cudaStream_t stream,
                                      GradWrite dparams = GradWrite::kAccumulate,
-                                     bf16* out_recompute = nullptr);
+                                     bf16* out_recompute = nullptr,
+                                     const TweoGradTerm& tweo = {});
 
 // The earlier form, without bias and recomputed output (fp32 gradients).
 inline absl::Status layernorm_backward_cuda(bf16* dinp, float* dweight, float* dbias,
