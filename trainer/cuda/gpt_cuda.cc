@@ -127,20 +127,23 @@ absl::Status CudaGpt::Init(const ParamStore& layout) {
   ASSIGN_OR_RETURN(wpe_, expect("wpe", {c.max_seq_len, C}));
   for (int l = 0; l < c.n_layer; ++l) {
     const std::string p = absl::StrCat("block.", l, ".");
-    BlockOffsets b;
+    Block b;
+    auto linear = [&](const char* role, int in, int out) -> absl::Status {
+      const std::string name = p + role;
+      ASSIGN_OR_RETURN(const int64_t w, expect(name + ".weight", {out, in}));
+      ASSIGN_OR_RETURN(const int64_t bias, expect(name + ".bias", {out}));
+      b.linears.emplace_back(name, in, out, c.precision.For(name), w, bias);
+      return absl::OkStatus();
+    };
     ASSIGN_OR_RETURN(b.ln1w, expect(p + "ln1.weight", {C}));
     ASSIGN_OR_RETURN(b.ln1b, expect(p + "ln1.bias", {C}));
-    ASSIGN_OR_RETURN(b.qkvw, expect(p + "attn.qkv.weight", {3 * C, C}));
-    ASSIGN_OR_RETURN(b.qkvb, expect(p + "attn.qkv.bias", {3 * C}));
-    ASSIGN_OR_RETURN(b.projw, expect(p + "attn.proj.weight", {C, C}));
-    ASSIGN_OR_RETURN(b.projb, expect(p + "attn.proj.bias", {C}));
+    RETURN_IF_ERROR(linear("attn.qkv", C, 3 * C));
+    RETURN_IF_ERROR(linear("attn.proj", C, C));
     ASSIGN_OR_RETURN(b.ln2w, expect(p + "ln2.weight", {C}));
     ASSIGN_OR_RETURN(b.ln2b, expect(p + "ln2.bias", {C}));
-    ASSIGN_OR_RETURN(b.fcw, expect(p + "mlp.fc.weight", {4 * C, C}));
-    ASSIGN_OR_RETURN(b.fcb, expect(p + "mlp.fc.bias", {4 * C}));
-    ASSIGN_OR_RETURN(b.mprojw, expect(p + "mlp.proj.weight", {C, 4 * C}));
-    ASSIGN_OR_RETURN(b.mprojb, expect(p + "mlp.proj.bias", {C}));
-    blocks_.push_back(b);
+    RETURN_IF_ERROR(linear("mlp.fc", C, 4 * C));
+    RETURN_IF_ERROR(linear("mlp.proj", 4 * C, C));
+    blocks_.push_back(std::move(b));
   }
   ASSIGN_OR_RETURN(lnfw_, expect("lnf.weight", {C}));
   ASSIGN_OR_RETURN(lnfb_, expect("lnf.bias", {C}));
@@ -506,9 +509,9 @@ absl::StatusOr<double> CudaGpt::Forward(const int32_t* inputs, const int32_t* ta
   RETURN_IF_ERROR(ops::encoder_forward_cuda(encoded_, inputs_, W(wte_), W(wpe_), B, T, C, V,
                                             stream_));
   RETURN_IF_ERROR(Mark("fwd encoder"));
-  ops::MatmulContext& mm = *matmul_;
+  const LinearContext lc = linear_context();
   for (int l = 0; l < c.n_layer; ++l) {
-    const BlockOffsets& b = blocks_[l];
+    const Block& b = blocks_[l];
     LayerActs& a = acts_[l];
     const bf16* x = l > 0 ? acts_[l - 1].res3 : encoded_;
     RETURN_IF_ERROR(WaitForUpdate(l));
@@ -523,24 +526,20 @@ absl::StatusOr<double> CudaGpt::Forward(const int32_t* inputs, const int32_t* ta
                                                            W(b.ln1b), N, C, stream_));
     }
     RETURN_IF_ERROR(Mark("fwd layernorm"));
-    RETURN_IF_ERROR(ops::matmul_forward_cuda(mm, a.qkv, ln_, W(b.qkvw), W(b.qkvb), N, C, 3 * C,
-                                             stream_));
+    RETURN_IF_ERROR(b.qkv().Forward(lc, a.qkv, {ln_}, N));
     RETURN_IF_ERROR(Mark("fwd matmul qkv"));
     RETURN_IF_ERROR(ops::attention_forward_cuda(a.atty, a.lse, a.qkv, B, T, C, NH, stream_,
                                                 ops::AttentionKernel::kAuto, deterministic_));
     RETURN_IF_ERROR(Mark("fwd attention"));
-    RETURN_IF_ERROR(ops::matmul_forward_cuda(mm, proj_out_, a.atty, W(b.projw), W(b.projb), N, C,
-                                             C, stream_));
+    RETURN_IF_ERROR(b.attn_proj().Forward(lc, proj_out_, {a.atty}, N));
     RETURN_IF_ERROR(Mark("fwd matmul attn.proj"));
     RETURN_IF_ERROR(ops::residual_layernorm_forward_cuda(a.res2, ln_, a.ln2_mean, a.ln2_rstd, x,
                                                          proj_out_, W(b.ln2w), W(b.ln2b), N, C,
                                                          stream_));
     RETURN_IF_ERROR(Mark("fwd layernorm"));
-    RETURN_IF_ERROR(ops::matmul_forward_cuda(mm, a.fch_gelu, ln_, W(b.fcw), W(b.fcb), N, C,
-                                             4 * C, stream_, ops::Activation::kGelu, a.fch));
+    RETURN_IF_ERROR(b.fc().Forward(lc, a.fch_gelu, {ln_}, N, ops::Activation::kGelu, a.fch));
     RETURN_IF_ERROR(Mark("fwd matmul fc+gelu"));
-    RETURN_IF_ERROR(ops::matmul_forward_cuda(mm, proj_out_, a.fch_gelu, W(b.mprojw), W(b.mprojb),
-                                             N, 4 * C, C, stream_));
+    RETURN_IF_ERROR(b.mlp_proj().Forward(lc, proj_out_, {a.fch_gelu}, N));
     RETURN_IF_ERROR(Mark("fwd matmul mlp.proj"));
   }
   update_pending_ = false;  // stream_ has waited for every range
@@ -606,9 +605,8 @@ absl::Status CudaGpt::BackwardBlocks(G* grads) {
   const GptConfig& c = config_;
   const int B = B_, T = T_, N = B * T, C = c.n_embd, V = c.vocab_size, NH = c.n_head;
   const int64_t NC = static_cast<int64_t>(N) * C;
-  ops::MatmulContext& mm = *matmul_;
+  const LinearContext lc = linear_context();
   const ops::GradWrite gw = backward_gw_;
-  const ops::GradWrite over = ops::GradWrite::kOverwrite;
   auto g = [grads](int64_t off) { return grads + off; };
   // dln_ holds d lnf from the LM head. dres_ carries d loss / d residual stream down through
   // the blocks. Activation gradients with one consumer are written over, not accumulated, so
@@ -619,56 +617,39 @@ absl::Status CudaGpt::BackwardBlocks(G* grads) {
                                                ln_ws_, ln_ws_bytes_, stream_, gw, nullptr));
   RETURN_IF_ERROR(Mark("bwd layernorm"));
   for (int l = c.n_layer - 1; l >= 0; --l) {
-    const BlockOffsets& b = blocks_[l];
+    const Block& b = blocks_[l];
     const LayerActs& a = acts_[l];
     const bf16* x = l > 0 ? acts_[l - 1].res3 : encoded_;
     // MLP branch: res3 = res2 + proj(gelu(fc(ln2(res2)))). The proj's weight gradient first
     // (it reads the GELU output), then its dinp with the GELU's gradient fused, written over
     // the GELU output (whose only reader is done).
     bf16* dfch = a.fch_gelu;
-    RETURN_IF_ERROR(ops::matmul_backward_cuda(mm, nullptr, g(b.mprojw), g(b.mprojb), dres_,
-                                              a.fch_gelu, nullptr, N, 4 * C, C, mm_ws_,
-                                              mm_ws_bytes_, stream_, nullptr, gw));
-    RETURN_IF_ERROR(ops::matmul_backward_cuda(mm, dfch, static_cast<G*>(nullptr),
-                                              static_cast<G*>(nullptr), dres_, nullptr,
-                                              W(b.mprojw), N, 4 * C, C, mm_ws_, mm_ws_bytes_,
-                                              stream_, a.fch, gw, over));
+    RETURN_IF_ERROR(b.mlp_proj().BackwardWeight(lc, grads, dres_, {a.fch_gelu}, N, gw));
+    RETURN_IF_ERROR(b.mlp_proj().BackwardData(lc, dfch, dres_, N, a.fch));
     RETURN_IF_ERROR(Mark("bwd matmul mlp.proj+dgelu"));
     // fc: dinp, then ln2's backward recomputes ln2's output into ln_ for fc's weight gradient.
-    RETURN_IF_ERROR(ops::matmul_backward_cuda(mm, dln_, static_cast<G*>(nullptr),
-                                              static_cast<G*>(nullptr), dfch, nullptr, W(b.fcw),
-                                              N, C, 4 * C, mm_ws_, mm_ws_bytes_, stream_, nullptr,
-                                              gw, over));
+    RETURN_IF_ERROR(b.fc().BackwardData(lc, dln_, dfch, N));
     RETURN_IF_ERROR(Mark("bwd matmul fc"));
     RETURN_IF_ERROR(ops::layernorm_backward_cuda(dres_, g(b.ln2w), g(b.ln2b), dln_, a.res2,
                                                  W(b.ln2w), W(b.ln2b), a.ln2_mean, a.ln2_rstd, N,
                                                  C, ln_ws_, ln_ws_bytes_, stream_, gw, ln_));
     RETURN_IF_ERROR(Mark("bwd layernorm"));
-    RETURN_IF_ERROR(ops::matmul_backward_cuda(mm, nullptr, g(b.fcw), g(b.fcb), dfch, ln_, nullptr,
-                                              N, C, 4 * C, mm_ws_, mm_ws_bytes_, stream_, nullptr,
-                                              gw));
+    RETURN_IF_ERROR(b.fc().BackwardWeight(lc, grads, dfch, {ln_}, N, gw));
     RETURN_IF_ERROR(Mark("bwd matmul fc"));
     // Attention branch: res2 = x + proj(attn(qkv(ln1(x)))).
-    RETURN_IF_ERROR(ops::matmul_backward_cuda(mm, datty_, g(b.projw), g(b.projb), dres_, a.atty,
-                                              W(b.projw), N, C, C, mm_ws_, mm_ws_bytes_, stream_,
-                                              nullptr, gw, over));
+    RETURN_IF_ERROR(b.attn_proj().Backward(lc, datty_, grads, dres_, {a.atty}, N, gw));
     RETURN_IF_ERROR(Mark("bwd matmul attn.proj"));
     RETURN_IF_ERROR(ops::attention_backward_cuda(
         dqkv_, datty_, a.qkv, a.atty, a.lse, B, T, C, NH, att_ws_, att_ws_bytes_, stream_,
-        ops::AttentionKernel::kAuto, over, deterministic_));
+        ops::AttentionKernel::kAuto, ops::GradWrite::kOverwrite, deterministic_));
     RETURN_IF_ERROR(Mark("bwd attention"));
-    RETURN_IF_ERROR(ops::matmul_backward_cuda(mm, dln_, static_cast<G*>(nullptr),
-                                              static_cast<G*>(nullptr), dqkv_, nullptr,
-                                              W(b.qkvw), N, C, 3 * C, mm_ws_, mm_ws_bytes_,
-                                              stream_, nullptr, gw, over));
+    RETURN_IF_ERROR(b.qkv().BackwardData(lc, dln_, dqkv_, N));
     RETURN_IF_ERROR(Mark("bwd matmul qkv"));
     RETURN_IF_ERROR(ops::layernorm_backward_cuda(dres_, g(b.ln1w), g(b.ln1b), dln_, x, W(b.ln1w),
                                                  W(b.ln1b), a.ln1_mean, a.ln1_rstd, N, C, ln_ws_,
                                                  ln_ws_bytes_, stream_, gw, ln_));
     RETURN_IF_ERROR(Mark("bwd layernorm"));
-    RETURN_IF_ERROR(ops::matmul_backward_cuda(mm, nullptr, g(b.qkvw), g(b.qkvb), dqkv_, ln_,
-                                              nullptr, N, C, 3 * C, mm_ws_, mm_ws_bytes_, stream_,
-                                              nullptr, gw));
+    RETURN_IF_ERROR(b.qkv().BackwardWeight(lc, grads, dqkv_, {ln_}, N, gw));
     RETURN_IF_ERROR(Mark("bwd matmul qkv"));
     // Nothing later in this backward touches block l's gradients.
     RETURN_IF_ERROR(GradientsReady(l));
@@ -682,6 +663,16 @@ absl::Status CudaGpt::BackwardBlocks(G* grads) {
     RETURN_IF_ERROR(GradientsReady(i));
   }
   return absl::OkStatus();
+}
+
+LinearContext CudaGpt::linear_context() const {
+  LinearContext lc;
+  lc.mm = matmul_.get();
+  lc.stream = stream_;
+  lc.params_bf16 = params_bf16_;
+  lc.mm_ws = mm_ws_;
+  lc.mm_ws_bytes = mm_ws_bytes_;
+  return lc;
 }
 
 absl::Status CudaGpt::GradientsReady(size_t index) {

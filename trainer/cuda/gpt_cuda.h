@@ -24,6 +24,7 @@
 #include "ops/cuda/adamw_cuda.h"
 #include "ops/cuda/bf16.h"
 #include "ops/cuda/matmul_cuda.h"
+#include "trainer/cuda/linear_cuda.h"
 #include "trainer/device_model.h"
 #include "trainer/gpt.h"
 #include "trainer/optimizer.h"
@@ -94,9 +95,14 @@ class CudaGpt : public DeviceModel {
   void ResetProfile();
 
  private:
-  // Element offsets of one block's tensors in the flat buffers.
-  struct BlockOffsets {
-    int64_t ln1w, ln1b, qkvw, qkvb, projw, projb, ln2w, ln2b, fcw, fcb, mprojw, mprojb;
+  // One block: its layernorms' element offsets in the flat buffers and its four Linears.
+  struct Block {
+    int64_t ln1w, ln1b, ln2w, ln2b;
+    std::vector<CudaLinear> linears;  // qkv, attn.proj, mlp.fc, mlp.proj
+    const CudaLinear& qkv() const { return linears[0]; }
+    const CudaLinear& attn_proj() const { return linears[1]; }
+    const CudaLinear& fc() const { return linears[2]; }
+    const CudaLinear& mlp_proj() const { return linears[3]; }
   };
   // Runs of consecutive tensors with the same weight-decay flag: one AdamW launch each.
   struct DecayRun {
@@ -137,6 +143,8 @@ class CudaGpt : public DeviceModel {
   float* P(int64_t off) { return params_ + off; }
   ops::bf16* W(int64_t off) { return params_bf16_ + off; }
   int64_t grad_bytes() const { return GradDtypeBytes(grad_dtype_); }
+  // What the Linears' calls work in (the stream, GEMM context, BF16 copies, workspace).
+  LinearContext linear_context() const;
   // fn(grads) with the gradient buffer as the pointer type of grad_dtype_ (float* or bf16*).
   template <typename Fn>
   absl::Status OnGrads(Fn&& fn) {
@@ -148,7 +156,7 @@ class CudaGpt : public DeviceModel {
   GradDtype grad_dtype_;
   int64_t num_params_ = 0;
   int64_t wte_ = 0, wpe_ = 0, lnfw_ = 0, lnfb_ = 0;
-  std::vector<BlockOffsets> blocks_;
+  std::vector<Block> blocks_;
   std::vector<DecayRun> decay_runs_;
   // Update overlaps the next Forward: one AdamW launch per gradient range (grad_ranges_, the
   // embeddings and final layernorm first, then block by block) on opt_stream_, each followed by
