@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "trainer/gpt.h"
@@ -67,6 +68,17 @@ class DeviceModel {
   using GradientReadyHook =
       std::function<absl::Status(int64_t begin, int64_t end, void* ready)>;
   virtual void SetGradientReadyHook(GradientReadyHook hook) = 0;
+
+  // Block-output statistics (the residual stream after each block: the TWEO loss term, the
+  // peak |A| and kurtosis per block) of the training Forwards while on (default off: they cost
+  // one read of every block output). The trainer turns them on for the steps it logs.
+  virtual void set_block_stats(bool on) = 0;
+  struct OutputStats {
+    double tweo_loss = 0;            // lambda / n_layer * sum_l mean((|A_l| / (tau+eps))^p)
+    std::vector<BlockStats> blocks;  // per block
+  };
+  // Of the last training Forward that computed them (FailedPrecondition if none did).
+  virtual absl::StatusOr<OutputStats> output_stats() const = 0;
 
   // training.deterministic: bit-identical reruns and resumes, at some speed (on CUDA the
   // attention backward then avoids cuDNN's atomic dq accumulation).

@@ -18,6 +18,7 @@
 #include "ops/cuda/grad_norm_cuda.h"
 #include "ops/cuda/layernorm_cuda.h"
 #include "ops/cuda/matmul_cuda.h"
+#include "ops/cuda/tweo_cuda.h"
 #include "ops/status_macros.h"
 #include "trainer/cuda/gpt_cuda_kernels.h"
 
@@ -54,10 +55,6 @@ class Carver {
 absl::StatusOr<std::unique_ptr<CudaGpt>> CudaGpt::Create(const GptConfig& config,
                                                         const ParamStore& layout,
                                                         GradDtype grad_dtype) {
-  if (config.tweo.enabled) {
-    return absl::UnimplementedError(
-        "CUDA model: the TWEO outlier loss (precision.tweo) is not implemented on CUDA yet");
-  }
   for (int l = 0; l < config.n_layer; ++l) {
     for (const char* lin : {"attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"}) {
       const std::string name = absl::StrCat("block.", l, ".", lin);
@@ -217,6 +214,11 @@ absl::Status CudaGpt::Init(const ParamStore& layout) {
   clip_factor_ = static_cast<float*>(p);
   norm_ws_bytes_ = ops::sum_squares_cuda_workspace_bytes();
   ASSIGN_OR_RETURN(norm_ws_, Alloc(norm_ws_bytes_));
+  ASSIGN_OR_RETURN(p, Alloc(static_cast<int64_t>(c.n_layer) * ops::kNumBlockOutputStats *
+                            sizeof(double)));
+  stats_dev_ = static_cast<double*>(p);
+  stats_host_.assign(static_cast<size_t>(c.n_layer) * ops::kNumBlockOutputStats, 0.0);
+  ASSIGN_OR_RETURN(stats_ws_, Alloc(ops::block_output_stats_cuda_workspace_bytes()));
   for (float* buf : {params_, m_, v_}) {
     RETURN_IF_ERROR(gpu::MemsetAsync(buf, 0, n * 4, stream_));
   }
@@ -548,6 +550,19 @@ absl::StatusOr<double> CudaGpt::Forward(const int32_t* inputs, const int32_t* ta
                                                        last.res2, proj_out_, W(lnfw_), W(lnfb_),
                                                        N, C, stream_));
   RETURN_IF_ERROR(Mark("fwd layernorm"));
+  const bool stats = block_stats_on_ && targets != nullptr && backward_scale > 0.f;
+  if (stats) {
+    // The TWEO term's tau, p, eps (its defaults when TWEO is off: the peaks and kurtoses are
+    // what the statistics are for then).
+    const TweoOptions& tw = c.tweo;
+    for (int l = 0; l < c.n_layer; ++l) {
+      RETURN_IF_ERROR(ops::block_output_stats_cuda(
+          stats_dev_ + static_cast<int64_t>(l) * ops::kNumBlockOutputStats, acts_[l].res3, N64 * C,
+          tw.tau, tw.p, tw.eps, stats_ws_, ops::block_output_stats_cuda_workspace_bytes(),
+          stream_));
+    }
+    RETURN_IF_ERROR(Mark("fwd block-output stats"));
+  }
   if (targets == nullptr) return 0.0;
   if (backward_scale > 0.f) {
     // The gradients are written from here on; a pending ZeroGrads makes the first writes
@@ -564,7 +579,15 @@ absl::StatusOr<double> CudaGpt::Forward(const int32_t* inputs, const int32_t* ta
   RETURN_IF_ERROR(OnGrads([&](auto* g) { return LmHead(g, backward_scale); }));
   double loss = 0;
   RETURN_IF_ERROR(gpu::CopyToHostAsync(&loss, &scalars_[0], sizeof(double), stream_));
+  if (stats) {
+    RETURN_IF_ERROR(gpu::CopyToHostAsync(stats_host_.data(), stats_dev_,
+                                         stats_host_.size() * sizeof(double), stream_));
+  }
   RETURN_IF_ERROR(ops::SynchronizeStream(stream_));
+  if (stats) {
+    stats_valid_ = true;
+    stats_n_ = N64 * C;
+  }
   RETURN_IF_ERROR(Mark("(host)"));
   have_targets_ = backward_scale > 0.f;
   backward_scale_ = backward_scale;
@@ -612,9 +635,13 @@ absl::Status CudaGpt::BackwardBlocks(G* grads) {
   // the blocks. Activation gradients with one consumer are written over, not accumulated, so
   // their buffers need no clearing.
   RETURN_IF_ERROR(gpu::MemsetAsync(dres_, 0, NC * 2, stream_));
+  // The TWEO term joins the residual gradient in the layernorm backwards whose input is a
+  // block output: the final one here, each block's first below (block 0's reads the
+  // embeddings).
+  const ops::TweoGradTerm tweo = TweoTerm();
   RETURN_IF_ERROR(ops::layernorm_backward_cuda(dres_, g(lnfw_), g(lnfb_), dln_, acts_.back().res3,
                                                W(lnfw_), W(lnfb_), lnf_mean_, lnf_rstd_, N, C,
-                                               ln_ws_, ln_ws_bytes_, stream_, gw, nullptr));
+                                               ln_ws_, ln_ws_bytes_, stream_, gw, nullptr, tweo));
   RETURN_IF_ERROR(Mark("bwd layernorm"));
   for (int l = c.n_layer - 1; l >= 0; --l) {
     const Block& b = blocks_[l];
@@ -647,7 +674,8 @@ absl::Status CudaGpt::BackwardBlocks(G* grads) {
     RETURN_IF_ERROR(Mark("bwd matmul qkv"));
     RETURN_IF_ERROR(ops::layernorm_backward_cuda(dres_, g(b.ln1w), g(b.ln1b), dln_, x, W(b.ln1w),
                                                  W(b.ln1b), a.ln1_mean, a.ln1_rstd, N, C, ln_ws_,
-                                                 ln_ws_bytes_, stream_, gw, ln_));
+                                                 ln_ws_bytes_, stream_, gw, ln_,
+                                                 l > 0 ? tweo : ops::TweoGradTerm{}));
     RETURN_IF_ERROR(Mark("bwd layernorm"));
     RETURN_IF_ERROR(b.qkv().BackwardWeight(lc, grads, dqkv_, {ln_}, N, gw));
     RETURN_IF_ERROR(Mark("bwd matmul qkv"));
@@ -663,6 +691,32 @@ absl::Status CudaGpt::BackwardBlocks(G* grads) {
     RETURN_IF_ERROR(GradientsReady(i));
   }
   return absl::OkStatus();
+}
+
+ops::TweoGradTerm CudaGpt::TweoTerm() const {
+  const TweoOptions& tw = config_.tweo;
+  if (!tw.enabled) return {};
+  return ops::TweoGradTerm::Make(static_cast<double>(backward_scale_) * tw.lambda / config_.n_layer,
+                                 tw.tau, tw.p, tw.eps,
+                                 static_cast<int64_t>(B_) * T_ * config_.n_embd);
+}
+
+absl::StatusOr<DeviceModel::OutputStats> CudaGpt::output_stats() const {
+  if (!stats_valid_) {
+    return absl::FailedPreconditionError(
+        "CudaGpt::output_stats: no training Forward computed them (set_block_stats(true) first)");
+  }
+  OutputStats out;
+  const int64_t n = stats_n_;
+  double tweo_sum = 0;
+  for (int l = 0; l < config_.n_layer; ++l) {
+    const ops::BlockOutputSummary s = ops::SummarizeBlockOutputStats(
+        stats_host_.data() + static_cast<size_t>(l) * ops::kNumBlockOutputStats, n);
+    tweo_sum += s.tweo;
+    out.blocks.push_back({s.peak, s.kurtosis});
+  }
+  if (config_.tweo.enabled) out.tweo_loss = tweo_sum * config_.tweo.lambda / config_.n_layer;
+  return out;
 }
 
 LinearContext CudaGpt::linear_context() const {

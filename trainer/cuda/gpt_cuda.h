@@ -23,6 +23,7 @@
 #include "absl/status/statusor.h"
 #include "ops/cuda/adamw_cuda.h"
 #include "ops/cuda/bf16.h"
+#include "ops/cuda/layernorm_cuda.h"
 #include "ops/cuda/matmul_cuda.h"
 #include "trainer/cuda/linear_cuda.h"
 #include "trainer/device_model.h"
@@ -74,6 +75,8 @@ class CudaGpt : public DeviceModel {
   // trainer's `training.deterministic`).
   // Also keeps GEMM autotuning off (below).
   void set_deterministic(bool on) override;
+  void set_block_stats(bool on) override { block_stats_on_ = on; }
+  absl::StatusOr<OutputStats> output_stats() const override;
   // GEMM autotuning (ops::MatmulContext): time cuBLASLt's candidates on first use of each
   // problem and keep the fastest, instead of its first heuristic pick. Off by default (the pick
   // is stable across runs; tuned choices may differ between runs and gained little on the
@@ -137,6 +140,9 @@ class CudaGpt : public DeviceModel {
   absl::Status LmHead(G* grads, float backward_scale);
   template <typename G>
   absl::Status BackwardBlocks(G* grads);
+  // The TWEO gradient term of a layernorm backward whose input is a block output (none when
+  // TWEO is off).
+  ops::TweoGradTerm TweoTerm() const;
   // Rows per chunk of the LM head for a batch of N rows.
   int LogitsChunkRows(int N) const;
 
@@ -223,6 +229,15 @@ class CudaGpt : public DeviceModel {
   // adding to them (GradWrite::kOverwrite), which spares a pass over them and the GEMMs' reads.
   bool zero_pending_ = false;
   ops::GradWrite backward_gw_ = ops::GradWrite::kAccumulate;  // of the current Forward/Backward
+
+  // Block-output statistics (set_block_stats): kNumBlockOutputStats doubles per block on the
+  // device, copied to the host with the loss.
+  bool block_stats_on_ = false;
+  bool stats_valid_ = false;
+  int64_t stats_n_ = 0;  // elements of each block output they were computed over
+  double* stats_dev_ = nullptr;
+  std::vector<double> stats_host_;
+  void* stats_ws_ = nullptr;
 
   // Profiling.
   bool profiling_ = false;
