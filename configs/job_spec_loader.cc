@@ -334,6 +334,11 @@ void CheckPrecision(const JobSpec& spec, Errors* e) {
       e->Add(field + ".precision", "must be FULL, FP8 or QAT, got PRECISION_UNSPECIFIED");
   }
 
+  const int keep = p.keep_first_last_blocks();
+  if (keep < 0 || 2 * keep > spec.model().n_layer())
+    e->Add("precision.keep_first_last_blocks", "must be in [0, model.n_layer / 2] = [0, ",
+           spec.model().n_layer() / 2, "], got ", keep);
+
   const Fp8Spec& f = p.fp8();
   if (f.amax_history_len() < 1 || f.amax_history_len() > kMaxAmaxHistoryLen)
     e->Add("precision.fp8.amax_history_len", "must be in [1, ", kMaxAmaxHistoryLen, "], got ",

@@ -2,6 +2,7 @@
 #include "trainer/precision.h"
 
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 
 namespace qtrain {
@@ -31,8 +32,16 @@ ops::QuantGranularity GranularityOf(qtrain::QuantGranularity g) {
 
 }  // namespace
 
-absl::StatusOr<PrecisionConfig> PrecisionConfig::FromSpec(const PrecisionSpec& spec) {
+absl::StatusOr<PrecisionConfig> PrecisionConfig::FromSpec(const PrecisionSpec& spec,
+                                                         int n_layer) {
   PrecisionConfig c;
+  c.keep_ends_ = spec.keep_first_last_blocks();
+  c.n_layer_ = n_layer;
+  if (c.keep_ends_ < 0 || (c.keep_ends_ > 0 && n_layer <= 0)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "precision.keep_first_last_blocks: ", c.keep_ends_,
+        n_layer <= 0 ? " needs the model's n_layer" : " must be >= 0"));
+  }
   LinearOptions& o = c.base_;
   o.mode = ModeOf(spec.linear());
   o.fp8.delayed = spec.fp8().scaling() != CURRENT;
@@ -76,6 +85,12 @@ LinearOptions PrecisionConfig::For(const std::string& linear_name) const {
   LinearOptions o = base_;
   for (const auto& [pattern, mode] : overrides_) {
     if (Matches(pattern, linear_name)) o.mode = mode;
+  }
+  int block = -1;
+  if (keep_ends_ > 0 && absl::StartsWith(linear_name, "block.") &&
+      absl::SimpleAtoi(linear_name.substr(6, linear_name.find('.', 6) - 6), &block) &&
+      (block < keep_ends_ || block >= n_layer_ - keep_ends_)) {
+    o.mode = LinearMode::kFull;
   }
   if (o.mode != LinearMode::kQat) o.phi.enabled = false;
   return o;

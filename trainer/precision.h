@@ -51,7 +51,9 @@ struct LinearOptions {
 // The precision of every Linear of a model: a default and ordered overrides by name pattern.
 class PrecisionConfig {
  public:
-  static absl::StatusOr<PrecisionConfig> FromSpec(const PrecisionSpec& spec);
+  // n_layer: the model's blocks (needed by keep_first_last_blocks; 0 when unknown, which
+  // keep_first_last_blocks > 0 refuses).
+  static absl::StatusOr<PrecisionConfig> FromSpec(const PrecisionSpec& spec, int n_layer = 0);
   // The options of the Linear named e.g. "block.3.attn.qkv"; the last matching override wins.
   LinearOptions For(const std::string& linear_name) const;
   // True when `pattern` ("*", "block.<i>.*", "block.<i>.attn.qkv", ...) names `linear_name`.
@@ -62,6 +64,7 @@ class PrecisionConfig {
  private:
   LinearOptions base_;
   std::vector<std::pair<std::string, LinearMode>> overrides_;
+  int keep_ends_ = 0, n_layer_ = 0;  // blocks [0, keep_ends_) and [n_layer_ - keep_ends_, ...)
 };
 
 }  // namespace qtrain
