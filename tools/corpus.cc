@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "ops/status_macros.h"
 #include "trainer/atomic_file.h"
+#include "tools/gpt2_tokenizer.h"
 #include "trainer/shard.h"
 
 namespace qtrain {
@@ -117,8 +118,44 @@ absl::StatusOr<std::vector<SourceDocument>> LoadTextFiles(const std::vector<std:
   return docs;
 }
 
+ShardTokenizer ByteShardTokenizer() {
+  ShardTokenizer t;
+  t.name = "bytes";
+  t.end_of_text = kEndOfTextToken;
+  t.encode = [](const std::vector<SourceDocument>& docs)
+      -> absl::StatusOr<std::vector<std::vector<uint16_t>>> {
+    std::vector<std::vector<uint16_t>> out(docs.size());
+    for (size_t i = 0; i < docs.size(); ++i) {
+      out[i].reserve(docs[i].text.size());
+      for (unsigned char c : docs[i].text) out[i].push_back(c);
+    }
+    return out;
+  };
+  return t;
+}
+
+absl::StatusOr<ShardTokenizer> Gpt2ShardTokenizer(const std::string& gpt2_dir, int threads) {
+  ASSIGN_OR_RETURN(std::unique_ptr<Gpt2Tokenizer> loaded, Gpt2Tokenizer::Load(gpt2_dir));
+  std::shared_ptr<const Gpt2Tokenizer> tok(std::move(loaded));
+  ShardTokenizer t;
+  t.name = "gpt2";
+  t.end_of_text = Gpt2Tokenizer::kEndOfText;
+  t.encode = [tok, threads](const std::vector<SourceDocument>& docs)
+      -> absl::StatusOr<std::vector<std::vector<uint16_t>>> {
+    std::vector<std::string_view> texts;
+    texts.reserve(docs.size());
+    for (const SourceDocument& d : docs) texts.emplace_back(d.text);
+    std::vector<std::vector<int32_t>> ids = tok->EncodeBatch(texts, threads);
+    std::vector<std::vector<uint16_t>> out(ids.size());
+    for (size_t i = 0; i < ids.size(); ++i) out[i].assign(ids[i].begin(), ids[i].end());
+    return out;
+  };
+  return t;
+}
+
 absl::StatusOr<PrepareSummary> WriteSplitShards(const std::vector<SourceDocument>& docs,
-                                                const std::string& out_dir, int val_every) {
+                                                const std::string& out_dir, int val_every,
+                                                const ShardTokenizer& tokenizer) {
   QT_CHECK_ARG(val_every >= 0, "val_every must be >= 0 (0: no validation split), got ",
                val_every);
   QT_CHECK_ARG(!docs.empty(), "no documents to write");
@@ -135,21 +172,24 @@ absl::StatusOr<PrepareSummary> WriteSplitShards(const std::vector<SourceDocument
                  "document '", d.name, "': genre '", d.genre, "' cannot name a shard");
     ++genre_size[d.genre];
   }
+  ASSIGN_OR_RETURN(std::vector<std::vector<uint16_t>> doc_tokens, tokenizer.encode(docs));
+  const uint16_t eot = tokenizer.end_of_text;
 
   PrepareSummary summary;
   // Keyed by shard file name; documents keep their input order inside a shard.
   std::map<std::string, std::vector<uint16_t>> shards;
   std::map<std::string, int64_t> genre_seen;
-  for (const SourceDocument& d : docs) {
+  for (size_t di = 0; di < docs.size(); ++di) {
+    const SourceDocument& d = docs[di];
     const int64_t index_in_genre = genre_seen[d.genre]++;
     const bool val = val_every > 0 && genre_size[d.genre] > 1 && index_in_genre % val_every == 0;
     const std::string split = val ? "val" : "train";
     const std::string shard_name = absl::StrCat(split, "_", d.genre, ".bin");
     std::vector<uint16_t>& tokens = shards[shard_name];
-    tokens.push_back(kEndOfTextToken);
+    tokens.push_back(eot);
     IndexEntry e{d.name, d.genre, split, shard_name, static_cast<int64_t>(tokens.size()),
-                 static_cast<int64_t>(d.text.size())};
-    for (unsigned char c : d.text) tokens.push_back(c);
+                 static_cast<int64_t>(doc_tokens[di].size())};
+    tokens.insert(tokens.end(), doc_tokens[di].begin(), doc_tokens[di].end());
     summary.index.push_back(e);
     GenreCounts& g = summary.genres[d.genre];
     (val ? g.val_files : g.train_files) += 1;
@@ -164,9 +204,9 @@ absl::StatusOr<PrepareSummary> WriteSplitShards(const std::vector<SourceDocument
   // genres in name order), so that a sequential reader sees every genre early: the default
   // jobs train and evaluate on these; per-genre shards serve genre splits.
   for (const std::string split : {"train", "val"}) {
-    std::map<std::string, std::vector<const SourceDocument*>> by_genre;
+    std::map<std::string, std::vector<const std::vector<uint16_t>*>> by_genre;
     for (size_t i = 0; i < docs.size(); ++i) {
-      if (summary.index[i].split == split) by_genre[docs[i].genre].push_back(&docs[i]);
+      if (summary.index[i].split == split) by_genre[docs[i].genre].push_back(&doc_tokens[i]);
     }
     if (by_genre.empty()) continue;
     std::vector<uint16_t> tokens;
@@ -175,8 +215,8 @@ absl::StatusOr<PrepareSummary> WriteSplitShards(const std::vector<SourceDocument
       for (const auto& [genre, list] : by_genre) {
         if (round >= list.size()) continue;
         any = true;
-        tokens.push_back(kEndOfTextToken);
-        for (unsigned char c : list[round]->text) tokens.push_back(c);
+        tokens.push_back(eot);
+        tokens.insert(tokens.end(), list[round]->begin(), list[round]->end());
       }
       if (!any) break;
     }

@@ -4,6 +4,7 @@
 #define QTRAIN_TOOLS_CORPUS_H_
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <string_view>
@@ -40,8 +41,8 @@ absl::StatusOr<std::vector<SourceDocument>> LoadTextFiles(const std::vector<std:
 
 struct IndexEntry {
   std::string file, genre, split, shard;
-  int64_t offset = 0;  // token offset of the document's first text byte in the shard
-  int64_t length = 0;  // text tokens (the end-of-text byte before it not counted)
+  int64_t offset = 0;  // token offset of the document's first text token in the shard
+  int64_t length = 0;  // text tokens (the end-of-text token before it not counted)
 };
 
 struct GenreCounts {
@@ -55,12 +56,29 @@ struct PrepareSummary {
   std::vector<std::string> stale_removed;   // old train_*/val_* shards deleted from out_dir
 };
 
+// How documents become tokens: the ids of every document's text (in order) and the
+// end-of-text token that starts each document in a shard.
+struct ShardTokenizer {
+  std::string name;  // "bytes", "gpt2"
+  uint16_t end_of_text = 0;
+  std::function<absl::StatusOr<std::vector<std::vector<uint16_t>>>(
+      const std::vector<SourceDocument>&)>
+      encode;
+};
+// Bytes as tokens (vocab 256), end of text 0x03 (which the corpus never contains).
+ShardTokenizer ByteShardTokenizer();
+// GPT-2 BPE (vocab 50257) from <gpt2_dir>/encoder.json and vocab.bpe, <|endoftext|> 50256;
+// documents are encoded on `threads` threads (0: all cores).
+absl::StatusOr<ShardTokenizer> Gpt2ShardTokenizer(const std::string& gpt2_dir, int threads);
+
 // Splits documents by their index within their genre: index % val_every == 0 goes to val
 // (val_every = 0: no val split); a genre with a single document goes to train, so training
 // always sees every genre. Writes <split>_<genre>.bin (each document = the end-of-text
-// byte, then its bytes) and index.tsv into out_dir, which is created if needed.
+// token, then its tokens) and index.tsv into out_dir, which is created if needed.
 absl::StatusOr<PrepareSummary> WriteSplitShards(const std::vector<SourceDocument>& docs,
-                                                const std::string& out_dir, int val_every);
+                                                const std::string& out_dir, int val_every,
+                                                const ShardTokenizer& tokenizer =
+                                                    ByteShardTokenizer());
 
 }  // namespace qtrain
 

