@@ -293,6 +293,10 @@ void CheckModel(const JobSpec& spec, Errors* e) {
   if (m.vocab_size() < 2 || m.vocab_size() > kMaxVocabSize)
     e->Add("model.vocab_size", "must be in [2, ", kMaxVocabSize, "] (tokens are uint16), got ",
            m.vocab_size());
+  if (m.padded_vocab_size() != 0 &&
+      (m.padded_vocab_size() < m.vocab_size() || m.padded_vocab_size() > kMaxVocabSize))
+    e->Add("model.padded_vocab_size", "must be in [model.vocab_size ", m.vocab_size(), ", ",
+           kMaxVocabSize, "], got ", m.padded_vocab_size());
   e->Positive("model.max_seq_len", m.max_seq_len());
   if (m.max_seq_len() > 0 && m.max_seq_len() < spec.training().seq_len())
     e->Add("model.max_seq_len", m.max_seq_len(), " is less than training.seq_len ",
@@ -671,6 +675,9 @@ absl::Status RejectUnimplemented(const JobSpec& spec) {
     if (!p.distill().teacher_checkpoint().empty())
       reject("precision.distill.teacher_checkpoint", "distillation on CUDA");
     if (spec.optimizer().zero1()) reject("optimizer.zero1", "ZeRO-1 on CUDA");
+    if (spec.model().padded_vocab_size() != 0 &&
+        spec.model().padded_vocab_size() != spec.model().vocab_size())
+      reject("model.padded_vocab_size", "a padded vocabulary (padded_vocab_size != vocab_size) on CUDA");
   } else {
     if (spec.training().grad_dtype() == GRAD_BF16)
       reject("training.grad_dtype", "BF16 gradients on the CPU trainer (device CPU)");

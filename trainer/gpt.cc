@@ -25,6 +25,10 @@ absl::StatusOr<std::unique_ptr<Gpt>> Gpt::Create(const GptConfig& c) {
         "model shape must be positive: n_layer=", c.n_layer, " n_embd=", c.n_embd,
         " n_head=", c.n_head, " vocab_size=", c.vocab_size, " max_seq_len=", c.max_seq_len));
   }
+  if (c.padded_vocab_size != 0 && c.padded_vocab_size < c.vocab_size) {
+    return absl::InvalidArgumentError(absl::StrCat("model.padded_vocab_size ", c.padded_vocab_size,
+                                                   " is less than model.vocab_size ", c.vocab_size));
+  }
   if (c.n_embd % c.n_head != 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("model.n_head ", c.n_head, " does not divide model.n_embd ", c.n_embd));
@@ -32,7 +36,9 @@ absl::StatusOr<std::unique_ptr<Gpt>> Gpt::Create(const GptConfig& c) {
   std::unique_ptr<Gpt> m(new Gpt(c));
   const int C = c.n_embd;
   ParamStore& s = m->store_;
-  m->wte_ = s.Add("wte", {c.vocab_size, C}, true);
+  // Padded rows (table_rows() > vocab_size) are never looked up, and the LM head reads only the
+  // first vocab_size rows, so they stay out of the softmax as in llm.c.
+  m->wte_ = s.Add("wte", {c.table_rows(), C}, true);
   m->wpe_ = s.Add("wpe", {c.max_seq_len, C}, true);
   for (int l = 0; l < c.n_layer; ++l) {
     const std::string p = absl::StrCat("block.", l, ".");
@@ -65,6 +71,9 @@ void Gpt::InitWeights(uint64_t seed, float std) {
     std::fill(store_.param(idx), store_.param(idx) + store_.info(idx).size, v);
   };
   normal(wte_, std);
+  // Padded rows: never a token, never a logit; zeros keep them inert and exports exact.
+  std::fill(store_.param(wte_) + static_cast<int64_t>(config_.vocab_size) * config_.n_embd,
+            store_.param(wte_) + store_.info(wte_).size, 0.0f);
   normal(wpe_, std);
   for (Block& b : blocks_) {
     fill(b.ln1w, 1.0f);

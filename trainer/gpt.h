@@ -21,13 +21,15 @@ struct TweoOptions {
 };
 
 struct GptConfig {
+  int table_rows() const { return padded_vocab_size > 0 ? padded_vocab_size : vocab_size; }
   int n_layer = 0;
   int n_embd = 0;
   int n_head = 0;
-  int vocab_size = 256;
+  int vocab_size = 256;  // tokens (and LM head logits)
   int max_seq_len = 0;
   PrecisionConfig precision;  // per-Linear modes (default: all full precision)
   TweoOptions tweo;
+  int padded_vocab_size = 0;  // rows of wte, >= vocab_size; 0 means vocab_size
 };
 
 // Per block: the largest |activation| of its output and the output's kurtosis.

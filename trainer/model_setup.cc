@@ -17,6 +17,7 @@ absl::StatusOr<GptConfig> ModelConfigFromSpec(const JobSpec& spec) {
   gc.n_embd = ms.n_embd();
   gc.n_head = ms.n_head();
   gc.vocab_size = ms.vocab_size();
+  gc.padded_vocab_size = ms.padded_vocab_size();
   gc.max_seq_len = ms.max_seq_len();
   ASSIGN_OR_RETURN(gc.precision, PrecisionConfig::FromSpec(spec.precision(), ms.n_layer()));
   const TweoSpec& t = spec.precision().tweo();

@@ -249,6 +249,30 @@ TEST(Defaults, ExplicitZerosOfOptionalFieldsAreKept) {
   EXPECT_FLOAT_EQ(spec->optimizer().beta2(), 0.95f);
 }
 
+TEST(Defaults, PaddedVocabularyDefaultsToTheVocabulary) {
+  absl::StatusOr<JobSpec> spec = ParseJobSpec(
+      "name: \"p\" model { n_layer: 1 n_embd: 8 n_head: 1 vocab_size: 50257 }\n"
+      "optimizer { lr: 1e-3 } training { steps: 1 batch_size: 1 seq_len: 8 }\n",
+      "p.tp");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->model().padded_vocab_size(), 0);  // no padding
+  spec = ParseJobSpec(
+      "name: \"p\" model { n_layer: 1 n_embd: 8 n_head: 1 vocab_size: 50257 "
+      "padded_vocab_size: 50304 }\n"
+      "optimizer { lr: 1e-3 } training { steps: 1 batch_size: 1 seq_len: 8 }\n",
+      "p.tp");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->model().padded_vocab_size(), 50304);
+  spec = ParseJobSpec(
+      "name: \"p\" device: CUDA model { n_layer: 1 n_embd: 8 n_head: 1 vocab_size: 50257 "
+      "padded_vocab_size: 50304 }\n"
+      "optimizer { lr: 1e-3 } training { steps: 1 batch_size: 1 seq_len: 8 }\n",
+      "p.tp");
+  ASSERT_FALSE(spec.ok());
+  EXPECT_THAT(std::string(spec.status().message()),
+              HasSubstr("model.padded_vocab_size: a padded vocabulary"));
+}
+
 TEST(Defaults, SetValuesWinAndApplyingTwiceChangesNothing) {
   JobSpec spec;
   spec.set_name("n");
@@ -326,6 +350,12 @@ std::vector<BadCase> BadCases() {
        "model.vocab_size: must be in [2, 65536] (tokens are uint16), got 1"},
       {"vocab high", [](JobSpec* s) { s->mutable_model()->set_vocab_size(65537); },
        "model.vocab_size: must be in [2, 65536] (tokens are uint16), got 65537"},
+      {"padded vocab below vocab",
+       [](JobSpec* s) {
+         s->mutable_model()->set_vocab_size(50257);
+         s->mutable_model()->set_padded_vocab_size(50000);
+       },
+       "model.padded_vocab_size: must be in [model.vocab_size 50257, 65536], got 50000"},
       {"max_seq_len", [](JobSpec* s) { s->mutable_model()->set_max_seq_len(0); },
        "model.max_seq_len: must be > 0, got 0"},
       {"max_seq_len < seq_len", [](JobSpec* s) { s->mutable_model()->set_max_seq_len(32); },

@@ -33,6 +33,48 @@ TEST(Gpt, InitialLossNearLogVocab) {
   EXPECT_FALSE(m->Forward(x.data(), y.data(), 2, 17).ok());
 }
 
+// A padded vocabulary (llm.c's 50257 -> 50304) adds rows to wte that are never a token and
+// never a logit: loss and logits equal the unpadded model's with the same weights, the padded
+// rows get no gradient, and a token id in the padding is rejected.
+TEST(Gpt, PaddedVocabularyRowsStayOutOfTheSoftmax) {
+  GptConfig plain{2, 16, 2, 40, 8};
+  GptConfig padded = plain;
+  padded.padded_vocab_size = 48;
+  auto a = *Gpt::Create(plain);
+  auto b = *Gpt::Create(padded);
+  ASSERT_EQ(b->params().info(0).name, "wte");
+  EXPECT_EQ(b->params().info(0).shape, (std::vector<int64_t>{48, 16}));
+  a->InitWeights(4, 0.1f);
+  b->InitWeights(4, 0.1f);
+  for (int64_t i = 40 * 16; i < 48 * 16; ++i) EXPECT_EQ(b->params().param(0)[i], 0.0f);
+  // Same weights, and junk in the padding that must not matter.
+  for (int t = 0; t < a->params().size(); ++t) {
+    const ParamInfo& info = a->params().info(t);
+    std::copy(a->params().param(t), a->params().param(t) + info.size, b->params().param(t));
+  }
+  for (int64_t i = 40 * 16; i < 48 * 16; ++i) b->params().param(0)[i] = 5.0f;
+  std::vector<int32_t> x(2 * 8), y(2 * 8);
+  Rng rng(11);
+  for (size_t i = 0; i < x.size(); ++i) {
+    x[i] = rng.NextU64() % 40;
+    y[i] = rng.NextU64() % 40;
+  }
+  const double la = *a->Forward(x.data(), y.data(), 2, 8);
+  const double lb = *b->Forward(x.data(), y.data(), 2, 8);
+  EXPECT_EQ(la, lb);
+  std::vector<float> ga, gb;
+  a->Logits(&ga);
+  b->Logits(&gb);
+  EXPECT_EQ(ga, gb);
+  b->params().ZeroGrads();
+  ASSERT_TRUE(b->Backward(1.0f).ok());
+  for (int64_t i = 40 * 16; i < 48 * 16; ++i) ASSERT_EQ(b->params().grad(0)[i], 0.0f);
+  x[3] = 44;
+  EXPECT_FALSE(b->Forward(x.data(), y.data(), 2, 8).ok());
+  padded.padded_vocab_size = 39;
+  EXPECT_FALSE(Gpt::Create(padded).ok());
+}
+
 // Every parameter tensor's gradient, sampled, against central differences of the loss (task
 // loss plus the TWEO term when on). The model runs in float, so the step and tolerance are
 // loose; the ops are checked in float64 one by one in tests/ops.
