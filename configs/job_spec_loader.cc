@@ -348,6 +348,14 @@ void CheckPrecision(const JobSpec& spec, Errors* e) {
     e->Add("precision.fp8.amax_history_len", "must be in [1, ", kMaxAmaxHistoryLen, "], got ",
            f.amax_history_len());
   e->NonNegative("precision.fp8.margin", f.margin());
+  if (spec.device() != CUDA) {
+    if (f.fprop_accumulation() != FP8_ACCUMULATION_UNSPECIFIED)
+      e->Add("precision.fp8.fprop_accumulation", "chooses the GPU's FP8 GEMM accumulation; the "
+             "CPU emulation sums exactly (device CPU)");
+    if (f.backward_accumulation() != FP8_ACCUMULATION_UNSPECIFIED)
+      e->Add("precision.fp8.backward_accumulation", "chooses the GPU's FP8 GEMM accumulation; "
+             "the CPU emulation sums exactly (device CPU)");
+  }
 
   const QatSpec& q = p.qat();
   const bool uses_qat = UsesPrecision(p, QAT);
@@ -378,6 +386,21 @@ void CheckPrecision(const JobSpec& spec, Errors* e) {
            "activations are quantized PER_TENSOR or PER_TOKEN, got ", QuantGranularity_Name(ag));
   if (q.act_asymmetric() && q.act_bits() == 0)
     e->Add("precision.qat.act_asymmetric", "needs act_bits 4 or 8, got act_bits 0");
+  if (q.int8_forward()) {
+    // The INT8 GEMM multiplies integer codes: symmetric codes with one scale per output channel
+    // and per token (or tensor) are the only ones whose product it can rescale exactly.
+    if (spec.device() != CUDA)
+      e->Add("precision.qat.int8_forward", "runs on device CUDA only, got device ",
+             Device_Name(spec.device() == DEVICE_UNSPECIFIED ? CPU : spec.device()));
+    if (wg == PER_GROUP)
+      e->Add("precision.qat.int8_forward", "needs weight_granularity PER_CHANNEL, got PER_GROUP");
+    if (q.weight_asymmetric())
+      e->Add("precision.qat.int8_forward", "needs symmetric weights, got weight_asymmetric");
+    if (q.act_bits() == 0)
+      e->Add("precision.qat.int8_forward", "needs quantized activations (act_bits 4 or 8), got 0");
+    if (q.act_asymmetric())
+      e->Add("precision.qat.int8_forward", "needs symmetric activations, got act_asymmetric");
+  }
 
   const AuxLowRankSpec& a = p.aux_lowrank();
   if (!IsPowerOfTwo(a.rank())) {
@@ -681,6 +704,8 @@ absl::Status RejectUnimplemented(const JobSpec& spec) {
   } else {
     if (spec.training().grad_dtype() == GRAD_BF16)
       reject("training.grad_dtype", "BF16 gradients on the CPU trainer (device CPU)");
+    if (spec.precision().fp8().scaling() == BLOCK && UsesPrecision(spec.precision(), FP8))
+      reject("precision.fp8.scaling", "BLOCK scaling on the CPU trainer (device CPU)");
     if (spec.training().lm_head_chunks() > 1)
       reject("training.lm_head_chunks", "a chunked LM head on the CPU trainer (device CPU)");
   }

@@ -337,7 +337,7 @@ absl::Status Linear::ForwardFp8(float* out, const float* inp, int N, bool traini
   wq_.resize(nw);
   const float ax = ops::amax(inp, n);
   const float aw = ops::amax(w, nw);
-  const bool delayed = opt_.fp8.delayed;
+  const bool delayed = opt_.fp8.recipe == Fp8Recipe::kDelayed;
   const float sx = delayed ? scalers_[kX].scale()
                            : ops::fp8_current_scale(ax, ops::Fp8Format::kE4M3, opt_.fp8.margin);
   const float sw = delayed ? scalers_[kW].scale()
@@ -356,11 +356,12 @@ absl::Status Linear::BackwardFp8(float* dinp, const float* dout, int N, bool tra
   const int64_t ng = static_cast<int64_t>(N) * out_;
   gq_.resize(ng);
   const float ag = ops::amax(dout, ng);
-  const float sg = opt_.fp8.delayed
+  const bool delayed = opt_.fp8.recipe == Fp8Recipe::kDelayed;
+  const float sg = delayed
                        ? scalers_[kG].scale()
                        : ops::fp8_current_scale(ag, ops::Fp8Format::kE5M2, opt_.fp8.margin);
   RETURN_IF_ERROR(ops::fp8_quantize_dequantize(gq_.data(), dout, ng, sg, ops::Fp8Format::kE5M2));
-  if (opt_.fp8.delayed && training) scalers_[kG].update(ag);
+  if (delayed && training) scalers_[kG].update(ag);
   // dgrad and wgrad both on FP8 operands; the bias gradient from the unquantized gradient.
   ops::matmul_backward(dinp, store_->grad(w_), static_cast<float*>(nullptr), gq_.data(),
                        xq_.data(), wq_.data(), N, in_, out_);

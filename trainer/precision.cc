@@ -44,7 +44,18 @@ absl::StatusOr<PrecisionConfig> PrecisionConfig::FromSpec(const PrecisionSpec& s
   }
   LinearOptions& o = c.base_;
   o.mode = ModeOf(spec.linear());
-  o.fp8.delayed = spec.fp8().scaling() != CURRENT;
+  switch (spec.fp8().scaling()) {
+    case CURRENT:
+      o.fp8.recipe = Fp8Recipe::kCurrent;
+      break;
+    case BLOCK:
+      o.fp8.recipe = Fp8Recipe::kBlock;
+      break;
+    default:
+      o.fp8.recipe = Fp8Recipe::kDelayed;
+  }
+  o.fp8.fast_accum_fprop = spec.fp8().fprop_accumulation() != SPLIT;
+  o.fp8.fast_accum_backward = spec.fp8().backward_accumulation() == FAST;
   o.fp8.history_len = spec.fp8().amax_history_len() > 0 ? spec.fp8().amax_history_len() : 16;
   o.fp8.margin = spec.fp8().margin();
   const QatSpec& q = spec.qat();
@@ -62,6 +73,7 @@ absl::StatusOr<PrecisionConfig> PrecisionConfig::FromSpec(const PrecisionSpec& s
   }
   o.qat.act_asymmetric = q.act_asymmetric();
   o.qat.scale_init = q.scale_init() == MSE_SEARCH ? ops::LsqInit::kMseSearch : ops::LsqInit::kLsq;
+  o.qat.int8_forward = q.int8_forward();
   const AuxLowRankSpec& a = spec.aux_lowrank();
   o.phi.enabled = a.enabled();
   o.phi.rank = a.rank() > 0 ? a.rank() : 32;

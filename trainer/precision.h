@@ -15,10 +15,17 @@ namespace qtrain {
 
 enum class LinearMode { kFull, kFp8, kQat };
 
+// How a Linear's FP8 tensors are scaled (precision.fp8.scaling).
+enum class Fp8Recipe { kDelayed, kCurrent, kBlock };
+
 struct Fp8Options {
-  bool delayed = true;  // false: current scaling
+  Fp8Recipe recipe = Fp8Recipe::kDelayed;
   int history_len = 16;
   int margin = 0;
+  // GPU GEMM accumulation (precision.fp8.*_accumulation): Hopper's fast (reduced-precision)
+  // accumulation in the forward GEMM, promoted (split) accumulation in dgrad and wgrad.
+  bool fast_accum_fprop = true;
+  bool fast_accum_backward = false;
 };
 
 enum class ActQuant { kNone, kPerTensor, kPerToken };
@@ -32,6 +39,7 @@ struct QatOptions {
   ActQuant act = ActQuant::kNone;
   bool act_asymmetric = false;
   ops::LsqInit scale_init = ops::LsqInit::kLsq;
+  bool int8_forward = false;  // CUDA: INT8 tensor-core forward GEMM
 };
 
 struct PhiOptions {

@@ -161,7 +161,7 @@ TEST(Linear, PhiGradientsMatchFiniteDifferences) {
 TEST(Linear, Fp8CurrentScalingUsesFp8OperandsInAllThreeGemms) {
   LinearOptions o;
   o.mode = LinearMode::kFp8;
-  o.fp8.delayed = false;
+  o.fp8.recipe = Fp8Recipe::kCurrent;
   Fixture f(o);
   std::vector<float> x = Random(N * C, 6, 3.0f), out(N * OC), ref(N * OC);
   ASSERT_TRUE(f.lin.Forward(out.data(), x.data(), N, true).ok());
@@ -192,7 +192,7 @@ TEST(Linear, Fp8CurrentScalingUsesFp8OperandsInAllThreeGemms) {
 TEST(Linear, Fp8DelayedScalingUsesHistoryAndSurvivesSaveRestore) {
   LinearOptions o;
   o.mode = LinearMode::kFp8;
-  o.fp8.delayed = true;
+  o.fp8.recipe = Fp8Recipe::kDelayed;
   o.fp8.history_len = 3;
   Fixture f(o);
   std::vector<float> x = Random(N * C, 8, 100.0f), out(N * OC), out2(N * OC);
