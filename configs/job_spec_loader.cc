@@ -92,6 +92,16 @@ void FillDefaults(DistillSpec* d) {
 // Sub-messages without defaults of their own (distributed, parameter_service, federated).
 void FillDefaults(pb::Message*) {}
 
+const char* const kLoraTargets[] = {"attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"};
+
+// An adapter spec only gets defaults once it is on (rank > 0).
+void FillDefaults(LoraSpec* l) {
+  if (l->rank() <= 0) return;
+  if (!l->has_alpha()) l->set_alpha(static_cast<float>(l->rank()));
+  if (l->targets_size() == 0)
+    for (const char* t : kLoraTargets) l->add_targets(t);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Reflection helpers.
 
@@ -323,6 +333,30 @@ void CheckData(const JobSpec& spec, Errors* e) {
   if (d.genres_size() > 0 &&
       spec.federated().aggregation() == FederatedSpec::AGGREGATION_UNSPECIFIED)
     e->Add("data.genres", "only for federated jobs (federated.aggregation is unset)");
+}
+
+void CheckLora(const JobSpec& spec, Errors* e) {
+  const LoraSpec& l = spec.lora();
+  e->NonNegative("lora.rank", l.rank());
+  if (l.rank() == 0) {
+    if (l.has_alpha()) e->Add("lora.alpha", "set without lora.rank");
+    if (l.targets_size() > 0) e->Add("lora.targets", "set without lora.rank");
+    if (!l.base().empty()) e->Add("lora.base", "set without lora.rank");
+    return;
+  }
+  if (l.rank() > spec.model().n_embd() && spec.model().n_embd() > 0)
+    e->Add("lora.rank", "must be <= model.n_embd ", spec.model().n_embd(), ", got ", l.rank());
+  e->PositiveFinite("lora.alpha", l.alpha());
+  std::set<std::string> seen;
+  for (int i = 0; i < l.targets_size(); ++i) {
+    const std::string field = absl::StrCat("lora.targets[", i, "]");
+    const std::string& t = l.targets(i);
+    if (std::find(std::begin(kLoraTargets), std::end(kLoraTargets), t) == std::end(kLoraTargets))
+      e->Add(field, "must be one of attn.qkv, attn.proj, mlp.fc, mlp.proj, got \"", t, "\"");
+    else if (!seen.insert(t).second)
+      e->Add(field, "\"", t, "\" is listed twice");
+  }
+  if (l.base().empty()) e->Add("lora.base", "must name the frozen base (checkpoint or export)");
 }
 
 void CheckPrecision(const JobSpec& spec, Errors* e) {
@@ -659,6 +693,7 @@ void ApplyDefaults(JobSpec* spec) {
     spec->mutable_checkpoint()->set_keep_last(kDefaultKeepLast);
   if (spec->logging().every_steps() == 0)
     spec->mutable_logging()->set_every_steps(kDefaultLogEvery);
+  if (spec->has_lora()) FillDefaults(spec->mutable_lora());
 }
 
 absl::Status ValidateJobSpec(const JobSpec& spec) {
@@ -671,6 +706,7 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
   CheckOptimizer(spec, &errors);
   CheckTraining(spec, &errors);
   CheckDistributed(spec, &errors);
+  CheckLora(spec, &errors);
   if (!errors.empty()) return absl::InvalidArgumentError(errors.Joined());
   return RejectUnimplemented(spec);
 }
@@ -711,6 +747,7 @@ absl::Status RejectUnimplemented(const JobSpec& spec) {
   }
   reject(ChangedField(spec.parameter_service(), "parameter_service"), "the parameter service");
   reject(ChangedField(spec.federated(), "federated"), "federated training");
+  if (spec.lora().rank() > 0) reject("lora.rank", "LoRA fine-tuning outside federated jobs");
   if (spec.data().genres_size() > 0) reject("data.genres", "genre selection");
   // clang-format on
   if (lines.empty()) return absl::OkStatus();

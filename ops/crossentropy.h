@@ -12,8 +12,8 @@ namespace qtrain::ops {
 template <typename F>
 double lm_head_crossentropy_forward(F* losses, F* probs, const F* x, const F* wte,
                                     const int32_t* targets, int N, int C, int V);
-// Gradient of dloss * mean(losses): dx (N,C) +=, dwte (V,C) +=. probs is overwritten with
-// dlogits (no second copy of the logits).
+// Gradient of dloss * mean(losses): dx (N,C) +=, dwte (V,C) += (null: a frozen wte). probs is
+// overwritten with dlogits (no second copy of the logits).
 template <typename F>
 void lm_head_crossentropy_backward(F* dx, F* dwte, F* probs, const F* x, const F* wte,
                                    const int32_t* targets, int N, int C, int V, F dloss);

@@ -85,22 +85,54 @@ void lowrank_backward(F* dinp, F* dL, F* dR, const F* dout, const F* inp, const 
     }
   }
 
-  MapMat<F> dl(dL, OC, rmax);
-  const int oc_blocks = NumBlocks(OC, kOcBlock);
+  if (dL != nullptr) {
+    MapMat<F> dl(dL, OC, rmax);
+    const int oc_blocks = NumBlocks(OC, kOcBlock);
 #pragma omp parallel for schedule(static)
-  for (int blk = 0; blk < oc_blocks; ++blk) {
-    const int o0 = blk * kOcBlock;
-    const int ocs = std::min(OC - o0, kOcBlock);
-    dl.block(o0, 0, ocs, k).noalias() += dy.middleCols(o0, ocs).transpose() * hg;
+    for (int blk = 0; blk < oc_blocks; ++blk) {
+      const int o0 = blk * kOcBlock;
+      const int ocs = std::min(OC - o0, kOcBlock);
+      dl.block(o0, 0, ocs, k).noalias() += dy.middleCols(o0, ocs).transpose() * hg;
+    }
   }
 
-  MapMat<F> dr(dR, rmax, C);
-  const int col_blocks = NumBlocks(C, kColBlock);
+  if (dR != nullptr) {
+    MapMat<F> dr(dR, rmax, C);
+    const int col_blocks = NumBlocks(C, kColBlock);
 #pragma omp parallel for schedule(static)
-  for (int blk = 0; blk < col_blocks; ++blk) {
-    const int c0 = blk * kColBlock;
-    const int cs = std::min(C - c0, kColBlock);
-    dr.block(0, c0, k, cs).noalias() += dh.transpose() * x.middleCols(c0, cs);
+    for (int blk = 0; blk < col_blocks; ++blk) {
+      const int c0 = blk * kColBlock;
+      const int cs = std::min(C - c0, kColBlock);
+      dr.block(0, c0, k, cs).noalias() += dh.transpose() * x.middleCols(c0, cs);
+    }
+  }
+}
+
+template <typename F>
+void lowrank_backward_per_sample(F* dL, F* dR, int64_t stride, const F* dout, const F* inp,
+                                 const F* hidden, const F* L, const F* gamma, int S, int T, int C,
+                                 int OC, int rmax, int k) {
+  assert(k >= 0 && k <= rmax);
+  if (k <= 0 || (dL == nullptr && dR == nullptr)) return;
+  const ConstMapMat<F> l(L, OC, rmax);
+  const ConstMapVec<F> g(gamma, k);
+  const RowMat<F> lg = l.leftCols(k) * g.asDiagonal();
+  // One sample per task: each writes only its own slices, so the result is the same for any
+  // thread count.
+#pragma omp parallel for schedule(static)
+  for (int s = 0; s < S; ++s) {
+    const int64_t r0 = static_cast<int64_t>(s) * T;
+    const ConstMapMat<F> dy(dout + r0 * OC, T, OC);
+    if (dL != nullptr) {
+      const ConstMapMat<F> h(hidden + r0 * rmax, T, rmax);
+      MapMat<F> dl(dL + s * stride, OC, rmax);
+      dl.leftCols(k).noalias() += dy.transpose() * (h.leftCols(k) * g.asDiagonal());
+    }
+    if (dR != nullptr) {
+      const ConstMapMat<F> x(inp + r0 * C, T, C);
+      MapMat<F> dr(dR + s * stride, rmax, C);
+      dr.topRows(k).noalias() += (dy * lg).transpose() * x;
+    }
   }
 }
 
@@ -146,6 +178,12 @@ template void lowrank_backward<float>(float*, float*, float*, const float*, cons
 template void lowrank_backward<double>(double*, double*, double*, const double*, const double*,
                                        const double*, const double*, const double*,
                                        const double*, int, int, int, int, int);
+template void lowrank_backward_per_sample<float>(float*, float*, int64_t, const float*,
+                                                 const float*, const float*, const float*,
+                                                 const float*, int, int, int, int, int, int);
+template void lowrank_backward_per_sample<double>(double*, double*, int64_t, const double*,
+                                                  const double*, const double*, const double*,
+                                                  const double*, int, int, int, int, int, int);
 template void lowrank_factorize<float>(float*, float*, const float*, int, int, int, int,
                                        std::vector<double>*);
 template void lowrank_factorize<double>(double*, double*, const double*, int, int, int, int,

@@ -19,12 +19,21 @@ template <typename F>
 void lowrank_forward(F* out, F* hidden, const F* inp, const F* L, const F* R, const F* gamma,
                      int N, int C, int OC, int rmax, int k);
 // Accumulates dinp (N,C) +=, dL (OC, rmax) += (first k columns only), dR (rmax, C) += (first k
-// rows only), from dout (N, OC). dinp may be null. gamma is a constant (no gradient).
+// rows only), from dout (N, OC). dinp, dL and dR may each be null (a frozen factor is not
+// differentiated). gamma is a constant (no gradient).
 // hidden as saved by the forward.
 template <typename F>
 void lowrank_backward(F* dinp, F* dL, F* dR, const F* dout, const F* inp, const F* hidden,
                       const F* L, const F* R, const F* gamma, int N, int C, int OC, int rmax,
                       int k);
+// Per-sample gradients of the same module for DP-SGD: rows are S samples of T rows each
+// (N = S*T); sample s's share of dL (its rows' contribution) is added into dL + s * stride and of
+// dR into dR + s * stride, so the shares summed over s are lowrank_backward's dL, dR. Either
+// output may be null (a frozen factor). gamma, hidden as for lowrank_backward.
+template <typename F>
+void lowrank_backward_per_sample(F* dL, F* dR, int64_t stride, const F* dout, const F* inp,
+                                 const F* hidden, const F* L, const F* gamma, int S, int T, int C,
+                                 int OC, int rmax, int k);
 // Best rank-k factorisation of M (OC, C) by SVD (Eigen BDCSVD, computed in double):
 // L[:, :k] = U_k sqrt(S_k), R[:k, :] = sqrt(S_k) V_k^T; the remaining columns of L and rows of R
 // are set to 0. k <= min(OC, C, rmax). When singular_values is non-null it receives all

@@ -65,6 +65,7 @@ void matmul_backward(F* dinp, F* dweight, F* dbias, const F* dout, const F* inp,
       dx.noalias() += dy.middleRows(r0, rows) * w;
     }
   }
+  if (dweight == nullptr) return;
   const int blocks = NumBlocks(OC, kOcBlock);
 #pragma omp parallel for schedule(static)
   for (int blk = 0; blk < blocks; ++blk) {

@@ -56,8 +56,48 @@ absl::StatusOr<std::unique_ptr<Gpt>> Gpt::Create(const GptConfig& c) {
   }
   m->lnfw_ = s.Add("lnf.weight", {C}, false);
   m->lnfb_ = s.Add("lnf.bias", {C}, false);
-  s.Finalize();
+  const LoraOptions& lo = c.lora;
+  s.Finalize(/*with_grads=*/!lo.enabled());
+  if (lo.enabled()) {
+    std::vector<Linear*> targets;
+    for (Linear* l : m->linears()) {
+      l->set_frozen(true);
+      if (lo.Targets(l->name())) targets.push_back(l);
+    }
+    if (targets.empty()) {
+      return absl::InvalidArgumentError("LoRA: no Linear matches the adapter targets");
+    }
+    ParamStore& ls = m->lora_store_;
+    // All B tensors first, then all A: with A frozen an optimizer owns just the leading range.
+    std::vector<int> b_idx, a_idx;
+    for (Linear* l : targets) {
+      if (lo.rank > std::min(l->in_features(), l->out_features())) {
+        return absl::InvalidArgumentError(absl::StrCat("lora.rank ", lo.rank, " exceeds ",
+                                                       l->name(), "'s ", l->out_features(), "x",
+                                                       l->in_features()));
+      }
+      b_idx.push_back(ls.Add(l->name() + ".lora_b", {l->out_features(), lo.rank}, false));
+    }
+    for (Linear* l : targets) {
+      a_idx.push_back(ls.Add(l->name() + ".lora_a", {lo.rank, l->in_features()}, false));
+    }
+    ls.Finalize();
+    const float scale = lo.alpha / lo.rank;
+    for (size_t i = 0; i < targets.size(); ++i) {
+      targets[i]->AttachLora(LoraModule(&ls, a_idx[i], b_idx[i], targets[i]->in_features(),
+                                        targets[i]->out_features(), lo.rank, scale, lo.train_a));
+    }
+    m->frozen_dw_.assign(C, 0.0f);
+    m->frozen_db_.assign(C, 0.0f);
+  }
   return m;
+}
+
+void Gpt::InitLora(uint64_t seed) {
+  Rng rng(seed);
+  for (Linear* l : linears()) {
+    if (l->lora() != nullptr) l->lora()->Init(&rng);
+  }
 }
 
 void Gpt::InitWeights(uint64_t seed, float std) {
@@ -202,17 +242,24 @@ absl::StatusOr<double> Gpt::Forward(const int32_t* inputs, const int32_t* target
 absl::Status Gpt::Backward(float loss_scale, const float* extra_dlogits) {
   const int B = B_, T = T_, N = B * T, C = config_.n_embd, V = config_.vocab_size,
             NH = config_.n_head, L = config_.n_layer;
+  // A frozen base: no embedding gradients, layernorm parameter gradients into scratch.
+  const bool frozen = base_frozen();
+  auto grad = [&](int idx) { return frozen ? nullptr : store_.grad(idx); };
+  auto ln_dw = [&](int idx) { return frozen ? frozen_dw_.data() : store_.grad(idx); };
+  auto ln_db = [&](int idx) { return frozen ? frozen_db_.data() : store_.grad(idx); };
+  PerSampleGrads ps{per_sample_, B, T, lora_store_.num_elements()};
+  for (Linear* l : linears()) l->set_per_sample(per_sample_ != nullptr ? &ps : nullptr);
   Zero(dlnf_);
-  ops::lm_head_crossentropy_backward(dlnf_.data(), store_.grad(wte_), probs_.data(), lnf_.data(),
+  ops::lm_head_crossentropy_backward(dlnf_.data(), grad(wte_), probs_.data(), lnf_.data(),
                                      store_.param(wte_), targets_.data(), N, C, V, loss_scale);
   if (extra_dlogits != nullptr) {
-    ops::matmul_backward(dlnf_.data(), store_.grad(wte_), static_cast<float*>(nullptr),
-                         extra_dlogits, lnf_.data(), store_.param(wte_), N, C, V);
+    ops::matmul_backward(dlnf_.data(), grad(wte_), static_cast<float*>(nullptr), extra_dlogits,
+                         lnf_.data(), store_.param(wte_), N, C, V);
   }
   // dres_ carries d loss / d residual stream, flowing down through the blocks.
   Zero(dres_);
   const float* top = L > 0 ? acts_[L - 1].res3.data() : encoded_.data();
-  ops::layernorm_backward(dres_.data(), store_.grad(lnfw_), store_.grad(lnfb_), dlnf_.data(), top,
+  ops::layernorm_backward(dres_.data(), ln_dw(lnfw_), ln_db(lnfb_), dlnf_.data(), top,
                           store_.param(lnfw_), lnf_mean_.data(), lnf_rstd_.data(), N, C);
   for (int l = L - 1; l >= 0; --l) {
     const Block& b = blocks_[l];
@@ -233,7 +280,7 @@ absl::Status Gpt::Backward(float loss_scale, const float* extra_dlogits) {
                        static_cast<int64_t>(N) * 4 * C);
     Zero(dln_);
     RETURN_IF_ERROR(blocks_[l].fc.Backward(dln_.data(), dfch_.data(), a.ln2.data(), N, training_));
-    ops::layernorm_backward(dres_.data(), store_.grad(b.ln2w), store_.grad(b.ln2b), dln_.data(),
+    ops::layernorm_backward(dres_.data(), ln_dw(b.ln2w), ln_db(b.ln2b), dln_.data(),
                             a.res2.data(), store_.param(b.ln2w), a.ln2_mean.data(),
                             a.ln2_rstd.data(), N, C);
     // Attention branch: res2 = x + proj(attn(qkv(ln1(x)))).
@@ -245,11 +292,14 @@ absl::Status Gpt::Backward(float loss_scale, const float* extra_dlogits) {
                             a.att.data(), B, T, C, NH);
     Zero(dln_);
     RETURN_IF_ERROR(blocks_[l].qkv.Backward(dln_.data(), dqkv_.data(), a.ln1.data(), N, training_));
-    ops::layernorm_backward(dres_.data(), store_.grad(b.ln1w), store_.grad(b.ln1b), dln_.data(), x,
+    ops::layernorm_backward(dres_.data(), ln_dw(b.ln1w), ln_db(b.ln1b), dln_.data(), x,
                             store_.param(b.ln1w), a.ln1_mean.data(), a.ln1_rstd.data(), N, C);
   }
-  ops::encoder_backward(store_.grad(wte_), store_.grad(wpe_), dres_.data(), inputs_.data(), B, T,
-                        C);
+  for (Linear* l : linears()) l->set_per_sample(nullptr);
+  if (!frozen) {
+    ops::encoder_backward(store_.grad(wte_), store_.grad(wpe_), dres_.data(), inputs_.data(), B,
+                          T, C);
+  }
   return absl::OkStatus();
 }
 

@@ -9,6 +9,7 @@
 
 #include "absl/status/statusor.h"
 #include "trainer/linear.h"
+#include "trainer/lora.h"
 #include "trainer/param_store.h"
 #include "trainer/precision.h"
 
@@ -30,6 +31,9 @@ struct GptConfig {
   PrecisionConfig precision;  // per-Linear modes (default: all full precision)
   TweoOptions tweo;
   int padded_vocab_size = 0;  // rows of wte, >= vocab_size; 0 means vocab_size
+  // LoRA adapters (trainer/lora.h); when enabled the base parameters are frozen: they have no
+  // gradient buffer, and only lora_params() trains.
+  LoraOptions lora;
 };
 
 // Per block: the largest |activation| of its output and the output's kurtosis.
@@ -79,6 +83,17 @@ class Gpt {
 
   ParamStore& params() { return store_; }
   const ParamStore& params() const { return store_; }
+  // LoRA: the adapter tensors ("<linear>.lora_b" (out, r) for every adapted Linear, then
+  // "<linear>.lora_a" (r, in)), their init (orthonormal A, zero B), and whether the base is
+  // frozen. While per-sample gradients are set (null clears), Backward also adds each
+  // sequence's share of the adapter gradients into per_sample (B, lora_params().num_elements())
+  // (trainer/lora.h, PerSampleGrads); Backward(B) then makes each share the gradient of that
+  // sequence's own mean loss.
+  ParamStore& lora_params() { return lora_store_; }
+  const ParamStore& lora_params() const { return lora_store_; }
+  void InitLora(uint64_t seed);
+  bool base_frozen() const { return config_.lora.enabled(); }
+  void SetLoraPerSampleGrads(float* per_sample) { per_sample_ = per_sample; }
   const GptConfig& config() const { return config_; }
   int64_t num_parameters() const { return store_.num_elements(); }
   // Model FLOPs per token of forward+backward (6N + attention), for throughput figures.
@@ -102,6 +117,10 @@ class Gpt {
 
   GptConfig config_;
   ParamStore store_;
+  ParamStore lora_store_;
+  float* per_sample_ = nullptr;
+  // Frozen base: gradients of layernorm parameters land here and are dropped.
+  std::vector<float> frozen_dw_, frozen_db_;
   int wte_ = -1, wpe_ = -1, lnfw_ = -1, lnfb_ = -1;
   std::vector<Block> blocks_;
 

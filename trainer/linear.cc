@@ -218,6 +218,19 @@ absl::Status Linear::WeightCodes(std::vector<int32_t>* codes, bool fold_phi) {
 }
 
 absl::Status Linear::Forward(float* out, const float* inp, int N, bool training) {
+  RETURN_IF_ERROR(ForwardBase(out, inp, N, training && !frozen_));
+  if (lora_) lora_->Forward(out, inp, N);
+  return absl::OkStatus();
+}
+
+absl::Status Linear::Backward(float* dinp, const float* dout, const float* inp, int N,
+                              bool training) {
+  RETURN_IF_ERROR(BackwardBase(dinp, dout, inp, N, training && !frozen_));
+  if (lora_) lora_->Backward(dinp, dout, inp, N, per_sample_);
+  return absl::OkStatus();
+}
+
+absl::Status Linear::ForwardBase(float* out, const float* inp, int N, bool training) {
   if (calibrating_) {
     const float a = ops::amax(inp, static_cast<int64_t>(N) * in_);
     calib_amax_ = std::max(calib_amax_, a);
@@ -234,12 +247,13 @@ absl::Status Linear::Forward(float* out, const float* inp, int N, bool training)
   return absl::InternalError("unknown Linear mode");
 }
 
-absl::Status Linear::Backward(float* dinp, const float* dout, const float* inp, int N,
-                              bool training) {
+absl::Status Linear::BackwardBase(float* dinp, const float* dout, const float* inp, int N,
+                                  bool training) {
   switch (opt_.mode) {
     case LinearMode::kFull:
-      ops::matmul_backward(dinp, store_->grad(w_), store_->grad(b_), dout, inp,
-                           store_->param(w_), N, in_, out_);
+      ops::matmul_backward(dinp, frozen_ ? nullptr : store_->grad(w_),
+                           frozen_ ? nullptr : store_->grad(b_), dout, inp, store_->param(w_), N,
+                           in_, out_);
       return absl::OkStatus();
     case LinearMode::kFp8:
       return BackwardFp8(dinp, dout, N, training);
@@ -295,22 +309,25 @@ absl::Status Linear::BackwardQat(float* dinp, const float* dout, const float* in
   const int64_t n = static_cast<int64_t>(N) * in_;
   const bool act_q = opt_.qat.act != ActQuant::kNone;
   const float* x = act_q ? xq_.data() : inp;
+  // A frozen base passes gradients through to dinp only (null parameter gradients).
+  auto grad = [this](int idx) { return frozen_ || idx < 0 ? nullptr : store_->grad(idx); };
   dxq_.assign(n, 0.0f);
-  dwq_.assign(static_cast<size_t>(out_) * in_, 0.0f);
+  dwq_.assign(frozen_ ? 0 : static_cast<size_t>(out_) * in_, 0.0f);
   const int k = phi_rank();
   if (k > 0) {
-    ops::lowrank_backward(dxq_.data(), store_->grad(phi_l_), store_->grad(phi_r_), dout, x,
-                          hidden_.data(), store_->param(phi_l_), store_->param(phi_r_),
+    ops::lowrank_backward(dxq_.data(), grad(phi_l_), grad(phi_r_), dout, x, hidden_.data(),
+                          store_->param(phi_l_), store_->param(phi_r_),
                           store_->buffer(phi_gamma_).data(), N, in_, out_, rmax_, k);
   }
-  ops::matmul_backward(dxq_.data(), dwq_.data(), store_->grad(b_), dout, x, wq_.data(), N, in_,
-                       out_);
+  ops::matmul_backward(dxq_.data(), frozen_ ? nullptr : dwq_.data(), grad(b_), dout, x,
+                       wq_.data(), N, in_, out_);
   // Straight-through into W, with LSQ's gradients for the steps (and offsets).
-  RETURN_IF_ERROR(ops::lsq_backward(store_->grad(w_), store_->grad(ws_),
-                                    wz_ >= 0 ? store_->grad(wz_) : nullptr, dwq_.data(),
-                                    store_->param(w_), store_->param(ws_),
-                                    wz_ >= 0 ? store_->param(wz_) : nullptr, out_, in_,
-                                    weight_lsq_config()));
+  if (!frozen_) {
+    RETURN_IF_ERROR(ops::lsq_backward(store_->grad(w_), store_->grad(ws_), grad(wz_),
+                                      dwq_.data(), store_->param(w_), store_->param(ws_),
+                                      wz_ >= 0 ? store_->param(wz_) : nullptr, out_, in_,
+                                      weight_lsq_config()));
+  }
   if (dinp == nullptr) return absl::OkStatus();
   switch (opt_.qat.act) {
     case ActQuant::kNone:
@@ -320,8 +337,7 @@ absl::Status Linear::BackwardQat(float* dinp, const float* dout, const float* in
       ops::per_token_quant_backward(dinp, dxq_.data(), n);
       break;
     case ActQuant::kPerTensor:
-      RETURN_IF_ERROR(ops::lsq_backward(dinp, store_->grad(xs_),
-                                        xz_ >= 0 ? store_->grad(xz_) : nullptr, dxq_.data(), inp,
+      RETURN_IF_ERROR(ops::lsq_backward(dinp, grad(xs_), grad(xz_), dxq_.data(), inp,
                                         store_->param(xs_), xz_ >= 0 ? store_->param(xz_) : nullptr,
                                         1, n, act_lsq_config()));
       break;
@@ -363,8 +379,9 @@ absl::Status Linear::BackwardFp8(float* dinp, const float* dout, int N, bool tra
   RETURN_IF_ERROR(ops::fp8_quantize_dequantize(gq_.data(), dout, ng, sg, ops::Fp8Format::kE5M2));
   if (delayed && training) scalers_[kG].update(ag);
   // dgrad and wgrad both on FP8 operands; the bias gradient from the unquantized gradient.
-  ops::matmul_backward(dinp, store_->grad(w_), static_cast<float*>(nullptr), gq_.data(),
-                       xq_.data(), wq_.data(), N, in_, out_);
+  ops::matmul_backward(dinp, frozen_ ? nullptr : store_->grad(w_), static_cast<float*>(nullptr),
+                       gq_.data(), xq_.data(), wq_.data(), N, in_, out_);
+  if (frozen_) return absl::OkStatus();
   float* db = store_->grad(b_);
   for (int i = 0; i < N; ++i) {
     const float* row = dout + static_cast<int64_t>(i) * out_;

@@ -7,16 +7,20 @@
 //   kQat:  LSQ/LSQ+ fake quantization of W (per channel or group, learned steps) and of x
 //          (per tensor with a learned step, or per token, dynamic), plus QVGen's auxiliary
 //          low-rank module Phi: y += L diag(gamma) R Q(x), which decays to rank 0.
+// Any mode can be frozen (no gradients of its own parameters, e.g. a LoRA base) and can carry a
+// LoRA adapter (trainer/lora.h) on its unquantized input.
 #ifndef QTRAIN_TRAINER_LINEAR_H_
 #define QTRAIN_TRAINER_LINEAR_H_
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "ops/quant/fp8.h"
 #include "ops/quant/lsq.h"
+#include "trainer/lora.h"
 #include "trainer/param_store.h"
 #include "trainer/precision.h"
 
@@ -71,6 +75,18 @@ class Linear {
   // steps, when Phi has not decayed to 0 yet).
   absl::Status WeightCodes(std::vector<int32_t>* codes, bool fold_phi);
 
+  // A frozen Linear's Backward computes dinp (and its adapter's gradients) only, never the
+  // gradients of its own parameters, and its Forward never advances quantizer state (FP8
+  // histories, first-batch activation steps): the base stays bit-for-bit what was loaded.
+  void set_frozen(bool frozen) { frozen_ = frozen; }
+  bool frozen() const { return frozen_; }
+  // LoRA: Forward adds the adapter's term, Backward its gradients (and, while set, per-sample
+  // gradients into `per_sample`).
+  void AttachLora(const LoraModule& module) { lora_ = module; }
+  LoraModule* lora() { return lora_ ? &*lora_ : nullptr; }
+  const LoraModule* lora() const { return lora_ ? &*lora_ : nullptr; }
+  void set_per_sample(const PerSampleGrads* per_sample) { per_sample_ = per_sample; }
+
   // FP8 scaler state <-> checkpoint buffers.
   void SaveStateToBuffers();
   absl::Status RestoreStateFromBuffers();
@@ -87,6 +103,9 @@ class Linear {
   std::vector<int> phi_param_indices() const;
 
  private:
+  absl::Status ForwardBase(float* out, const float* inp, int N, bool training);
+  absl::Status BackwardBase(float* dinp, const float* dout, const float* inp, int N,
+                            bool training);
   absl::Status QuantizeWeight();
   absl::Status ForwardQat(float* out, const float* inp, int N, bool training);
   absl::Status BackwardQat(float* dinp, const float* dout, const float* inp, int N);
@@ -108,6 +127,10 @@ class Linear {
   // FP8 scalers for x, W, dout and their checkpoint buffers.
   std::vector<ops::DelayedScaler> scalers_;
   int fp8_hist_ = -1, fp8_scale_ = -1;
+
+  bool frozen_ = false;
+  std::optional<LoraModule> lora_;
+  const PerSampleGrads* per_sample_ = nullptr;
 
   bool calibrating_ = false;
   float calib_amax_ = 0;

@@ -21,9 +21,9 @@ int ParamStore::Add(const std::string& name, std::vector<int64_t> shape, bool de
   return static_cast<int>(infos_.size()) - 1;
 }
 
-void ParamStore::Finalize() {
+void ParamStore::Finalize(bool with_grads) {
   params_.assign(total_, 0.0f);
-  grads_.assign(total_, 0.0f);
+  grads_.assign(with_grads ? total_ : 0, 0.0f);
 }
 
 absl::StatusOr<int> ParamStore::Find(const std::string& name) const {

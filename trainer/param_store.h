@@ -23,8 +23,10 @@ class ParamStore {
  public:
   // Adds a tensor; returns its index. Call all Adds before Finalize.
   int Add(const std::string& name, std::vector<int64_t> shape, bool decay);
-  // Allocates the buffers (zeroed).
-  void Finalize();
+  // Allocates the buffers (zeroed). Without grads the tensors are frozen: there is no gradient
+  // buffer (grad() must not be called), e.g. the base model under LoRA adapters.
+  void Finalize(bool with_grads = true);
+  bool has_grads() const { return grads_.size() == params_.size(); }
 
   int64_t num_elements() const { return total_; }
   int size() const { return static_cast<int>(infos_.size()); }

@@ -293,6 +293,28 @@ TEST(Defaults, SetValuesWinAndApplyingTwiceChangesNothing) {
   EXPECT_TRUE(MessageDifferencer::Equals(spec, again));
 }
 
+TEST(Defaults, LoraGetsAlphaAndAllTargetsOnlyWhenOn) {
+  JobSpec off;
+  off.mutable_lora();
+  ApplyDefaults(&off);
+  EXPECT_FALSE(off.lora().has_alpha());
+  EXPECT_EQ(off.lora().targets_size(), 0);
+  JobSpec on;
+  on.mutable_lora()->set_rank(8);
+  ApplyDefaults(&on);
+  EXPECT_EQ(on.lora().alpha(), 8.0f);
+  ASSERT_EQ(on.lora().targets_size(), 4);
+  EXPECT_EQ(on.lora().targets(0), "attn.qkv");
+  EXPECT_EQ(on.lora().targets(3), "mlp.proj");
+  JobSpec set;
+  set.mutable_lora()->set_rank(8);
+  set.mutable_lora()->set_alpha(16);
+  set.mutable_lora()->add_targets("mlp.fc");
+  ApplyDefaults(&set);
+  EXPECT_EQ(set.lora().alpha(), 16.0f);
+  EXPECT_EQ(set.lora().targets_size(), 1);
+}
+
 TEST(Defaults, DistillLossDefaultsToMseOnlyWithATeacher) {
   JobSpec spec;
   ApplyDefaults(&spec);
@@ -648,6 +670,43 @@ std::vector<BadCase> BadCases() {
        "federated.dp_noise: DP-SGD noise needs federated.dp_clip > 0, got dp_clip 0"},
       {"dp without aggregation", [](JobSpec* s) { s->mutable_federated()->set_dp_clip(1.0f); },
        "federated.dp_clip: DP settings given without federated.aggregation"},
+      // LoRA.
+      {"lora rank negative", [](JobSpec* s) { s->mutable_lora()->set_rank(-1); },
+       "lora.rank: must be >= 0, got -1"},
+      {"lora rank above width",
+       [](JobSpec* s) {
+         s->mutable_lora()->set_rank(129);
+         s->mutable_lora()->set_base("base.safetensors");
+       },
+       "lora.rank: must be <= model.n_embd 128, got 129"},
+      {"lora alpha",
+       [](JobSpec* s) {
+         s->mutable_lora()->set_rank(8);
+         s->mutable_lora()->set_alpha(0);
+         s->mutable_lora()->set_base("base.safetensors");
+       },
+       "lora.alpha: must be > 0 and finite, got 0"},
+      {"lora target",
+       [](JobSpec* s) {
+         s->mutable_lora()->set_rank(8);
+         s->mutable_lora()->add_targets("attn.q");
+         s->mutable_lora()->set_base("base.safetensors");
+       },
+       "lora.targets[0]: must be one of attn.qkv, attn.proj, mlp.fc, mlp.proj, got \"attn.q\""},
+      {"lora target twice",
+       [](JobSpec* s) {
+         s->mutable_lora()->set_rank(8);
+         s->mutable_lora()->add_targets("mlp.fc");
+         s->mutable_lora()->add_targets("mlp.fc");
+         s->mutable_lora()->set_base("base.safetensors");
+       },
+       "lora.targets[1]: \"mlp.fc\" is listed twice"},
+      {"lora base", [](JobSpec* s) { s->mutable_lora()->set_rank(8); },
+       "lora.base: must name the frozen base"},
+      {"lora alpha without rank", [](JobSpec* s) { s->mutable_lora()->set_alpha(16); },
+       "lora.alpha: set without lora.rank"},
+      {"lora base without rank", [](JobSpec* s) { s->mutable_lora()->set_base("b"); },
+       "lora.base: set without lora.rank"},
   };
 }
 
@@ -743,6 +802,13 @@ std::vector<UnimplementedCase> UnimplementedCases() {
          f->set_lora_rank(8);
        },
        "federated.aggregation"},
+      {"lora outside federated",
+       [](JobSpec* s) {
+         s->mutable_lora()->set_rank(8);
+         s->mutable_lora()->set_base("base.safetensors");
+         ApplyDefaults(s);
+       },
+       "lora.rank"},
       {"genres",
        [](JobSpec* s) {
          FederatedSpec* f = s->mutable_federated();

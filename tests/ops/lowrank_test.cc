@@ -202,6 +202,68 @@ TEST(LowrankTest, NullDinpGivesSameWeightGradients) {
   EXPECT_EQ(dR1, dR2);
 }
 
+TEST(LowrankTest, NullFactorGradientsLeaveTheOtherUnchanged) {
+  const std::vector<double> inp = RandomVector(N * C, 46), L = RandomVector(OC * RMAX, 47);
+  const std::vector<double> R = RandomVector(RMAX * C, 48), gamma = RandomVector(RMAX, 49);
+  const std::vector<double> dout = RandomVector(N * OC, 50);
+  std::vector<double> out(N * OC, 0.0), hidden(N * RMAX, 0.0);
+  lowrank_forward(out.data(), hidden.data(), inp.data(), L.data(), R.data(), gamma.data(), N, C,
+                  OC, RMAX, K);
+  std::vector<double> dinp1(N * C, 0.0), dL1(OC * RMAX, 0.0), dR1(RMAX * C, 0.0);
+  lowrank_backward(dinp1.data(), dL1.data(), dR1.data(), dout.data(), inp.data(), hidden.data(),
+                   L.data(), R.data(), gamma.data(), N, C, OC, RMAX, K);
+  std::vector<double> dinp2(N * C, 0.0), dL2(OC * RMAX, 0.0), dR2(RMAX * C, 0.0);
+  lowrank_backward<double>(dinp2.data(), dL2.data(), nullptr, dout.data(), inp.data(),
+                           hidden.data(), L.data(), R.data(), gamma.data(), N, C, OC, RMAX, K);
+  lowrank_backward<double>(nullptr, nullptr, dR2.data(), dout.data(), inp.data(), hidden.data(),
+                           L.data(), R.data(), gamma.data(), N, C, OC, RMAX, K);
+  EXPECT_EQ(dinp1, dinp2);
+  EXPECT_EQ(dL1, dL2);
+  EXPECT_EQ(dR1, dR2);
+}
+
+// Per-sample shares: each equals lowrank_backward run on that sample's rows alone (a backward
+// per sample, the definition), and they sum to the batch gradient.
+TEST(LowrankTest, PerSampleGradientsAreEachSamplesOwnBackward) {
+  const int S = 3, T = 4, n = S * T;
+  const std::vector<double> inp = RandomVector(n * C, 51), L = RandomVector(OC * RMAX, 52);
+  const std::vector<double> R = RandomVector(RMAX * C, 53), gamma = RandomVector(RMAX, 54);
+  const std::vector<double> dout = RandomVector(n * OC, 55);
+  std::vector<double> out(n * OC, 0.0), hidden(n * RMAX, 0.0);
+  lowrank_forward(out.data(), hidden.data(), inp.data(), L.data(), R.data(), gamma.data(), n, C,
+                  OC, RMAX, K);
+  // One stride holds both factors, as a flat adapter buffer does: dL at 0, dR after it.
+  const int64_t stride = OC * RMAX + RMAX * C;
+  std::vector<double> ps(S * stride, 0.0);
+  lowrank_backward_per_sample(ps.data(), ps.data() + OC * RMAX, stride, dout.data(), inp.data(),
+                              hidden.data(), L.data(), gamma.data(), S, T, C, OC, RMAX, K);
+  std::vector<double> sum(stride, 0.0);
+  for (int s = 0; s < S; ++s) {
+    std::vector<double> dL(OC * RMAX, 0.0), dR(RMAX * C, 0.0);
+    lowrank_backward<double>(nullptr, dL.data(), dR.data(), dout.data() + s * T * OC,
+                             inp.data() + s * T * C, hidden.data() + s * T * RMAX, L.data(),
+                             R.data(), gamma.data(), T, C, OC, RMAX, K);
+    dL.insert(dL.end(), dR.begin(), dR.end());
+    const std::vector<double> got(ps.begin() + s * stride, ps.begin() + (s + 1) * stride);
+    ExpectAllNear(got, dL, 1e-13, 1e-12, "sample " + std::to_string(s));
+    for (int64_t i = 0; i < stride; ++i) sum[i] += got[i];
+  }
+  std::vector<double> dL(OC * RMAX, 0.0), dR(RMAX * C, 0.0);
+  lowrank_backward<double>(nullptr, dL.data(), dR.data(), dout.data(), inp.data(), hidden.data(),
+                           L.data(), R.data(), gamma.data(), n, C, OC, RMAX, K);
+  dL.insert(dL.end(), dR.begin(), dR.end());
+  ExpectAllNear(sum, dL, 1e-12, 1e-12, "sum over samples");
+  // A null factor is skipped; the other's shares do not change.
+  std::vector<double> only_l(S * stride, 0.0);
+  lowrank_backward_per_sample<double>(only_l.data(), nullptr, stride, dout.data(), inp.data(),
+                                      hidden.data(), L.data(), gamma.data(), S, T, C, OC, RMAX, K);
+  for (int s = 0; s < S; ++s) {
+    for (int64_t i = 0; i < stride; ++i) {
+      EXPECT_EQ(only_l[s * stride + i], i < OC * RMAX ? ps[s * stride + i] : 0.0);
+    }
+  }
+}
+
 TEST(LowrankTest, RankZeroIsANoOp) {
   const std::vector<double> inp = RandomVector(N * C, 21), L = RandomVector(OC * RMAX, 22);
   const std::vector<double> R = RandomVector(RMAX * C, 23), gamma = RandomVector(RMAX, 24);
