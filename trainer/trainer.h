@@ -1,9 +1,10 @@
-// The training loop: job spec -> model, data, optimizer -> steps with evaluation,
-// checkpoints, metrics and a progress line.
+// The training loop's entry point: job spec -> model, data, optimizer -> steps with evaluation,
+// checkpoints, metrics and a progress line (trainer/session.h holds the loop itself).
 #ifndef QTRAIN_TRAINER_TRAINER_H_
 #define QTRAIN_TRAINER_TRAINER_H_
 
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "configs/job_spec.pb.h"
@@ -11,6 +12,7 @@
 namespace qtrain {
 
 class DistributedContext;  // distributed/distributed_context.h
+class RunSink;             // trainer/sinks.h
 
 struct RunOptions {
   // "" starts fresh; "latest" resumes from the newest checkpoint in out_dir; anything else
@@ -20,6 +22,10 @@ struct RunOptions {
   // The ranks of a data-parallel job (qtrain's main makes it from the job's distributed
   // section); null trains in this process alone, whatever distributed.backend says.
   DistributedContext* dist = nullptr;
+  // Where else the run's metrics rows and checkpoints go (e.g. the parameter service), beside
+  // out_dir's metrics.jsonl and checkpoints/, which always come first. Not owned; rank 0 alone
+  // calls them.
+  std::vector<RunSink*> sinks;
 };
 
 struct RunResult {

@@ -17,6 +17,7 @@
 #include "trainer/rng.h"
 #include "trainer/safetensors.h"
 #include "trainer/shard.h"
+#include "trainer/sinks.h"
 
 namespace qtrain {
 namespace {
@@ -171,6 +172,53 @@ TEST(Train, Fp8DelayedScalingResumesBitIdentical) {
     o->set_match("block.0.*");
     o->set_precision(FULL);
   });
+}
+
+// A sink attached through RunOptions sees what the local sinks see, in the same order, after
+// them: every metrics row, every checkpoint (its file already written), then Finish.
+class RecordingSink : public RunSink {
+ public:
+  absl::Status WriteMetrics(int step, const MetricRow& row) override {
+    events.push_back(absl::StrCat("metrics ", step, row.back().first == "val_loss" ? " val" : ""));
+    return absl::OkStatus();
+  }
+  absl::Status WriteCheckpoint(const CheckpointData& c) override {
+    events.push_back(absl::StrCat("checkpoint ", c.state.step, fs::exists(c.local_path) ? "" : " missing"));
+    EXPECT_EQ(c.optimizer.num_params(), c.params.num_elements());
+    return absl::OkStatus();
+  }
+  absl::Status Finish() override {
+    events.push_back("finish");
+    return absl::OkStatus();
+  }
+  std::vector<std::string> events;
+};
+
+TEST(Train, AttachedSinksSeeEveryRowAndCheckpoint) {
+  JobSpec spec = TinyJob("sinks");
+  RecordingSink a, b;
+  RunOptions opt;
+  opt.quiet = true;
+  opt.sinks = {&a, &b};
+  ASSERT_TRUE(RunTraining(spec, opt).ok());
+  const std::vector<std::string> expected = {
+      "metrics 1", "metrics 2", "metrics 3", "metrics 4 val", "checkpoint 4",
+      "metrics 5", "metrics 6", "metrics 7", "metrics 8 val", "checkpoint 8", "finish"};
+  EXPECT_EQ(a.events, expected);
+  EXPECT_EQ(b.events, expected);
+  EXPECT_EQ(ReadMetrics(spec.out_dir()).size(), 8u);  // the JSONL sink is still there
+
+  // A failing sink stops the run with its error.
+  class Failing : public RunSink {
+    absl::Status WriteCheckpoint(const CheckpointData&) override {
+      return absl::UnavailableError("upload refused");
+    }
+  } failing;
+  JobSpec again = TinyJob("sinks_fail");
+  opt.sinks = {&failing};
+  absl::StatusOr<RunResult> r = RunTraining(again, opt);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("upload refused"), std::string::npos) << r.status();
 }
 
 TEST(Train, ResumeFromCorruptCheckpointFailsClearly) {
