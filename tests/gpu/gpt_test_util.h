@@ -1,6 +1,6 @@
 // Helpers of the CUDA model's GPU tests: GPU presence, structured token batches, the CPU and
-// GPU models from one set of weights, one optimizer step on a DeviceModel as trainer.cc drives
-// it. Host code only.
+// GPU models from one set of weights, one optimizer step on a DeviceModel as
+// trainer/session.cc drives it. Host code only.
 #ifndef QTRAIN_TESTS_GPU_GPT_TEST_UTIL_H_
 #define QTRAIN_TESTS_GPU_GPT_TEST_UTIL_H_
 
@@ -106,7 +106,7 @@ inline AdamWConfig TestAdam() {
   return a;
 }
 
-// One optimizer step on the device, as trainer.cc drives it; sync: wait for the update (else
+// One optimizer step on the device, as trainer/session.cc drives it; sync: wait for the update (else
 // it may still run when the next step's Forward starts, as in training).
 inline absl::StatusOr<double> GpuStep(DeviceModel* m, const std::vector<int32_t>& x,
                                       const std::vector<int32_t>& y, int B, int T, float lr,
