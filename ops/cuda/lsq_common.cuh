@@ -148,6 +148,15 @@ __device__ __forceinline__ void WriteBlockPartials(double ds, double db,
   }
 }
 
+// Blocks of the per-tensor activation gradient kernels over n elements in 8-element units (so
+// their number of (ds, db) partials, act_quant_backward_cuda_workspace_bytes): a function of n
+// alone, at most 1024, each thread taking about four units.
+inline int ActGradBlocks(int64_t n) {
+  const int64_t units = (n + 7) / 8;
+  const int64_t b = (units + 4 * 256 - 1) / (4 * 256);
+  return static_cast<int>(b < 1 ? 1 : (b > 1024 ? 1024 : b));
+}
+
 // g of a per-tensor activation step: 1 / sqrt(count * Qp), count = grad_scale_count or C.
 inline double ActGradScale(const ActQuant& a, int64_t C, float qp) {
   if (a.grad_scale == LsqGradScale::kNone) return 1.0;
