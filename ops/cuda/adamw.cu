@@ -19,6 +19,7 @@
 #include "ops/cuda/adamw_cuda.h"
 #include "ops/cuda/cuda_status.h"
 #include "ops/cuda/cuda_utils.cuh"
+#include "ops/cuda/fp8_utils.cuh"
 #include "ops/status_macros.h"
 
 namespace qtrain::ops {
@@ -38,6 +39,17 @@ struct alignas(16) Chunk {
   int32_t size;
   int32_t decay;  // 1: the call's weight_decay applies, 0: none
 };
+
+// The FP8 copy of a chunk (plans with FP8 segments; same index as the Chunk): codes of the
+// chunk's first element (null: the chunk has no FP8 copy), the tensor's index in the scale and
+// amax arrays, and flags.
+struct alignas(16) Fp8Chunk {
+  uint8_t* codes;
+  int32_t scale_index;
+  int32_t flags;  // kFp8E5M2 | kFp8SkipBf16
+};
+constexpr int32_t kFp8E5M2 = 1;
+constexpr int32_t kFp8SkipBf16 = 2;
 
 struct AdamParams {
   float lr, beta1, beta2, eps, weight_decay, bc1, bc2;
@@ -89,7 +101,25 @@ struct AdamwArgs {
   float weight_decay;  // of decaying chunks (a.weight_decay is set per chunk)
   int64_t n;           // single range: its length (unused with a table)
   int phase;           // (address / 4) % 4 of params: the element index offset of 16 B alignment
+  // FP8 copies (adamw_update_multi_fp8_cuda): per-chunk records, the scales (null: amax only)
+  // and the amaxes.
+  const Fp8Chunk* __restrict__ fp8_chunks = nullptr;
+  const float* __restrict__ fp8_scale = nullptr;
+  float* __restrict__ fp8_amax = nullptr;
 };
+
+// One chunk's FP8 output as the kernel sees it.
+struct Fp8Out {
+  uint8_t* codes = nullptr;  // codes of element `begin`; null: no FP8 copy
+  int64_t begin = 0;
+  float scale = 0.f;
+  bool write_codes = false;  // false: amax only
+  bool e5m2 = false;
+};
+
+__device__ __forceinline__ uint8_t EncodeAs(bool e5m2, float x, float scale) {
+  return e5m2 ? cu::Encode<Fp8Format::kE5M2>(x, scale) : cu::Encode<Fp8Format::kE4M3>(x, scale);
+}
 
 // One element, singly: its loads (issued early, so that they overlap the vector body's), then
 // the update and its stores.
@@ -104,27 +134,65 @@ __device__ __forceinline__ One LoadOne(const AdamwArgs<G>& x, int64_t i) {
 
 template <typename G>
 __device__ __forceinline__ void UpdateOne(const AdamwArgs<G>& x, const AdamParams& a,
-                                          float scale, int64_t i, One e) {
+                                          float scale, int64_t i, One e, nv_bf16* params_bf16,
+                                          const Fp8Out& f, uint32_t& amax_bits) {
   AdamStep(e.p, e.m, e.v, x.grad_scale != nullptr ? __fmul_rn(e.g, scale) : e.g, a);
   x.params[i] = e.p;
   x.m[i] = e.m;
   x.v[i] = e.v;
-  if (x.params_bf16 != nullptr) x.params_bf16[i] = __float2bfloat16_rn(e.p);
+  if (params_bf16 != nullptr) params_bf16[i] = __float2bfloat16_rn(e.p);
+  if (f.codes != nullptr) {
+    amax_bits = max(amax_bits, cu::AbsBits(e.p));
+    if (f.write_codes) f.codes[i - f.begin] = EncodeAs(f.e5m2, e.p, f.scale);
+  }
+}
+
+// The chunk's amax into amax[index], one atomic per block; every thread calls (f is uniform).
+__device__ __forceinline__ void ReduceAmax(const Fp8Out& f, float* amax, int index,
+                                           uint32_t bits) {
+  if (f.codes == nullptr) return;
+  __shared__ uint32_t warp_max[kThreads / 32];
+  bits = cu::WarpMaxBits(bits);
+  if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = bits;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    uint32_t m = 0;
+#pragma unroll
+    for (int w = 0; w < kThreads / 32; ++w) m = max(m, warp_max[w]);
+    cu::AtomicMaxBits(amax + index, m);
+  }
 }
 
 // kVec: all buffers share params' alignment phase, so the chunk's body can go in float4 units.
 // kTable: chunks come from the plan's table; else block b covers the b-th kChunk-sized
 // piece of the single range [0, n), cut where params is 16-byte aligned (shifted by the phase).
-template <typename G, bool kVec, bool kTable>
+// kFp8 (table form only): chunks with an FP8 record also write the FP8 codes of the new params
+// and reduce their amax (one atomicMax per chunk).
+template <typename G, bool kVec, bool kTable, bool kFp8 = false>
 __global__ void __launch_bounds__(kThreads)
     adamw_kernel(const AdamwArgs<G> x, const Chunk* __restrict__ chunks) {
   int64_t begin, end;
   AdamParams a = x.a;
+  nv_bf16* params_bf16 = x.params_bf16;
+  Fp8Out f;
+  int fp8_index = 0;
   if (kTable) {
     const Chunk c = chunks[blockIdx.x];
     begin = c.begin;
     end = c.begin + c.size;
     a.weight_decay = c.decay ? x.weight_decay : 0.0f;
+    if (kFp8) {
+      const Fp8Chunk fc = x.fp8_chunks[blockIdx.x];
+      if (fc.codes != nullptr) {
+        f.codes = fc.codes;
+        f.begin = begin;
+        f.e5m2 = (fc.flags & kFp8E5M2) != 0;
+        f.write_codes = x.fp8_scale != nullptr;
+        f.scale = f.write_codes ? x.fp8_scale[fc.scale_index] : 0.f;
+        fp8_index = fc.scale_index;
+        if (fc.flags & kFp8SkipBf16) params_bf16 = nullptr;
+      }
+    }
   } else {
     const int64_t shift = kVec ? x.phase : 0;
     const int64_t first = static_cast<int64_t>(blockIdx.x) * kChunk - shift;
@@ -134,10 +202,12 @@ __global__ void __launch_bounds__(kThreads)
   }
   const float scale = x.grad_scale != nullptr ? *x.grad_scale : 1.0f;
   const int tid = threadIdx.x;
+  uint32_t amax_bits = 0;
   if (!kVec) {
     for (int64_t i = begin + tid; i < end; i += kThreads) {
-      UpdateOne(x, a, scale, i, LoadOne(x, i));
+      UpdateOne(x, a, scale, i, LoadOne(x, i), params_bf16, f, amax_bits);
     }
+    if (kFp8) ReduceAmax(f, x.fp8_amax, fp8_index, amax_bits);
     return;
   }
   // [begin, body) and [body + 4 * nvec, end): at most 3 elements each, singly, by the first
@@ -157,7 +227,11 @@ __global__ void __launch_bounds__(kThreads)
   float4* __restrict__ v4 = reinterpret_cast<float4*>(x.v + body);
   const G* __restrict__ g4 = x.grads + body;
   uint2* __restrict__ b4 =
-      x.params_bf16 != nullptr ? reinterpret_cast<uint2*>(x.params_bf16 + body) : nullptr;
+      params_bf16 != nullptr ? reinterpret_cast<uint2*>(params_bf16 + body) : nullptr;
+  // The body's codes: one 4-byte store per float4 where the codes are 4-byte aligned there
+  // (the same for the whole chunk), else 4 single bytes.
+  uint8_t* const codes_body = kFp8 && f.codes != nullptr ? f.codes + (body - begin) : nullptr;
+  const bool codes_aligned = reinterpret_cast<uintptr_t>(codes_body) % 4 == 0;
   for (int k0 = tid; k0 < nvec; k0 += kUnroll * kThreads) {
     float4 p[kUnroll], g[kUnroll], mm[kUnroll], vv[kUnroll];
 #pragma unroll
@@ -195,9 +269,26 @@ __global__ void __launch_bounds__(kThreads)
         packed.y = *reinterpret_cast<const uint32_t*>(&hi);
         __stcs(b4 + k, packed);
       }
+      if (kFp8 && codes_body != nullptr) {
+        const float q[4] = {p[u].x, p[u].y, p[u].z, p[u].w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) amax_bits = max(amax_bits, cu::AbsBits(q[j]));
+        if (f.write_codes) {
+          const uint32_t c4 = f.e5m2 ? cu::Encode4<Fp8Format::kE5M2>(q, f.scale)
+                                     : cu::Encode4<Fp8Format::kE4M3>(q, f.scale);
+          uint8_t* dst = codes_body + 4 * static_cast<int64_t>(k);
+          if (codes_aligned) {
+            *reinterpret_cast<uint32_t*>(dst) = c4;
+          } else {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) dst[j] = static_cast<uint8_t>(c4 >> (8 * j));
+          }
+        }
+      }
     }
   }
-  if (single) UpdateOne(x, a, scale, single_i, e);
+  if (single) UpdateOne(x, a, scale, single_i, e, params_bf16, f, amax_bits);
+  if (kFp8) ReduceAmax(f, x.fp8_amax, fp8_index, amax_bits);
 }
 
 // Element index offset of the next 16-byte boundary of an fp32 array (4 floats) or 8-byte
@@ -253,16 +344,16 @@ bool SamePhase(const AdamwArgs<G>& x) {
          (x.params_bf16 == nullptr || Phase(x.params_bf16, 2) == ph);
 }
 
-template <typename G, bool kTable>
+template <typename G, bool kTable, bool kFp8 = false>
 absl::Status Launch(const AdamwArgs<G>& x, const Chunk* chunks, int64_t blocks,
                     cudaStream_t stream) {
   if (blocks == 0) return absl::OkStatus();
   QT_CHECK_ARG(blocks <= INT_MAX, "adamw: ", blocks, " blocks exceed the grid limit");
   if (SamePhase(x)) {
-    adamw_kernel<G, true, kTable><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+    adamw_kernel<G, true, kTable, kFp8><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
         x, chunks);
   } else {
-    adamw_kernel<G, false, kTable><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+    adamw_kernel<G, false, kTable, kFp8><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
         x, chunks);
   }
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
@@ -295,6 +386,29 @@ absl::Status AdamwMulti(const AdamwPlan& plan, float* params, bf16* params_bf16,
                                   weight_decay, t, grad_scale, plan.size());
   return Launch<G, true>(x, static_cast<const Chunk*>(plan.device_chunks()), plan.num_chunks(),
                          stream);
+}
+
+template <typename G>
+absl::Status AdamwMultiFp8(const AdamwPlan& plan, float* params, bf16* params_bf16,
+                           const G* grads, float* m, float* v, float lr, float beta1,
+                           float beta2, float eps, float weight_decay, int t,
+                           const float* grad_scale, const float* fp8_scale, float* fp8_amax,
+                           cudaStream_t stream) {
+  constexpr const char* fn = "adamw_update_multi_fp8_cuda";
+  RETURN_IF_ERROR(CheckCommon(fn, params, grads, m, v, beta1, beta2, t));
+  if (plan.num_fp8_segments() == 0) {
+    return AdamwMulti(plan, params, params_bf16, grads, m, v, lr, beta1, beta2, eps,
+                      weight_decay, t, grad_scale, stream);
+  }
+  QT_CHECK_ARG(fp8_amax != nullptr, fn, ": fp8_amax is null (the plan has ",
+               plan.num_fp8_segments(), " FP8 segments)");
+  AdamwArgs<G> x = MakeArgs(params, params_bf16, grads, m, v, lr, beta1, beta2, eps,
+                            weight_decay, t, grad_scale, plan.size());
+  x.fp8_chunks = static_cast<const Fp8Chunk*>(plan.device_fp8_chunks());
+  x.fp8_scale = fp8_scale;
+  x.fp8_amax = fp8_amax;
+  return Launch<G, true, true>(x, static_cast<const Chunk*>(plan.device_chunks()),
+                               plan.num_chunks(), stream);
 }
 
 }  // namespace
@@ -333,6 +447,12 @@ absl::Status adamw_update_multi_cuda(const AdamwPlan& plan, float* params, bf16*
 
 absl::StatusOr<std::unique_ptr<AdamwPlan>> AdamwPlan::Create(
     absl::Span<const AdamwSegment> segments, int64_t n) {
+  return Create(segments, n, {});
+}
+
+absl::StatusOr<std::unique_ptr<AdamwPlan>> AdamwPlan::Create(
+    absl::Span<const AdamwSegment> segments, int64_t n,
+    absl::Span<const AdamwFp8Segment> fp8_segments) {
   QT_CHECK_ARG(n >= 0, "AdamwPlan::Create: n must be >= 0, got ", n);
   for (size_t i = 0; i < segments.size(); ++i) {
     const AdamwSegment& s = segments[i];
@@ -356,16 +476,70 @@ absl::StatusOr<std::unique_ptr<AdamwPlan>> AdamwPlan::Create(
                  " (offset=", p.offset, " size=", p.size, ") overlaps segment ", order[j],
                  " (offset=", s.offset, " size=", s.size, ")");
   }
+  // FP8 segments: each inside one segment, no two overlapping; sorted by offset.
+  std::vector<size_t> fp8_order;
+  int max_index = -1;
+  for (size_t i = 0; i < fp8_segments.size(); ++i) {
+    const AdamwFp8Segment& f = fp8_segments[i];
+    QT_CHECK_ARG(f.offset >= 0 && f.size >= 0 && f.scale_index >= 0 &&
+                     (f.size == 0 || f.codes != nullptr),
+                 "AdamwPlan::Create: FP8 segment ", i, " (offset=", f.offset, " size=", f.size,
+                 " scale_index=", f.scale_index, " codes=", f.codes != nullptr ? "set" : "null",
+                 ") needs offset, size, scale_index >= 0 and codes");
+    if (f.size == 0) continue;
+    bool inside = false;
+    for (size_t j : order) {
+      const AdamwSegment& s = segments[j];
+      inside |= s.offset <= f.offset && f.offset + f.size <= s.offset + s.size;
+    }
+    QT_CHECK_ARG(inside, "AdamwPlan::Create: FP8 segment ", i, " (offset=", f.offset,
+                 " size=", f.size, ") is not inside one of the segments");
+    fp8_order.push_back(i);
+    max_index = std::max(max_index, f.scale_index);
+  }
+  std::stable_sort(fp8_order.begin(), fp8_order.end(), [&](size_t a, size_t b) {
+    return fp8_segments[a].offset < fp8_segments[b].offset;
+  });
+  for (size_t j = 1; j < fp8_order.size(); ++j) {
+    const AdamwFp8Segment& p = fp8_segments[fp8_order[j - 1]];
+    const AdamwFp8Segment& s = fp8_segments[fp8_order[j]];
+    QT_CHECK_ARG(p.offset + p.size <= s.offset, "AdamwPlan::Create: FP8 segment ",
+                 fp8_order[j - 1], " (offset=", p.offset, " size=", p.size,
+                 ") overlaps FP8 segment ", fp8_order[j], " (offset=", s.offset,
+                 " size=", s.size, ")");
+  }
   // Cut at multiples of kChunk of the flat index, so that interior chunks start 16-byte aligned
-  // in cudaMalloc'd buffers.
+  // in cudaMalloc'd buffers, and at the FP8 segments' ends, so that a chunk lies inside one FP8
+  // segment or outside all.
   std::vector<Chunk> chunks;
+  std::vector<Fp8Chunk> fp8_chunks;
   int64_t covered = 0;
+  size_t next_fp8 = 0;  // first FP8 segment (in offset order) not ending before the cursor
   for (size_t i : order) {
     const AdamwSegment& s = segments[i];
     covered += s.size;
     for (int64_t b = s.offset; b < s.offset + s.size;) {
-      const int64_t e = std::min(s.offset + s.size, (b / kChunk + 1) * kChunk);
+      while (next_fp8 < fp8_order.size() &&
+             fp8_segments[fp8_order[next_fp8]].offset + fp8_segments[fp8_order[next_fp8]].size <=
+                 b) {
+        ++next_fp8;
+      }
+      int64_t e = std::min(s.offset + s.size, (b / kChunk + 1) * kChunk);
+      Fp8Chunk fc{nullptr, 0, 0};
+      if (next_fp8 < fp8_order.size()) {
+        const AdamwFp8Segment& f = fp8_segments[fp8_order[next_fp8]];
+        if (f.offset <= b) {  // inside f: stop at its end
+          e = std::min(e, f.offset + f.size);
+          fc.codes = f.codes + (b - f.offset);
+          fc.scale_index = f.scale_index;
+          fc.flags = (f.format == Fp8Format::kE5M2 ? kFp8E5M2 : 0) |
+                     (f.write_bf16 ? 0 : kFp8SkipBf16);
+        } else {  // before f: stop at its start
+          e = std::min(e, f.offset);
+        }
+      }
       chunks.push_back(Chunk{b, static_cast<int32_t>(e - b), s.decay ? 1 : 0});
+      fp8_chunks.push_back(fc);
       b = e;
     }
   }
@@ -381,33 +555,41 @@ absl::StatusOr<std::unique_ptr<AdamwPlan>> AdamwPlan::Create(
       CUDA_RETURN_IF_ERROR(err);
     }
   }
-  return std::unique_ptr<AdamwPlan>(
+  auto plan = std::unique_ptr<AdamwPlan>(
       new AdamwPlan(n, static_cast<int64_t>(chunks.size()), covered, table));
+  if (!fp8_order.empty()) {
+    const size_t bytes = fp8_chunks.size() * sizeof(Fp8Chunk);
+    CUDA_RETURN_IF_ERROR(cudaMalloc(&plan->fp8_chunks_, bytes));
+    CUDA_RETURN_IF_ERROR(
+        cudaMemcpy(plan->fp8_chunks_, fp8_chunks.data(), bytes, cudaMemcpyHostToDevice));
+    plan->num_fp8_ = static_cast<int>(fp8_order.size());
+    plan->max_scale_index_ = max_index;
+  }
+  return plan;
 }
 
 AdamwPlan::~AdamwPlan() {
   if (chunks_ != nullptr) cudaFree(chunks_);
+  if (fp8_chunks_ != nullptr) cudaFree(fp8_chunks_);
 }
 
-}  // namespace qtrain::ops
-
-namespace qtrain::ops {
-
-absl::StatusOr<std::unique_ptr<AdamwPlan>> AdamwPlan::Create(
-    absl::Span<const AdamwSegment> segments, int64_t n,
-    absl::Span<const AdamwFp8Segment> fp8_segments) {
-  if (fp8_segments.empty()) return Create(segments, n);
-  return absl::UnimplementedError("AdamwPlan::Create with FP8 segments: not implemented yet");
+absl::Status adamw_update_multi_fp8_cuda(const AdamwPlan& plan, float* params, bf16* params_bf16,
+                                         const float* grads, float* m, float* v, float lr,
+                                         float beta1, float beta2, float eps, float weight_decay,
+                                         int t, const float* grad_scale, const float* fp8_scale,
+                                         float* fp8_amax, cudaStream_t stream) {
+  return AdamwMultiFp8(plan, params, params_bf16, grads, m, v, lr, beta1, beta2, eps,
+                       weight_decay, t, grad_scale, fp8_scale, fp8_amax, stream);
 }
-absl::Status adamw_update_multi_fp8_cuda(const AdamwPlan&, float*, bf16*, const float*, float*,
-                                         float*, float, float, float, float, float, int,
-                                         const float*, const float*, float*, cudaStream_t) {
-  return absl::UnimplementedError("adamw_update_multi_fp8_cuda: not implemented yet");
-}
-absl::Status adamw_update_multi_fp8_cuda(const AdamwPlan&, float*, bf16*, const bf16*, float*,
-                                         float*, float, float, float, float, float, int,
-                                         const float*, const float*, float*, cudaStream_t) {
-  return absl::UnimplementedError("adamw_update_multi_fp8_cuda: not implemented yet");
+
+absl::Status adamw_update_multi_fp8_cuda(const AdamwPlan& plan, float* params, bf16* params_bf16,
+                                         const bf16* grads, float* m, float* v, float lr,
+                                         float beta1, float beta2, float eps, float weight_decay,
+                                         int t, const float* grad_scale, const float* fp8_scale,
+                                         float* fp8_amax, cudaStream_t stream) {
+  return AdamwMultiFp8(plan, params, params_bf16, grads != nullptr ? cu::Nv(grads) : nullptr,
+                       m, v, lr, beta1, beta2, eps, weight_decay, t, grad_scale, fp8_scale,
+                       fp8_amax, stream);
 }
 
 }  // namespace qtrain::ops

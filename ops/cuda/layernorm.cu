@@ -9,6 +9,7 @@
 
 #include "ops/cuda/cuda_status.h"
 #include "ops/cuda/cuda_utils.cuh"
+#include "ops/cuda/fp8_utils.cuh"
 #include "ops/cuda/layernorm_cuda.h"
 #include "ops/status_macros.h"
 
@@ -93,57 +94,99 @@ __device__ __forceinline__ float LnAffine(float xhat, float w, float b) {
   return __fmaf_rn(xhat, w, b);
 }
 
-template <Access kAccess, Residual kResidual>
+// What the forward writes besides mean/rstd (and the residual): the BF16 output; the BF16 output
+// and its amax; or FP8 codes of the BF16-rounded output with a given scale, and their amax.
+enum class LnOut { kBf16, kBf16Amax, kFp8 };
+
+template <Access kAccess, Residual kResidual, LnOut kOut = LnOut::kBf16,
+          Fp8Format kFormat = Fp8Format::kE4M3>
 __global__ void layernorm_forward_kernel(nv_bf16* __restrict__ residual, nv_bf16* __restrict__ out,
                                          float* __restrict__ mean, float* __restrict__ rstd,
                                          const nv_bf16* __restrict__ a,
                                          const nv_bf16* __restrict__ b,
                                          const nv_bf16* __restrict__ weight,
-                                         const nv_bf16* __restrict__ bias, int N, int C) {
+                                         const nv_bf16* __restrict__ bias, int N, int C,
+                                         uint8_t* __restrict__ out_fp8, float* __restrict__ amax,
+                                         const float* __restrict__ scale) {
   using R = Row<kAccess>;
   constexpr int kPer = R::kPer;
   const int lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  if (row >= N) return;
-  const int64_t off = row * C;
-  // The normalized input: the rounded residual when adding, else a itself.
-  const nv_bf16* x_src = kResidual == Residual::kAdd ? residual + off : a + off;
+  uint32_t amax_bits = 0;  // of this lane's outputs (kBf16Amax, kFp8)
+  if (row < N) {
+    const int64_t off = row * C;
+    // The normalized input: the rounded residual when adding, else a itself.
+    const nv_bf16* x_src = kResidual == Residual::kAdd ? residual + off : a + off;
 
-  float sum = 0.f;
-  for (int c = lane * kPer; c < C; c += 32 * kPer) {
-    float x[kPer];
-    R::Load(x, a + off + c);
-    if (kResidual == Residual::kAdd) {
-      float y[kPer];
-      R::Load(y, b + off + c);
+    float sum = 0.f;
+    for (int c = lane * kPer; c < C; c += 32 * kPer) {
+      float x[kPer];
+      R::Load(x, a + off + c);
+      if (kResidual == Residual::kAdd) {
+        float y[kPer];
+        R::Load(y, b + off + c);
 #pragma unroll
-      for (int k = 0; k < kPer; ++k) x[k] += y[k];
-      R::StoreRounded(residual + off + c, x);
+        for (int k = 0; k < kPer; ++k) x[k] += y[k];
+        R::StoreRounded(residual + off + c, x);
+      }
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) sum += x[k];
     }
+    const float m = cu::WarpSum(sum) / C;
+    float var = 0.f;
+    for (int c = lane * kPer; c < C; c += 32 * kPer) {
+      float x[kPer];
+      R::Load(x, x_src + c);
 #pragma unroll
-    for (int k = 0; k < kPer; ++k) sum += x[k];
-  }
-  const float m = cu::WarpSum(sum) / C;
-  float var = 0.f;
-  for (int c = lane * kPer; c < C; c += 32 * kPer) {
-    float x[kPer];
-    R::Load(x, x_src + c);
+      for (int k = 0; k < kPer; ++k) var += (x[k] - m) * (x[k] - m);
+    }
+    const float s = 1.0f / sqrtf(cu::WarpSum(var) / C + kEps);
+    const float fp8_scale = kOut == LnOut::kFp8 ? *scale : 1.0f;
+    for (int c = lane * kPer; c < C; c += 32 * kPer) {
+      float x[kPer], w[kPer], bb[kPer];
+      R::Load(x, x_src + c);
+      R::Load(w, weight + c);
+      R::Load(bb, bias + c);
 #pragma unroll
-    for (int k = 0; k < kPer; ++k) var += (x[k] - m) * (x[k] - m);
-  }
-  const float s = 1.0f / sqrtf(cu::WarpSum(var) / C + kEps);
-  for (int c = lane * kPer; c < C; c += 32 * kPer) {
-    float x[kPer], w[kPer], bb[kPer];
-    R::Load(x, x_src + c);
-    R::Load(w, weight + c);
-    R::Load(bb, bias + c);
+      for (int k = 0; k < kPer; ++k) x[k] = LnAffine(LnNormalize(x[k], m, s), w[k], bb[k]);
+      if constexpr (kOut == LnOut::kBf16) {
+        R::Store(out + off + c, x);
+      } else if constexpr (kOut == LnOut::kBf16Amax) {
+        R::StoreRounded(out + off + c, x);
 #pragma unroll
-    for (int k = 0; k < kPer; ++k) x[k] = LnAffine(LnNormalize(x[k], m, s), w[k], bb[k]);
-    R::Store(out + off + c, x);
+        for (int k = 0; k < kPer; ++k) amax_bits = max(amax_bits, cu::AbsBits(x[k]));
+      } else {
+        // The BF16 value the BF16 forms write, then its code.
+#pragma unroll
+        for (int k = 0; k < kPer; ++k) {
+          x[k] = __bfloat162float(__float2bfloat16_rn(x[k]));
+          amax_bits = max(amax_bits, cu::AbsBits(x[k]));
+        }
+        if constexpr (kAccess == Access::kVec8) {
+          *reinterpret_cast<uint2*>(out_fp8 + off + c) =
+              make_uint2(cu::Encode4<kFormat>(x, fp8_scale), cu::Encode4<kFormat>(x + 4, fp8_scale));
+        } else {
+          out_fp8[off + c] = cu::Encode<kFormat>(x[0], fp8_scale);
+        }
+      }
+    }
+    if (lane == 0) {
+      mean[row] = m;
+      rstd[row] = s;
+    }
   }
-  if (lane == 0) {
-    mean[row] = m;
-    rstd[row] = s;
+  if constexpr (kOut != LnOut::kBf16) {
+    // One atomic per block: the warps' maxima through shared memory.
+    __shared__ uint32_t warp_max[kWarps];
+    amax_bits = cu::WarpMaxBits(amax_bits);
+    if (lane == 0) warp_max[threadIdx.x / 32] = amax_bits;
+    __syncthreads();
+    if (threadIdx.x == 0 && amax != nullptr) {
+      uint32_t mm = 0;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) mm = max(mm, warp_max[w]);
+      cu::AtomicMaxBits(amax, mm);
+    }
   }
 }
 
@@ -538,21 +581,28 @@ absl::Status CheckShape(const char* op, int N, int C) {
   return absl::OkStatus();
 }
 
-template <Residual kResidual>
+// out is the BF16 output (kBf16, kBf16Amax) or null (kFp8, which writes out_fp8).
+template <Residual kResidual, LnOut kOut = LnOut::kBf16, Fp8Format kFormat = Fp8Format::kE4M3>
 absl::Status LaunchForward(nv_bf16* residual, nv_bf16* out, float* mean, float* rstd,
                            const nv_bf16* a, const nv_bf16* b, const nv_bf16* weight,
-                           const nv_bf16* bias, int N, int C, cudaStream_t stream) {
+                           const nv_bf16* bias, int N, int C, cudaStream_t stream,
+                           uint8_t* out_fp8 = nullptr, float* amax = nullptr,
+                           const float* scale = nullptr) {
   const int blocks = (N + kWarps - 1) / kWarps;
-  const bool vec = C % 8 == 0 && cu::IsAligned(out, 16) && cu::IsAligned(a, 16) &&
-                   cu::IsAligned(weight, 16) && cu::IsAligned(bias, 16) &&
+  const bool out_ok =
+      kOut == LnOut::kFp8 ? cu::IsAligned(out_fp8, 8) : cu::IsAligned(out, 16);
+  const bool vec = C % 8 == 0 && out_ok && cu::IsAligned(a, 16) && cu::IsAligned(weight, 16) &&
+                   cu::IsAligned(bias, 16) &&
                    (kResidual == Residual::kNone ||
                     (cu::IsAligned(b, 16) && cu::IsAligned(residual, 16)));
   if (vec) {
-    layernorm_forward_kernel<Access::kVec8, kResidual><<<blocks, kThreads, 0, stream>>>(
-        residual, out, mean, rstd, a, b, weight, bias, N, C);
+    layernorm_forward_kernel<Access::kVec8, kResidual, kOut, kFormat>
+        <<<blocks, kThreads, 0, stream>>>(residual, out, mean, rstd, a, b, weight, bias, N, C,
+                                          out_fp8, amax, scale);
   } else {
-    layernorm_forward_kernel<Access::kScalar, kResidual><<<blocks, kThreads, 0, stream>>>(
-        residual, out, mean, rstd, a, b, weight, bias, N, C);
+    layernorm_forward_kernel<Access::kScalar, kResidual, kOut, kFormat>
+        <<<blocks, kThreads, 0, stream>>>(residual, out, mean, rstd, a, b, weight, bias, N, C,
+                                          out_fp8, amax, scale);
   }
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
@@ -692,29 +742,93 @@ absl::Status layernorm_backward_cuda(bf16* dinp, bf16* dweight, bf16* dbias, con
                            out_recompute, tweo);
 }
 
-}  // namespace qtrain::ops
+namespace {
 
-namespace qtrain::ops {
+absl::Status CheckForwardPointers(const char* fn, const void* residual, bool need_residual,
+                                  const void* out, const float* mean, const float* rstd,
+                                  const bf16* a, const bf16* b, const bf16* weight,
+                                  const bf16* bias) {
+  QT_CHECK_ARG((!need_residual || (residual != nullptr && b != nullptr)) && out != nullptr &&
+                   mean != nullptr && rstd != nullptr && a != nullptr && weight != nullptr &&
+                   bias != nullptr,
+               fn, ": null pointer (residual=", residual != nullptr, " out=", out != nullptr,
+               " mean=", mean != nullptr, " rstd=", rstd != nullptr, " inp/a=", a != nullptr,
+               " b=", b != nullptr, " weight=", weight != nullptr, " bias=", bias != nullptr,
+               ")");
+  return absl::OkStatus();
+}
 
-absl::Status layernorm_forward_fp8_cuda(uint8_t*, float*, float*, float*, const bf16*,
-                                        const bf16*, const bf16*, int, int, Fp8Format,
-                                        const float*, cudaStream_t) {
-  return absl::UnimplementedError("layernorm_forward_fp8_cuda: not implemented yet");
+template <Residual kResidual>
+absl::Status ForwardFp8(const char* fn, bf16* residual, uint8_t* out_fp8, float* mean,
+                        float* rstd, float* amax, const bf16* a, const bf16* b,
+                        const bf16* weight, const bf16* bias, int N, int C, Fp8Format format,
+                        const float* scale, cudaStream_t stream) {
+  RETURN_IF_ERROR(CheckShape(fn, N, C));
+  RETURN_IF_ERROR(CheckForwardPointers(fn, residual, kResidual == Residual::kAdd, out_fp8, mean,
+                                       rstd, a, b, weight, bias));
+  QT_CHECK_ARG(scale != nullptr, fn, ": scale is null");
+  nv_bf16* res = residual != nullptr ? cu::Nv(residual) : nullptr;
+  const nv_bf16* bb = b != nullptr ? cu::Nv(b) : nullptr;
+  if (format == Fp8Format::kE4M3) {
+    return LaunchForward<kResidual, LnOut::kFp8, Fp8Format::kE4M3>(
+        res, nullptr, mean, rstd, cu::Nv(a), bb, cu::Nv(weight), cu::Nv(bias), N, C, stream,
+        out_fp8, amax, scale);
+  }
+  return LaunchForward<kResidual, LnOut::kFp8, Fp8Format::kE5M2>(
+      res, nullptr, mean, rstd, cu::Nv(a), bb, cu::Nv(weight), cu::Nv(bias), N, C, stream,
+      out_fp8, amax, scale);
 }
-absl::Status residual_layernorm_forward_fp8_cuda(bf16*, uint8_t*, float*, float*, float*,
-                                                 const bf16*, const bf16*, const bf16*,
-                                                 const bf16*, int, int, Fp8Format, const float*,
-                                                 cudaStream_t) {
-  return absl::UnimplementedError("residual_layernorm_forward_fp8_cuda: not implemented yet");
+
+template <Residual kResidual>
+absl::Status ForwardAmax(const char* fn, bf16* residual, bf16* out, float* mean, float* rstd,
+                         float* amax, const bf16* a, const bf16* b, const bf16* weight,
+                         const bf16* bias, int N, int C, cudaStream_t stream) {
+  RETURN_IF_ERROR(CheckShape(fn, N, C));
+  RETURN_IF_ERROR(CheckForwardPointers(fn, residual, kResidual == Residual::kAdd, out, mean,
+                                       rstd, a, b, weight, bias));
+  QT_CHECK_ARG(amax != nullptr, fn, ": amax is null");
+  return LaunchForward<kResidual, LnOut::kBf16Amax>(
+      residual != nullptr ? cu::Nv(residual) : nullptr, cu::Nv(out), mean, rstd, cu::Nv(a),
+      b != nullptr ? cu::Nv(b) : nullptr, cu::Nv(weight), cu::Nv(bias), N, C, stream, nullptr,
+      amax, nullptr);
 }
-absl::Status layernorm_forward_amax_cuda(bf16*, float*, float*, float*, const bf16*, const bf16*,
-                                         const bf16*, int, int, cudaStream_t) {
-  return absl::UnimplementedError("layernorm_forward_amax_cuda: not implemented yet");
+
+}  // namespace
+
+absl::Status layernorm_forward_fp8_cuda(uint8_t* out_fp8, float* mean, float* rstd, float* amax,
+                                        const bf16* inp, const bf16* weight, const bf16* bias,
+                                        int N, int C, Fp8Format format, const float* scale,
+                                        cudaStream_t stream) {
+  return ForwardFp8<Residual::kNone>("layernorm_forward_fp8_cuda", nullptr, out_fp8, mean, rstd,
+                                     amax, inp, nullptr, weight, bias, N, C, format, scale,
+                                     stream);
 }
-absl::Status residual_layernorm_forward_amax_cuda(bf16*, bf16*, float*, float*, float*,
-                                                  const bf16*, const bf16*, const bf16*,
-                                                  const bf16*, int, int, cudaStream_t) {
-  return absl::UnimplementedError("residual_layernorm_forward_amax_cuda: not implemented yet");
+
+absl::Status residual_layernorm_forward_fp8_cuda(bf16* residual, uint8_t* out_fp8, float* mean,
+                                                 float* rstd, float* amax, const bf16* a,
+                                                 const bf16* b, const bf16* weight,
+                                                 const bf16* bias, int N, int C,
+                                                 Fp8Format format, const float* scale,
+                                                 cudaStream_t stream) {
+  return ForwardFp8<Residual::kAdd>("residual_layernorm_forward_fp8_cuda", residual, out_fp8,
+                                    mean, rstd, amax, a, b, weight, bias, N, C, format, scale,
+                                    stream);
+}
+
+absl::Status layernorm_forward_amax_cuda(bf16* out, float* mean, float* rstd, float* amax,
+                                         const bf16* inp, const bf16* weight, const bf16* bias,
+                                         int N, int C, cudaStream_t stream) {
+  return ForwardAmax<Residual::kNone>("layernorm_forward_amax_cuda", nullptr, out, mean, rstd,
+                                      amax, inp, nullptr, weight, bias, N, C, stream);
+}
+
+absl::Status residual_layernorm_forward_amax_cuda(bf16* residual, bf16* out, float* mean,
+                                                  float* rstd, float* amax, const bf16* a,
+                                                  const bf16* b, const bf16* weight,
+                                                  const bf16* bias, int N, int C,
+                                                  cudaStream_t stream) {
+  return ForwardAmax<Residual::kAdd>("residual_layernorm_forward_amax_cuda", residual, out, mean,
+                                     rstd, amax, a, b, weight, bias, N, C, stream);
 }
 
 }  // namespace qtrain::ops
