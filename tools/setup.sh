@@ -59,7 +59,7 @@ GGUF_JS_VERSION=0.4.6
 PACKAGES=(
   g++ bazel-bootstrap libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libeigen3-dev libopenmpi-dev openmpi-bin nlohmann-json3-dev libgtest-dev
-  libgmock-dev patchelf slurm-wlm munge libicu-dev
+  libgmock-dev patchelf slurm-wlm munge libicu-dev libssl-dev openssl
 )
 
 install_packages() {
