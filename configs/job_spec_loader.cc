@@ -740,8 +740,6 @@ absl::Status RejectUnimplemented(const JobSpec& spec) {
   } else {
     if (spec.training().grad_dtype() == GRAD_BF16)
       reject("training.grad_dtype", "BF16 gradients on the CPU trainer (device CPU)");
-    if (spec.precision().fp8().scaling() == BLOCK && UsesPrecision(spec.precision(), FP8))
-      reject("precision.fp8.scaling", "BLOCK scaling on the CPU trainer (device CPU)");
     if (spec.training().lm_head_chunks() > 1)
       reject("training.lm_head_chunks", "a chunked LM head on the CPU trainer (device CPU)");
   }

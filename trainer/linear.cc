@@ -256,7 +256,7 @@ absl::Status Linear::BackwardBase(float* dinp, const float* dout, const float* i
                            in_, out_);
       return absl::OkStatus();
     case LinearMode::kFp8:
-      return BackwardFp8(dinp, dout, N, training);
+      return BackwardFp8(dinp, dout, inp, N, training);
     case LinearMode::kQat:
       return BackwardQat(dinp, dout, inp, N);
   }
@@ -345,7 +345,78 @@ absl::Status Linear::BackwardQat(float* dinp, const float* dout, const float* in
   return absl::OkStatus();
 }
 
+namespace {
+
+// Block-scaled fake quantization (DeepSeek-V3's recipe, E4M3): in (rows, cols) -> out, the
+// decoded codes times their tile's (1x128 along cols) or block's (128x128) scale_inv, exactly
+// what the block-scaled GEMMs multiply (ops/quant/fp8.h).
+absl::Status BlockFakeQuant(float* out, const float* in, int64_t rows, int64_t cols,
+                            bool blocks_128x128) {
+  std::vector<uint8_t> codes(rows * cols);
+  const int64_t ld = blocks_128x128 ? ops::fp8_block_scale_ld(cols) : 0;
+  std::vector<float> scale_inv(blocks_128x128 ? ops::fp8_num_blocks(rows) * ld
+                                              : ops::fp8_num_blocks(cols) * rows);
+  if (blocks_128x128) {
+    RETURN_IF_ERROR(ops::fp8_quantize_128x128(codes.data(), scale_inv.data(), ld, in, rows, cols,
+                                              ops::Fp8Format::kE4M3));
+  } else {
+    RETURN_IF_ERROR(ops::fp8_quantize_1x128(codes.data(), scale_inv.data(), in, rows, cols,
+                                            ops::Fp8Format::kE4M3));
+  }
+  return ops::fp8_dequantize_blocks(out, codes.data(), scale_inv.data(), ld, rows, cols,
+                                    ops::Fp8Format::kE4M3);
+}
+
+// out (cols, rows) = in (rows, cols) transposed.
+std::vector<float> Transposed(const float* in, int64_t rows, int64_t cols) {
+  std::vector<float> t(rows * cols);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) t[c * rows + r] = in[r * cols + c];
+  return t;
+}
+
+}  // namespace
+
+// Block recipe: x in 1x128 tiles along C, W in 128x128 blocks, all E4M3, no scaler state.
+absl::Status Linear::ForwardFp8Block(float* out, const float* inp, int N) {
+  xq_.resize(static_cast<size_t>(N) * in_);
+  wq_.resize(static_cast<size_t>(out_) * in_);
+  RETURN_IF_ERROR(BlockFakeQuant(xq_.data(), inp, N, in_, /*blocks_128x128=*/false));
+  RETURN_IF_ERROR(BlockFakeQuant(wq_.data(), store_->param(w_), out_, in_, true));
+  ops::matmul_forward(out, xq_.data(), wq_.data(), store_->param(b_), N, in_, out_);
+  return absl::OkStatus();
+}
+
+// dgrad: dy in 1x128 tiles along OC times the forward's W blocks (W^T's blocks hold the same
+// values). wgrad: dy^T and x^T each in 1x128 tiles along N (128x1 tiles of dy and x, DeepSeek's
+// backward), which quantizes x differently from the forward.
+absl::Status Linear::BackwardFp8Block(float* dinp, const float* dout, const float* inp, int N) {
+  const int64_t ng = static_cast<int64_t>(N) * out_, nx = static_cast<int64_t>(N) * in_;
+  gq_.resize(ng);
+  RETURN_IF_ERROR(BlockFakeQuant(gq_.data(), dout, N, out_, false));
+  if (dinp != nullptr) {
+    ops::matmul_backward(dinp, static_cast<float*>(nullptr), static_cast<float*>(nullptr),
+                         gq_.data(), xq_.data(), wq_.data(), N, in_, out_);
+  }
+  if (frozen_) return absl::OkStatus();
+  std::vector<float> gt = Transposed(dout, N, out_), xt = Transposed(inp, N, in_);
+  std::vector<float> gtq(ng), xtq(nx);
+  RETURN_IF_ERROR(BlockFakeQuant(gtq.data(), gt.data(), out_, N, false));
+  RETURN_IF_ERROR(BlockFakeQuant(xtq.data(), xt.data(), in_, N, false));
+  const std::vector<float> gw = Transposed(gtq.data(), out_, N), xw = Transposed(xtq.data(), in_, N);
+  ops::matmul_backward(static_cast<float*>(nullptr), store_->grad(w_),
+                       static_cast<float*>(nullptr), gw.data(), xw.data(), wq_.data(), N, in_,
+                       out_);
+  float* db = store_->grad(b_);
+  for (int i = 0; i < N; ++i) {
+    const float* row = dout + static_cast<int64_t>(i) * out_;
+    for (int o = 0; o < out_; ++o) db[o] += row[o];
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Linear::ForwardFp8(float* out, const float* inp, int N, bool training) {
+  if (opt_.fp8.recipe == Fp8Recipe::kBlock) return ForwardFp8Block(out, inp, N);
   const int64_t n = static_cast<int64_t>(N) * in_;
   const int64_t nw = static_cast<int64_t>(out_) * in_;
   const float* w = store_->param(w_);
@@ -368,7 +439,9 @@ absl::Status Linear::ForwardFp8(float* out, const float* inp, int N, bool traini
   return absl::OkStatus();
 }
 
-absl::Status Linear::BackwardFp8(float* dinp, const float* dout, int N, bool training) {
+absl::Status Linear::BackwardFp8(float* dinp, const float* dout, const float* inp, int N,
+                                 bool training) {
+  if (opt_.fp8.recipe == Fp8Recipe::kBlock) return BackwardFp8Block(dinp, dout, inp, N);
   const int64_t ng = static_cast<int64_t>(N) * out_;
   gq_.resize(ng);
   const float ag = ops::amax(dout, ng);

@@ -3,7 +3,9 @@
 // it never changes with precision:
 //   kFull: plain fp32 (CPU reference).
 //   kFp8:  x, W quantized to E4M3 and the output gradient to E5M2 (HYBRID), per-tensor delayed
-//          or current scaling, all three GEMMs on the FP8 values, straight-through to x and W.
+//          or current scaling; or the block recipe (DeepSeek-V3: E4M3 everywhere, 1x128 tiles of
+//          x and dy, 128x128 blocks of W, 128x1 tiles of x and dy for wgrad); all three GEMMs on
+//          the FP8 values, straight-through to x and W.
 //   kQat:  LSQ/LSQ+ fake quantization of W (per channel or group, learned steps) and of x
 //          (per tensor with a learned step, or per token, dynamic), plus QVGen's auxiliary
 //          low-rank module Phi: y += L diag(gamma) R Q(x), which decays to rank 0.
@@ -110,7 +112,10 @@ class Linear {
   absl::Status ForwardQat(float* out, const float* inp, int N, bool training);
   absl::Status BackwardQat(float* dinp, const float* dout, const float* inp, int N);
   absl::Status ForwardFp8(float* out, const float* inp, int N, bool training);
-  absl::Status BackwardFp8(float* dinp, const float* dout, int N, bool training);
+  absl::Status BackwardFp8(float* dinp, const float* dout, const float* inp, int N,
+                           bool training);
+  absl::Status ForwardFp8Block(float* out, const float* inp, int N);
+  absl::Status BackwardFp8Block(float* dinp, const float* dout, const float* inp, int N);
   void ClampSteps();
   // m (OC,C) += L[:, :k] diag(gamma[:k]) R[:k, :] (gamma null: all ones).
   void AddPhiProduct(float* m, int k, const float* gamma) const;

@@ -418,7 +418,10 @@ TEST(Fp8MatmulTest, BlockScaledMatchesCpuGemm) {
         r.type = Fp8OutType::kFp32;
         r.write = GradWrite::kAccumulate;
         CheckRun(*ctx_, p.x, p.w, ref, r, stream_);
-        if (std::string(p.name) == "fprop") {
+        // Epilogues with block scales: cuBLASLt's documentation does not promise them, so only
+        // the automatic path (which falls back) and our kernel are required to run them; the
+        // report printed at the end says which ran.
+        if (std::string(p.name) == "fprop" && b != Fp8GemmBackend::kCublasLt) {
           GemmRun e;
           e.backend = b;
           e.bias = true;

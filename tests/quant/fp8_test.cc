@@ -456,5 +456,127 @@ TEST(DelayedScaler, RestoreContinuesIdentically) {
   EXPECT_TRUE(DelayedScaler::Restore(Fp8Format::kE4M3, 0, {1.0f, INFINITY}, 2.0f).ok());
 }
 
+// ---- Block scaling reference (DeepSeek-V3 tiles and blocks, cuBLASLt scale layouts).
+
+TEST(Fp8Block, Tiles1x128ByHand) {
+  // 2 rows x 130 columns: tiles [0, 128) and [128, 130) per row.
+  const int64_t rows = 2, cols = 130;
+  std::vector<float> in(rows * cols, 0.0f);
+  in[0] = 2.0f;                 // row 0, tile 0: amax 2
+  in[129] = -0.5f;              // row 0, tile 1: amax 0.5
+  in[cols + 5] = std::nanf(""); // row 1, tile 0: NaN -> scale 1
+  // row 1, tile 1: all zeros -> scale 1
+  std::vector<uint8_t> codes(rows * cols);
+  std::vector<float> scale_inv(2 * rows, -1.0f);
+  ASSERT_TRUE(fp8_quantize_1x128(codes.data(), scale_inv.data(), in.data(), rows, cols,
+                                 Fp8Format::kE4M3)
+                  .ok());
+  // scale_inv[b * rows + r]
+  EXPECT_EQ(scale_inv[0], 1.0f / (448.0f / 2.0f));
+  EXPECT_EQ(scale_inv[1], 1.0f);
+  EXPECT_EQ(scale_inv[2], 1.0f / (448.0f / 0.5f));
+  EXPECT_EQ(scale_inv[3], 1.0f);
+  EXPECT_EQ(codes[0], 0x7E);    // 2 * 224 = 448, the largest E4M3
+  EXPECT_EQ(codes[129], 0xFE);  // -0.5 * 896 = -448
+  EXPECT_EQ(codes[cols + 5], kFp8CanonicalNaN);
+  EXPECT_EQ(codes[1], 0x00);
+  // Dequantized: code * scale_inv.
+  std::vector<float> out(rows * cols);
+  ASSERT_TRUE(fp8_dequantize_blocks(out.data(), codes.data(), scale_inv.data(), 0, rows, cols,
+                                    Fp8Format::kE4M3)
+                  .ok());
+  EXPECT_EQ(out[0], 2.0f);
+  EXPECT_EQ(out[129], -0.5f);
+  EXPECT_TRUE(std::isnan(out[cols + 5]));
+}
+
+TEST(Fp8Block, Tiles1x128MatchPerTileEncodeArray) {
+  const int64_t rows = 7, cols = 300;
+  std::vector<float> in(rows * cols);
+  uint32_t state = 12345;
+  for (float& x : in) {
+    state = state * 1664525u + 1013904223u;
+    x = (static_cast<float>(state >> 8) / 16777216.0f - 0.5f) * std::ldexp(1.0f, state % 13);
+  }
+  std::vector<uint8_t> codes(rows * cols);
+  std::vector<float> scale_inv(fp8_num_blocks(cols) * rows);
+  ASSERT_TRUE(fp8_quantize_1x128(codes.data(), scale_inv.data(), in.data(), rows, cols,
+                                 Fp8Format::kE5M2)
+                  .ok());
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t b = 0; b < fp8_num_blocks(cols); ++b) {
+      const int64_t c0 = b * 128, len = std::min<int64_t>(128, cols - c0);
+      const float s = fp8_block_scale(amax(in.data() + r * cols + c0, len), Fp8Format::kE5M2);
+      std::vector<uint8_t> want(len);
+      ASSERT_TRUE(fp8_encode_array(want.data(), in.data() + r * cols + c0, len, s,
+                                   Fp8Format::kE5M2)
+                      .ok());
+      for (int64_t c = 0; c < len; ++c) ASSERT_EQ(codes[r * cols + c0 + c], want[c]);
+      EXPECT_EQ(scale_inv[b * rows + r], 1.0f / s);
+    }
+  }
+}
+
+TEST(Fp8Block, Blocks128x128ScaleGridPaddingAndTranspose) {
+  const int64_t rows = 130, cols = 260;  // 2 x 3 blocks, partial at both edges
+  std::vector<float> in(rows * cols);
+  for (int64_t i = 0; i < rows * cols; ++i) in[i] = std::sin(0.37f * i) * 0.01f;
+  in[129 * cols + 259] = 7.0f;  // the corner block (1, 2) alone gets amax 7
+  const int64_t ld = fp8_block_scale_ld(cols);
+  EXPECT_EQ(ld, 4);
+  std::vector<uint8_t> codes(rows * cols);
+  std::vector<float> grid(2 * ld, -1.0f);
+  ASSERT_TRUE(fp8_quantize_128x128(codes.data(), grid.data(), ld, in.data(), rows, cols,
+                                   Fp8Format::kE4M3)
+                  .ok());
+  EXPECT_EQ(grid[1 * ld + 2], 1.0f / (448.0f / 7.0f));
+  EXPECT_EQ(grid[0 * ld + 3], 0.0f);  // padding
+  EXPECT_EQ(grid[1 * ld + 3], 0.0f);
+  EXPECT_EQ(codes[129 * cols + 259], 0x7E);
+  // Every block's codes are encode(x * s) with that block's own amax.
+  for (int64_t p = 0; p < 2; ++p) {
+    for (int64_t b = 0; b < 3; ++b) {
+      float m = 0;
+      for (int64_t r = p * 128; r < std::min<int64_t>(rows, p * 128 + 128); ++r)
+        for (int64_t c = b * 128; c < std::min<int64_t>(cols, b * 128 + 128); ++c)
+          m = std::max(m, std::fabs(in[r * cols + c]));
+      const float s = fp8_block_scale(m, Fp8Format::kE4M3);
+      EXPECT_EQ(grid[p * ld + b], 1.0f / s);
+      for (int64_t r = p * 128; r < std::min<int64_t>(rows, p * 128 + 128); ++r)
+        for (int64_t c = b * 128; c < std::min<int64_t>(cols, b * 128 + 128); ++c)
+          ASSERT_EQ(codes[r * cols + c], fp8_encode(in[r * cols + c] * s, Fp8Format::kE4M3));
+    }
+  }
+  // The transpose quantizes to the transposed codes and grid.
+  std::vector<float> t(rows * cols);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) t[c * rows + r] = in[r * cols + c];
+  const int64_t ld_t = fp8_block_scale_ld(rows);
+  std::vector<uint8_t> codes_t(rows * cols);
+  std::vector<float> grid_t(3 * ld_t);
+  ASSERT_TRUE(fp8_quantize_128x128(codes_t.data(), grid_t.data(), ld_t, t.data(), cols, rows,
+                                   Fp8Format::kE4M3)
+                  .ok());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) ASSERT_EQ(codes_t[c * rows + r], codes[r * cols + c]);
+  for (int64_t p = 0; p < 2; ++p)
+    for (int64_t b = 0; b < 3; ++b) EXPECT_EQ(grid_t[b * ld_t + p], grid[p * ld + b]);
+}
+
+TEST(Fp8Block, RejectsBadArguments) {
+  float f = 0;
+  uint8_t c = 0;
+  EXPECT_EQ(fp8_quantize_1x128(&c, &f, &f, -1, 1, Fp8Format::kE4M3).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(fp8_quantize_1x128(nullptr, &f, &f, 1, 1, Fp8Format::kE4M3).code(),
+            absl::StatusCode::kInvalidArgument);
+  const absl::Status s = fp8_quantize_128x128(&c, &f, 1, &f, 1, 200, Fp8Format::kE4M3);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("scale_ld = 1 must be >= ceil(cols / 128) = 2"),
+            absl::string_view::npos)
+      << s;
+  EXPECT_TRUE(fp8_quantize_1x128(nullptr, nullptr, nullptr, 0, 5, Fp8Format::kE4M3).ok());
+}
+
 }  // namespace
 }  // namespace qtrain::ops

@@ -189,6 +189,73 @@ TEST(Linear, Fp8CurrentScalingUsesFp8OperandsInAllThreeGemms) {
   for (int i = 0; i < OC * C; ++i) ASSERT_EQ(f.store.grad(f.lin.weight_index())[i], dwr[i]) << i;
 }
 
+// The block recipe against the CPU block reference, on shapes with several tiles and partial
+// ones: forward x in 1x128 tiles along C and W in 128x128 blocks; dgrad dy in 1x128 tiles along
+// OC; wgrad dy^T and x^T in 1x128 tiles along N. Bit-exact (the same CPU ops).
+TEST(Linear, Fp8BlockScalingUsesTilesAndBlocksInAllThreeGemms) {
+  const int bn = 130, bc = 300, boc = 140;
+  LinearOptions o;
+  o.mode = LinearMode::kFp8;
+  o.fp8.recipe = Fp8Recipe::kBlock;
+  ParamStore store;
+  Linear lin(&store, "l", bc, boc, o);
+  store.Finalize();
+  std::vector<float> w = Random(boc * bc, 11, 0.05f), b = Random(boc, 12, 0.1f);
+  w[7] = 3.0f;  // one block with a large amax, so the 128x128 scales differ
+  std::copy(w.begin(), w.end(), store.param(lin.weight_index()));
+  std::copy(b.begin(), b.end(), store.param(lin.bias_index()));
+  std::vector<float> x = Random(bn * bc, 13, 2.0f), out(bn * boc), ref(bn * boc);
+  x[5] = 300.f;  // one tile with an outlier
+  ASSERT_TRUE(lin.Forward(out.data(), x.data(), bn, true).ok());
+  const auto fake = [](const std::vector<float>& in, int64_t rows, int64_t cols, bool blocks) {
+    std::vector<uint8_t> codes(rows * cols);
+    const int64_t ld = blocks ? ops::fp8_block_scale_ld(cols) : 0;
+    std::vector<float> si(blocks ? ops::fp8_num_blocks(rows) * ld : ops::fp8_num_blocks(cols) * rows);
+    std::vector<float> q(rows * cols);
+    EXPECT_TRUE((blocks ? ops::fp8_quantize_128x128(codes.data(), si.data(), ld, in.data(), rows,
+                                                    cols, ops::Fp8Format::kE4M3)
+                        : ops::fp8_quantize_1x128(codes.data(), si.data(), in.data(), rows, cols,
+                                                  ops::Fp8Format::kE4M3))
+                    .ok());
+    EXPECT_TRUE(ops::fp8_dequantize_blocks(q.data(), codes.data(), si.data(), ld, rows, cols,
+                                           ops::Fp8Format::kE4M3)
+                    .ok());
+    return q;
+  };
+  const auto transpose = [](const std::vector<float>& a, int64_t rows, int64_t cols) {
+    std::vector<float> t(a.size());
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) t[c * rows + r] = a[r * cols + c];
+    return t;
+  };
+  const std::vector<float> xq = fake(x, bn, bc, false), wq = fake(w, boc, bc, true);
+  ops::matmul_forward(ref.data(), xq.data(), wq.data(), b.data(), bn, bc, boc);
+  for (int i = 0; i < bn * boc; ++i) ASSERT_EQ(out[i], ref[i]) << i;
+  // The tiles matter: per-tensor E4M3 scaling of the same x gives other values.
+  std::vector<float> xt_q(bn * bc);
+  const float st = ops::fp8_current_scale(ops::amax(x.data(), bn * bc), ops::Fp8Format::kE4M3);
+  ASSERT_TRUE(ops::fp8_quantize_dequantize(xt_q.data(), x.data(), bn * bc, st, ops::Fp8Format::kE4M3).ok());
+  EXPECT_NE(xt_q, xq);
+
+  std::vector<float> dout = Random(bn * boc, 14, 1e-3f), dx(bn * bc, 0), dxr(bn * bc, 0),
+                     dwr(boc * bc, 0), dbr(boc, 0);
+  store.ZeroGrads();
+  ASSERT_TRUE(lin.Backward(dx.data(), dout.data(), x.data(), bn, true).ok());
+  const std::vector<float> gq = fake(dout, bn, boc, false);
+  ops::matmul_backward(dxr.data(), static_cast<float*>(nullptr), static_cast<float*>(nullptr),
+                       gq.data(), xq.data(), wq.data(), bn, bc, boc);
+  const std::vector<float> gw = transpose(fake(transpose(dout, bn, boc), boc, bn, false), boc, bn);
+  const std::vector<float> xw = transpose(fake(transpose(x, bn, bc), bc, bn, false), bc, bn);
+  ops::matmul_backward(static_cast<float*>(nullptr), dwr.data(), static_cast<float*>(nullptr),
+                       gw.data(), xw.data(), wq.data(), bn, bc, boc);
+  for (int i = 0; i < bn; ++i)
+    for (int k = 0; k < boc; ++k) dbr[k] += dout[int64_t{i} * boc + k];
+  for (int i = 0; i < bn * bc; ++i) ASSERT_EQ(dx[i], dxr[i]) << "dinp " << i;
+  for (int i = 0; i < boc * bc; ++i) ASSERT_EQ(store.grad(lin.weight_index())[i], dwr[i]) << "dW " << i;
+  for (int i = 0; i < boc; ++i) ASSERT_EQ(store.grad(lin.bias_index())[i], dbr[i]) << "db " << i;
+  EXPECT_NE(xw, xq) << "wgrad must use x's 128x1 tiles, not the forward's 1x128 ones";
+}
+
 TEST(Linear, Fp8DelayedScalingUsesHistoryAndSurvivesSaveRestore) {
   LinearOptions o;
   o.mode = LinearMode::kFp8;
