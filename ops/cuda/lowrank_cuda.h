@@ -97,7 +97,7 @@ absl::Status phi_backward_cuda(PhiContext& ctx, bf16* dL, bf16* dR, const bf16* 
 // k = rmax. In fp64: M is widened, the Gram matrix of its smaller side formed (cublasDsyrk),
 // its top-k eigenpairs taken (cusolverDnDsyevdx, eigenvalue index range), and the other side's
 // vectors formed as M V / sigma (or U^T M / sigma) by one DGEMM; components with
-// sigma <= 1e-12 * sigma_max get L, R = 0 (any orthonormal completion times sqrt(0)). The
+// sigma <= 1e-10 * sigma_max get L, R = 0 (their share of the product is negligible). The
 // Gram matrix squares the condition number, which costs nothing for the top components in
 // fp64 (relative errors ~1e-16 * (sigma_max / sigma_j)^2): L R agrees with the CPU's BDCSVD
 // product to fp32 rounding unless sigma_k and sigma_{k+1} nearly coincide (then the rank-k
