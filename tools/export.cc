@@ -42,6 +42,9 @@ absl::Status ExportQtrain(const std::string& ckpt, const std::string& out) {
   std::vector<TensorView> views;
   std::vector<std::vector<uint8_t>> packed;  // keeps packed bytes alive until written
   packed.reserve(model->linears().size());
+  std::vector<std::vector<float>> steps, zeros;
+  steps.reserve(model->linears().size());
+  zeros.reserve(model->linears().size());
   std::vector<bool> exported(ps.size(), false);
   int quantized = 0, folded = 0;
   for (Linear* lin : model->linears()) {
@@ -60,6 +63,20 @@ absl::Status ExportQtrain(const std::string& ckpt, const std::string& out) {
     views.push_back({lin->name() + ".qweight", "U8", {OC, row_bytes}, packed.back().data(),
                      packed.back().size()});
     exported[lin->weight_index()] = true;
+    // The steps (and zero points) the codes were made with: under qat.fp16_scales their fp16
+    // roundings, not the fp32 parameters.
+    steps.emplace_back();
+    zeros.emplace_back();
+    RETURN_IF_ERROR(lin->WeightSteps(&steps.back(), &zeros.back()));
+    const int64_t ns = static_cast<int64_t>(steps.back().size());
+    views.push_back({lin->name() + ".w_scale", "F32", {ns}, steps.back().data(),
+                     steps.back().size() * sizeof(float)});
+    exported[lin->w_scale_index()] = true;
+    if (lin->w_zero_index() >= 0) {
+      views.push_back({lin->name() + ".w_zero", "F32", {ns}, zeros.back().data(),
+                       zeros.back().size() * sizeof(float)});
+      exported[lin->w_zero_index()] = true;
+    }
     // Phi factors are folded (or gone): they are not part of the export.
     for (int idx : lin->phi_param_indices()) exported[idx] = true;
     ++quantized;

@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "ops/cpu_ops.h"
 #include "ops/lowrank.h"
+#include "ops/quant/fp16.h"
 #include "ops/status_macros.h"
 
 namespace qtrain {
@@ -86,13 +87,54 @@ void Linear::ClampSteps() {
       if (!(s[i] >= kMinStep)) s[i] = kMinStep;  // also replaces NaN
     }
   }
+  if (ws_ < 0 || !opt_.qat.fp16_scales) return;
+  // qat.fp16_scales: the forward uses the steps (and zero points) GGUF can store; the fp32
+  // parameters stay the learned values and get the gradient (straight-through).
+  const int64_t n = store_->info(ws_).size;
+  const float* s = store_->param(ws_);
+  ws16_.resize(n);
+  for (int64_t i = 0; i < n; ++i) {
+    ws16_[i] = std::max(ops::round_to_fp16(std::min(s[i], ops::kFp16Max)), ops::kFp16MinSubnormal);
+  }
+  if (wz_ >= 0) {
+    const float* z = store_->param(wz_);
+    wz16_.resize(n);
+    for (int64_t i = 0; i < n; ++i) {
+      wz16_[i] = ops::round_to_fp16(std::clamp(z[i], -ops::kFp16Max, ops::kFp16Max));
+    }
+  }
+}
+
+const float* Linear::wsteps() const {
+  return opt_.qat.fp16_scales ? ws16_.data() : store_->param(ws_);
+}
+
+const float* Linear::wzeros() const {
+  if (wz_ < 0) return nullptr;
+  return opt_.qat.fp16_scales ? wz16_.data() : store_->param(wz_);
+}
+
+absl::Status Linear::WeightSteps(std::vector<float>* steps, std::vector<float>* zeros) {
+  if (opt_.mode != LinearMode::kQat) {
+    return absl::FailedPreconditionError(absl::StrCat(name_, ": not a QAT Linear"));
+  }
+  ClampSteps();
+  const int64_t n = store_->info(ws_).size;
+  steps->assign(wsteps(), wsteps() + n);
+  if (zeros != nullptr) {
+    if (wz_ >= 0) {
+      zeros->assign(wzeros(), wzeros() + n);
+    } else {
+      zeros->clear();
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::Status Linear::QuantizeWeight() {
   wq_.resize(static_cast<size_t>(out_) * in_);
   ClampSteps();
-  return ops::lsq_forward(wq_.data(), store_->param(w_), store_->param(ws_),
-                          wz_ >= 0 ? store_->param(wz_) : nullptr, out_, in_,
+  return ops::lsq_forward(wq_.data(), store_->param(w_), wsteps(), wzeros(), out_, in_,
                           weight_lsq_config());
 }
 
@@ -200,9 +242,9 @@ absl::Status Linear::LoadQuantized(const std::vector<int32_t>& codes,
   }
   std::copy(steps.begin(), steps.end(), store_->param(ws_));
   if (zeros != nullptr) std::copy(zeros->begin(), zeros->end(), store_->param(wz_));
-  RETURN_IF_ERROR(ops::lsq_dequantize(store_->param(w_), codes.data(), store_->param(ws_),
-                                      wz_ >= 0 ? store_->param(wz_) : nullptr, out_, in_,
-                                      weight_lsq_config()));
+  ClampSteps();
+  RETURN_IF_ERROR(ops::lsq_dequantize(store_->param(w_), codes.data(), wsteps(), wzeros(), out_,
+                                      in_, weight_lsq_config()));
   store_->buffer(qinit_)[0] = 1;
   if (phi_rank_ >= 0) store_->buffer(phi_rank_)[0] = 0;
   return absl::OkStatus();
@@ -212,8 +254,7 @@ absl::Status Linear::WeightCodes(std::vector<int32_t>* codes, bool fold_phi) {
   std::vector<float> w;
   RETURN_IF_ERROR(EffectiveWeight(&w, fold_phi));
   codes->resize(w.size());
-  return ops::lsq_quantize_codes(codes->data(), w.data(), store_->param(ws_),
-                                 wz_ >= 0 ? store_->param(wz_) : nullptr, out_, in_,
+  return ops::lsq_quantize_codes(codes->data(), w.data(), wsteps(), wzeros(), out_, in_,
                                  weight_lsq_config());
 }
 
@@ -324,9 +365,8 @@ absl::Status Linear::BackwardQat(float* dinp, const float* dout, const float* in
   // Straight-through into W, with LSQ's gradients for the steps (and offsets).
   if (!frozen_) {
     RETURN_IF_ERROR(ops::lsq_backward(store_->grad(w_), store_->grad(ws_), grad(wz_),
-                                      dwq_.data(), store_->param(w_), store_->param(ws_),
-                                      wz_ >= 0 ? store_->param(wz_) : nullptr, out_, in_,
-                                      weight_lsq_config()));
+                                      dwq_.data(), store_->param(w_), wsteps(), wzeros(), out_,
+                                      in_, weight_lsq_config()));
   }
   if (dinp == nullptr) return absl::OkStatus();
   switch (opt_.qat.act) {

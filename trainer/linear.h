@@ -76,6 +76,9 @@ class Linear {
   // Integer codes of Q(W) (optionally of Q(W) + L diag(gamma) R, re-quantized with the same
   // steps, when Phi has not decayed to 0 yet).
   absl::Status WeightCodes(std::vector<int32_t>* codes, bool fold_phi);
+  // The weight steps (and zero points; zeros may be null, cleared for symmetric weights) that
+  // go with WeightCodes: the learned ones clamped, rounded to fp16 under qat.fp16_scales.
+  absl::Status WeightSteps(std::vector<float>* steps, std::vector<float>* zeros);
 
   // A frozen Linear's Backward computes dinp (and its adapter's gradients) only, never the
   // gradients of its own parameters, and its Forward never advances quantizer state (FP8
@@ -116,7 +119,12 @@ class Linear {
                            bool training);
   absl::Status ForwardFp8Block(float* out, const float* inp, int N);
   absl::Status BackwardFp8Block(float* dinp, const float* dout, const float* inp, int N);
+  // Clamps the learned steps to a positive floor and, under qat.fp16_scales, forms ws16_ / wz16_.
   void ClampSteps();
+  // The weight steps / zero points the quantizer uses (after ClampSteps): the parameters, or
+  // their fp16 roundings under qat.fp16_scales. wzeros() is null for symmetric weights.
+  const float* wsteps() const;
+  const float* wzeros() const;
   // m (OC,C) += L[:, :k] diag(gamma[:k]) R[:k, :] (gamma null: all ones).
   void AddPhiProduct(float* m, int k, const float* gamma) const;
 
@@ -142,6 +150,7 @@ class Linear {
 
   // Saved for backward / scratch.
   std::vector<float> xq_, wq_, gq_, dxq_, dwq_, hidden_;
+  std::vector<float> ws16_, wz16_;
 };
 
 }  // namespace qtrain

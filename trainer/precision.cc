@@ -74,6 +74,7 @@ absl::StatusOr<PrecisionConfig> PrecisionConfig::FromSpec(const PrecisionSpec& s
   o.qat.act_asymmetric = q.act_asymmetric();
   o.qat.scale_init = q.scale_init() == MSE_SEARCH ? ops::LsqInit::kMseSearch : ops::LsqInit::kLsq;
   o.qat.int8_forward = q.int8_forward();
+  o.qat.fp16_scales = q.fp16_scales();
   const AuxLowRankSpec& a = spec.aux_lowrank();
   o.phi.enabled = a.enabled();
   o.phi.rank = a.rank() > 0 ? a.rank() : 32;

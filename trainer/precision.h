@@ -40,6 +40,7 @@ struct QatOptions {
   bool act_asymmetric = false;
   ops::LsqInit scale_init = ops::LsqInit::kLsq;
   bool int8_forward = false;  // CUDA: INT8 tensor-core forward GEMM
+  bool fp16_scales = false;   // weight steps and zero points used as their fp16 roundings
 };
 
 struct PhiOptions {

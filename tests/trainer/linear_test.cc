@@ -8,6 +8,7 @@
 #include "gtest/gtest.h"
 #include "ops/cpu_ops.h"
 #include "ops/lowrank.h"
+#include "ops/quant/fp16.h"
 #include "ops/quant/fp8.h"
 #include "ops/quant/lsq.h"
 #include "trainer/rng.h"
@@ -288,6 +289,69 @@ TEST(Linear, QatRequiresInit) {
   absl::Status s = f.lin.Forward(out.data(), x.data(), N, true);
   EXPECT_FALSE(s.ok());
   EXPECT_NE(s.message().find("l:"), std::string::npos) << s;
+}
+
+}  // namespace
+}  // namespace qtrain
+
+namespace qtrain {
+namespace {
+
+// qat.fp16_scales: the forward quantizes with the fp16 roundings of the learned steps and zero
+// points (so a GGUF block stores them exactly), the gradient reaches the fp32 parameters
+// (straight-through), and those keep changes smaller than an fp16 ulp.
+TEST(Linear, Fp16ScalesQuantizeWithFp16StepsAndKeepFp32Masters) {
+  for (bool asym : {false, true}) {
+    SCOPED_TRACE(asym ? "LSQ+" : "LSQ");
+    LinearOptions o = QatOptions4(false);
+    o.qat.weight_granularity = ops::QuantGranularity::kPerGroup;
+    o.qat.group_size = 8;
+    o.qat.weight_asymmetric = asym;
+    o.qat.fp16_scales = true;
+    Fixture f(o);
+    ASSERT_TRUE(f.lin.InitQuantizers().ok());
+    float* s = f.store.param(f.lin.w_scale_index());
+    const int64_t ns = f.store.info(f.lin.w_scale_index()).size;
+    ASSERT_EQ(ns, OC * C / 8);
+    // Steps that fp16 cannot hold: a third of an ulp above an fp16 value.
+    for (int64_t i = 0; i < ns; ++i) s[i] = ops::round_to_fp16(s[i]) * (1 + 1.0f / 3 / 1024);
+    std::vector<float> steps, zeros;
+    ASSERT_TRUE(f.lin.WeightSteps(&steps, &zeros).ok());
+    EXPECT_EQ(zeros.empty(), !asym);
+    for (int64_t i = 0; i < ns; ++i) {
+      ASSERT_EQ(steps[i], ops::round_to_fp16(s[i])) << i;
+      ASSERT_NE(steps[i], s[i]) << i;  // the master is not rounded
+      if (asym) ASSERT_EQ(zeros[i], ops::round_to_fp16(f.store.param(f.lin.w_zero_index())[i]));
+    }
+    // Q(W) is codes * fp16 step (+ fp16 zero point), bit for bit.
+    std::vector<float> qw, deq(OC * C);
+    std::vector<int32_t> codes;
+    ASSERT_TRUE(f.lin.EffectiveWeight(&qw, false).ok());
+    ASSERT_TRUE(f.lin.WeightCodes(&codes, false).ok());
+    ASSERT_TRUE(ops::lsq_dequantize(deq.data(), codes.data(), steps.data(),
+                                    asym ? zeros.data() : nullptr, OC, C,
+                                    f.lin.weight_lsq_config())
+                    .ok());
+    EXPECT_EQ(qw, deq);
+    // The gradient reaches the fp32 steps.
+    std::vector<float> x = Random(N * C, 4), y(N * OC), dy = Random(N * OC, 5), dx(N * C, 0.0f);
+    f.store.ZeroGrads();
+    ASSERT_TRUE(f.lin.Forward(y.data(), x.data(), N, true).ok());
+    ASSERT_TRUE(f.lin.Backward(dx.data(), dy.data(), x.data(), N, true).ok());
+    double g = 0;
+    for (int64_t i = 0; i < ns; ++i) g += std::abs(f.store.grad(f.lin.w_scale_index())[i]);
+    EXPECT_GT(g, 0);
+    // A change below half an ulp moves the master only; repeated, it moves the step.
+    const float before = steps[0];
+    const float ulp = ops::round_to_fp16(before * (1 + 1.0f / 1024)) - before;
+    s[0] = before;
+    for (int k = 0; k < 4; ++k) {
+      s[0] += ulp / 5;
+      ASSERT_TRUE(f.lin.WeightSteps(&steps, nullptr).ok());
+      if (k == 0) EXPECT_EQ(steps[0], before);
+    }
+    EXPECT_GT(steps[0], before);
+  }
 }
 
 }  // namespace
