@@ -1,6 +1,8 @@
-// eval_export: val loss of a model straight from an export (packed integer weights): unpacks,
-// dequantizes with the exported steps and runs the quantized forward.
+// eval_export: val loss of a model straight from an export: a qtrain export (packed integer
+// weights: unpacks, dequantizes with the exported steps and runs the quantized forward) or a
+// GGUF file (qtrain's own GGUF reader dequantizes the Q4_0/Q4_1/Q8_0 blocks; tools/gguf_gpt2.h).
 #include <cstdio>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -10,24 +12,53 @@
 #include "configs/job_spec_loader.h"
 #include "ops/status_macros.h"
 #include "trainer/data_loader.h"
+#include "tools/gguf_gpt2.h"
 #include "trainer/export_reader.h"
+#include "trainer/gguf.h"
 #include "trainer/model_setup.h"
 
-ABSL_FLAG(std::string, export_path, "", "safetensors written by //tools:export");
+ABSL_FLAG(std::string, export_path, "",
+          "a //tools:export file: qtrain safetensors (--format=qtrain) or GGUF (--format=gguf)");
 ABSL_FLAG(std::string, val_pattern, "", "override the job's data.val_pattern");
 ABSL_FLAG(int, batches, 0, "val batches (default: the job's eval.batches)");
+ABSL_FLAG(int, batch_size, 0,
+          "sequences per batch (default: the job's; needed for a GGUF without qtrain.job_spec)");
+ABSL_FLAG(int, seq_len, 0, "tokens per sequence (default: the job's)");
 
 namespace qtrain {
 namespace {
 
+bool IsGguf(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  char magic[4] = {};
+  return in.read(magic, 4) && std::string(magic, 4) == "GGUF";
+}
+
 absl::StatusOr<double> EvalExport(const std::string& path, std::string val_pattern, int batches) {
   JobSpec spec;
-  ASSIGN_OR_RETURN(std::unique_ptr<Gpt> model, LoadExportedModel(path, &spec));
+  std::unique_ptr<Gpt> model;
+  if (IsGguf(path)) {
+    ASSIGN_OR_RETURN(GgufFile file, ReadGguf(path));
+    ASSIGN_OR_RETURN(model, LoadGgufGpt2(file, path));
+    if (file.Find("qtrain.job_spec") != nullptr) {
+      ASSIGN_OR_RETURN(std::string text, file.GetString("qtrain.job_spec", path));
+      ASSIGN_OR_RETURN(spec, ParseJobSpec(text, path + " (qtrain.job_spec)"));
+    }
+  } else {
+    ASSIGN_OR_RETURN(model, LoadExportedModel(path, &spec));
+  }
   if (val_pattern.empty()) val_pattern = spec.data().val_pattern();
   if (batches <= 0) batches = spec.eval().batches();
+  int B = absl::GetFlag(FLAGS_batch_size), T = absl::GetFlag(FLAGS_seq_len);
+  if (B <= 0) B = spec.training().batch_size();
+  if (T <= 0) T = spec.training().seq_len();
+  if (val_pattern.empty() || batches <= 0 || B <= 0 || T <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        path, " carries no qtrain job spec: give --val_pattern, --batches, --batch_size and "
+              "--seq_len"));
+  }
   ASSIGN_OR_RETURN(std::unique_ptr<DataLoader> val,
-                   DataLoader::Open(val_pattern, spec.training().batch_size(),
-                                    spec.training().seq_len(), 0, 1, spec.model().vocab_size()));
+                   DataLoader::Open(val_pattern, B, T, 0, 1, model->config().vocab_size));
   return EvaluateLoss(model.get(), val.get(), batches);
 }
 

