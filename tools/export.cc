@@ -193,8 +193,9 @@ absl::Status ExportGguf(const std::string& ckpt, const std::string& out,
     if (!r.note.empty()) notes[r.note].push_back(r.name);
   }
   for (const auto& [note, names] : notes) {
-    std::printf("note: %s: %s (%zu Linear%s)\n", names.front().c_str(), note.c_str(),
-                names.size(), names.size() > 1 ? "s" : "");
+    std::printf("note: %zu Linear%s (%s%s) written as %s: %s\n", names.size(),
+                names.size() > 1 ? "s" : "", names.front().c_str(), names.size() > 1 ? ", ..." : "",
+                absl::GetFlag(FLAGS_gguf_float_type) == "f32" ? "F32" : "F16", note.c_str());
   }
   if (rounded > 0) {
     std::printf("note: %lld weight steps/zero points were rounded to fp16 as GGUF stores them "
