@@ -246,6 +246,35 @@ BwdPlan PlanBackward(int N, int C) {
 // block].
 int64_t StepPartialsBytes(const BwdPlan& p) { return static_cast<int64_t>(p.blocks) * 16; }
 
+// Where column j sits in a warp's accumulator array of C floats. kVec: a lane's 8 columns
+// (j = 8 q .. 8 q + 7) as two float-quads, the first halves of all quads before the second
+// halves, so that the lanes of a warp touch consecutive 16-byte words (no bank conflicts);
+// scalar: in place.
+template <bool kVec>
+__device__ __forceinline__ int AccIndex(int j, int C) {
+  if (!kVec) return j;
+  const int q = j / 8, k = j % 8;
+  return k < 4 ? q * 4 + k : C / 2 + q * 4 + (k - 4);
+}
+
+// acc[columns c .. c + kPer) += v (c a multiple of kPer); float4 accesses for kVec.
+template <bool kVec>
+__device__ __forceinline__ void AccAdd(float* acc, int c, int C, const float* v) {
+  if (kVec) {
+    float4* lo = reinterpret_cast<float4*>(acc + AccIndex<true>(c, C));
+    float4* hi = reinterpret_cast<float4*>(acc + AccIndex<true>(c + 4, C));
+    float4 a = *lo, b = *hi;
+    a.x = __fadd_rn(a.x, v[0]), a.y = __fadd_rn(a.y, v[1]);
+    a.z = __fadd_rn(a.z, v[2]), a.w = __fadd_rn(a.w, v[3]);
+    b.x = __fadd_rn(b.x, v[4]), b.y = __fadd_rn(b.y, v[5]);
+    b.z = __fadd_rn(b.z, v[6]), b.w = __fadd_rn(b.w, v[7]);
+    *lo = a;
+    *hi = b;
+  } else {
+    acc[c] = __fadd_rn(acc[c], v[0]);
+  }
+}
+
 template <bool kVec, int kQ, bool kOut>
 __global__ void __launch_bounds__(kThreads)
     layernorm_backward_quant_kernel(double* __restrict__ step_partials,
@@ -266,7 +295,7 @@ __global__ void __launch_bounds__(kThreads)
   float* acc_b = acc_w + C;
   for (int c = lane * kPer; c < C; c += 32 * kPer) {
 #pragma unroll
-    for (int k = 0; k < kPer; ++k) acc_w[c + k] = acc_b[c + k] = 0.f;
+    for (int k = 0; k < kPer; ++k) acc_w[AccIndex<kVec>(c + k, C)] = acc_b[AccIndex<kVec>(c + k, C)] = 0.f;
   }
   const float qs = kQ == kQTensor ? lsqd::ClampStep(*aq.step) : 1.f;
   const float qb = kQ == kQTensor && aq.q.asym ? *aq.offset : 0.f;
@@ -301,7 +330,7 @@ __global__ void __launch_bounds__(kThreads)
     const float dnorm_norm_mean = cu::WarpSum(dnorm_norm_sum) / C;
     // Pass 2: dinp, the weight/bias terms, the recomputed output.
     for (int c = lane * kPer; c < C; c += 32 * kPer) {
-      float x[kPer], g[kPer], w[kPer], bb[kPer], dx[kPer], y[kPer];
+      float x[kPer], g[kPer], w[kPer], bb[kPer], dx[kPer], y[kPer], tw[kPer], tb[kPer];
       R::Load(x, inp + off + c);
       R::Load(g, dout + off + c);
       R::Load(w, weight + c);
@@ -321,14 +350,16 @@ __global__ void __launch_bounds__(kThreads)
         }
         const float centered = __fsub_rn(__fmul_rn(w[k], dy), dnorm_mean);
         dx[k] = __fmaf_rn(__fmaf_rn(-xhat, dnorm_norm_mean, centered), s, dx[k]);
-        acc_w[c + k] = __fadd_rn(acc_w[c + k], __fmul_rn(xhat, dy));
-        acc_b[c + k] = __fadd_rn(acc_b[c + k], dy);
+        tw[k] = __fmul_rn(xhat, dy);
+        tb[k] = dy;
         if (kOut) {
           if (kQ == kQTensor) y[k] = lsqd::Value(aq.q, lsqd::Level(aq.q, xs), qs, qb);
           else if (kQ == kQToken) y[k] = lsqd::FakeQuant(aq.q, v, ts, 0.f);
           else y[k] = v;
         }
       }
+      AccAdd<kVec>(acc_w, c, C, tw);
+      AccAdd<kVec>(acc_b, c, C, tb);
       R::Store(dinp + off + c, dx);
       if (kOut) R::Store(out + off + c, y);
     }
@@ -340,7 +371,10 @@ __global__ void __launch_bounds__(kThreads)
     const int which = i < C ? 0 : 1;
     const int j = i - which * C;
     float sum = 0.f;
-    for (int w = 0; w < warps; ++w) sum = __fadd_rn(sum, smem[static_cast<int64_t>(w) * 2 * C + which * C + j]);
+    const int ai = AccIndex<kVec>(j, C);
+    for (int w = 0; w < warps; ++w) {
+      sum = __fadd_rn(sum, smem[static_cast<int64_t>(w) * 2 * C + which * C + ai]);
+    }
     part[i] = sum;
   }
   if (kQ == kQTensor) lsqd::WriteBlockPartials(sum_s, sum_b, step_partials);
