@@ -257,6 +257,12 @@ bool UsesPrecision(const PrecisionSpec& p, LinearPrecision which) {
   return false;
 }
 
+// A QAT Linear with quantized activations: on CUDA its layernorm's backward goes through the
+// activation quantizer, where the TWEO term is not fused yet.
+bool UsesQuantizedActivations(const PrecisionSpec& p) {
+  return UsesPrecision(p, QAT) && p.qat().act_bits() != 0;
+}
+
 // "*" or "block.<i>.<part>"; returns the problem, or "" when `match` is legal.
 std::string CheckOverrideMatch(const std::string& match, int n_layer) {
   if (match == "*") return "";
@@ -724,13 +730,10 @@ absl::Status RejectUnimplemented(const JobSpec& spec) {
   };
   // clang-format off
   if (spec.device() == CUDA) {
-    // The CUDA trainer runs full-precision BF16 so far; the methods run on the CPU trainer.
     const PrecisionSpec& p = spec.precision();
-    if (p.linear() != PRECISION_UNSPECIFIED && p.linear() != FULL)
-      reject("precision.linear", LinearPrecision_Name(p.linear()) + " Linears on CUDA");
-    if (p.overrides_size() > 0) reject("precision.overrides", "per-layer precision on CUDA");
-    if (p.aux_lowrank().enabled()) reject("precision.aux_lowrank.enabled", "Phi on CUDA");
-    if (p.tweo().enabled()) reject("precision.tweo.enabled", "the TWEO loss on CUDA");
+    if (p.tweo().enabled() && UsesQuantizedActivations(p))
+      reject("precision.tweo.enabled",
+             "TWEO together with QAT activation quantizers (qat.act_bits) on CUDA");
     if (!p.distill().teacher_checkpoint().empty())
       reject("precision.distill.teacher_checkpoint", "distillation on CUDA");
     if (spec.optimizer().zero1()) reject("optimizer.zero1", "ZeRO-1 on CUDA");

@@ -180,13 +180,13 @@ absl::Status NcclCommunicator::WaitEnqueued(const std::string& what) {
   }
 }
 
-absl::Status NcclCommunicator::AllReduceSumAsyncOf(void* data, int64_t n, int dtype,
-                                                   const char* what) {
-  QT_CHECK_ARG(n >= 0 && (n == 0 || data != nullptr), "AllReduceSum: bad buffer (n=", n, ")");
+absl::Status NcclCommunicator::AllReduceAsyncOf(void* data, int64_t n, int dtype, int op,
+                                                const char* what) {
+  QT_CHECK_ARG(n >= 0 && (n == 0 || data != nullptr), "AllReduce: bad buffer (n=", n, ")");
   if (broken_) return absl::FailedPreconditionError("NCCL communicator was aborted");
   const ncclResult_t r =
       ncclAllReduce(data, data, static_cast<size_t>(n), static_cast<ncclDataType_t>(dtype),
-                    ncclSum, comm_, static_cast<cudaStream_t>(stream_));
+                    static_cast<ncclRedOp_t>(op), comm_, static_cast<cudaStream_t>(stream_));
   // A nonblocking communicator may still be setting the call up (connections on first use):
   // no other NCCL call, and no other work on stream(), may come before that is done.
   if (r == ncclInProgress) return WaitEnqueued(absl::StrCat("ncclAllReduce of ", n, " ", what));
@@ -197,11 +197,15 @@ absl::Status NcclCommunicator::AllReduceSumAsyncOf(void* data, int64_t n, int dt
 }
 
 absl::Status NcclCommunicator::AllReduceSumAsync(float* data, int64_t n) {
-  return AllReduceSumAsyncOf(data, n, ncclFloat32, "floats");
+  return AllReduceAsyncOf(data, n, ncclFloat32, ncclSum, "floats");
+}
+
+absl::Status NcclCommunicator::AllReduceMaxAsync(float* data, int64_t n) {
+  return AllReduceAsyncOf(data, n, ncclFloat32, ncclMax, "floats (max)");
 }
 
 absl::Status NcclCommunicator::AllReduceSumAsync(ops::bf16* data, int64_t n) {
-  return AllReduceSumAsyncOf(data, n, ncclBfloat16, "bf16s");
+  return AllReduceAsyncOf(data, n, ncclBfloat16, ncclSum, "bf16s");
 }
 
 absl::Status NcclCommunicator::Synchronize() { return Wait("NCCL collectives"); }

@@ -54,6 +54,8 @@ class NcclCommunicator : public Communicator {
   // The same over BF16 values (e.g. BF16 gradients, training.grad_dtype): NCCL sums in its own
   // order and rounds to BF16.
   absl::Status AllReduceSumAsync(ops::bf16* data, int64_t n);
+  // Elementwise maximum over the ranks (FP8 amaxes: exact, order-independent).
+  absl::Status AllReduceMaxAsync(float* data, int64_t n);
   absl::Status Synchronize();
   // Collectives enqueued after this call wait for the device work recorded so far in `event`
   // (an opaque cudaEvent_t of this device, e.g. DeviceModel's gradient-ready event); the host
@@ -69,8 +71,9 @@ class NcclCommunicator : public Communicator {
   absl::Status Wait(const std::string& what);
   // After a call that returned ncclInProgress: polls until NCCL has enqueued it.
   absl::Status WaitEnqueued(const std::string& what);
-  // ncclAllReduce (sum, in place) of n values of ncclDataType_t `dtype` on stream().
-  absl::Status AllReduceSumAsyncOf(void* data, int64_t n, int dtype, const char* what);
+  // ncclAllReduce (in place, ncclRedOp_t `op`) of n values of ncclDataType_t `dtype` on
+  // stream().
+  absl::Status AllReduceAsyncOf(void* data, int64_t n, int dtype, int op, const char* what);
 
   Communicator* bootstrap_ = nullptr;
   ncclComm* comm_ = nullptr;

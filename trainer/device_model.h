@@ -80,6 +80,21 @@ class DeviceModel {
   // Of the last training Forward that computed them (FailedPrecondition if none did).
   virtual absl::StatusOr<OutputStats> output_stats() const = 0;
 
+  // QAT's auxiliary low-rank modules (Phi) on the device. InitPhi: Phi from the rank-r SVD of
+  // W - Q(W) of the uploaded weights and steps (the host model's InitQuantizers set the steps
+  // and left Phi to the device: Gpt::InitQuantizers(PhiInit::kSkip)). ApplyRankSchedule: QVGen's
+  // rank decay for the 0-based step about to run, as Linear::ApplyRankSchedule (gamma, and at
+  // period ends the re-factorisation of the kept half and fresh AdamW moments for it); once it
+  // is called, it also forms the weights the step's forward reads. phi_ranks: per block, the
+  // largest rank of its Linears (0 without Phi). No-ops without Phi.
+  virtual absl::Status InitPhi() = 0;
+  virtual absl::Status ApplyRankSchedule(int step) = 0;
+  virtual std::vector<int> phi_ranks() const = 0;
+  // FP8 delayed scaling: the device array of the amaxes the next Update rolls into the
+  // histories (count floats), which data-parallel ranks max-reduce before Update so that every
+  // replica keeps the same scales; null (count 0) when no FP8 Linear uses the history.
+  virtual float* device_fp8_amax(int64_t* count) = 0;
+
   // training.deterministic: bit-identical reruns and resumes, at some speed (on CUDA the
   // attention backward then avoids cuDNN's atomic dq accumulation).
   virtual void set_deterministic(bool on) = 0;

@@ -327,8 +327,8 @@ std::vector<Linear*> Gpt::linears() {
   return out;
 }
 
-absl::Status Gpt::InitQuantizers() {
-  for (Linear* l : linears()) RETURN_IF_ERROR(l->InitQuantizers());
+absl::Status Gpt::InitQuantizers(PhiInit phi) {
+  for (Linear* l : linears()) RETURN_IF_ERROR(l->InitQuantizers(phi));
   return absl::OkStatus();
 }
 

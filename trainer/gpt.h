@@ -72,7 +72,7 @@ class Gpt {
   // Quantizers: step init from the current weights and Phi init (call once weights are final,
   // not after a resume); QVGen rank decay for the step about to run (returns the parameter
   // tensors whose optimizer state must be reset); per-block Phi rank (max over its Linears).
-  absl::Status InitQuantizers();
+  absl::Status InitQuantizers(PhiInit phi = PhiInit::kHere);
   std::vector<int> ApplyRankSchedule(int step);
   std::vector<int> phi_ranks() const;
   // Non-trainable state (FP8 scalers) <-> checkpoint buffers.

@@ -138,7 +138,7 @@ absl::Status Linear::QuantizeWeight() {
                           weight_lsq_config());
 }
 
-absl::Status Linear::InitQuantizers() {
+absl::Status Linear::InitQuantizers(PhiInit phi) {
   if (opt_.mode != LinearMode::kQat) return absl::OkStatus();
   ops::LsqInitOptions init;
   init.method = opt_.qat.scale_init;
@@ -146,7 +146,7 @@ absl::Status Linear::InitQuantizers() {
                                 store_->param(w_), out_, in_, weight_lsq_config(), init));
   store_->buffer(qinit_)[0] = 1;
   store_->buffer(qinit_)[1] = 0;
-  if (phi_l_ >= 0) {
+  if (phi_l_ >= 0 && phi == PhiInit::kHere) {
     // Phi starts as the best rank-r approximation of the quantization error W - Q(W).
     RETURN_IF_ERROR(QuantizeWeight());
     std::vector<float> err(wq_.size());
@@ -160,21 +160,30 @@ absl::Status Linear::InitQuantizers() {
   return absl::OkStatus();
 }
 
+PhiSchedule PhiScheduleAt(const PhiOptions& p, int rmax, int step) {
+  PhiSchedule s;
+  if (p.decay_period <= 0 || step < p.start_step) return s;
+  const int t = step - p.start_step;
+  const int periods_done = t / p.decay_period;
+  const int pos = t % p.decay_period;
+  s.active = true;
+  s.target_rank = rmax;
+  for (int i = 0; i < periods_done && s.target_rank > 0; ++i) s.target_rank /= 2;
+  // Within the period the top half keeps gamma 1 and the bottom half fades out by a cosine.
+  s.u = 0.5f * (1.0f + std::cos(static_cast<float>(M_PI) * pos / p.decay_period));
+  return s;
+}
+
 void Linear::ApplyRankSchedule(int step, std::vector<int>* reset) {
   if (phi_l_ < 0) return;
   std::vector<float>& gamma = store_->buffer(phi_gamma_);
   int k = phi_rank();
-  const PhiOptions& p = opt_.phi;
-  if (p.decay_period <= 0 || step < p.start_step) {
+  const PhiSchedule sched = PhiScheduleAt(opt_.phi, rmax_, step);
+  if (!sched.active) {
     std::fill(gamma.begin(), gamma.end(), 1.0f);
     return;
   }
-  const int t = step - p.start_step;
-  const int periods_done = t / p.decay_period;
-  const int pos = t % p.decay_period;
-  // Rank after `periods_done` completed periods: rmax halved that many times, then 0.
-  int target = rmax_;
-  for (int i = 0; i < periods_done && target > 0; ++i) target /= 2;
+  const int target = sched.target_rank;
   while (k > target) {
     const int keep = k / 2;
     float* L = store_->param(phi_l_);
@@ -193,8 +202,7 @@ void Linear::ApplyRankSchedule(int step, std::vector<int>* reset) {
     reset->push_back(phi_l_);
     reset->push_back(phi_r_);
   }
-  // Within the period the top half keeps gamma 1 and the bottom half fades out by a cosine.
-  const float u = 0.5f * (1.0f + std::cos(static_cast<float>(M_PI) * pos / p.decay_period));
+  const float u = sched.u;
   for (int j = 0; j < rmax_; ++j) gamma[j] = j < k / 2 ? 1.0f : (j < k ? u : 0.0f);
 }
 

@@ -28,6 +28,21 @@
 
 namespace qtrain {
 
+// QVGen's rank schedule for the 0-based step about to run (Linear::ApplyRankSchedule, and the
+// CUDA model's): Phi's rank after the completed periods (rmax halved once per period, then 0)
+// and u = (1 + cos(pi t / T)) / 2, the gamma of the bottom half within the current period.
+// inactive (before start_step, or no decay period): the rank stays and gamma is 1.
+struct PhiSchedule {
+  bool active = false;
+  int target_rank = 0;
+  float u = 1.0f;
+};
+PhiSchedule PhiScheduleAt(const PhiOptions& phi, int rmax, int step);
+
+// Where InitQuantizers initialises Phi from the SVD of W - Q(W): here (the CPU, Eigen), or
+// nowhere, because a device model does it (DeviceModel::InitPhi, cuSOLVER).
+enum class PhiInit { kHere, kSkip };
+
 class Linear {
  public:
   Linear() = default;
@@ -52,7 +67,7 @@ class Linear {
   // Sets the weight quantizers' steps from the current weights (LSQ init or MSE search) and
   // Phi from the rank-r SVD of W - Q(W). Activation steps initialise on the next training
   // Forward. Call after the weights are final (init or loaded), not after a resume.
-  absl::Status InitQuantizers();
+  absl::Status InitQuantizers(PhiInit phi = PhiInit::kHere);
   // Rank decay (QVGen) for the 0-based step about to run: sets gamma, and at period ends drops
   // the bottom half and re-factorises by SVD. Appends the indices of re-factorised parameter
   // tensors (whose optimizer moments no longer mean anything) to `reset`.

@@ -764,19 +764,22 @@ struct UnimplementedCase {
 
 std::vector<UnimplementedCase> UnimplementedCases() {
   return {
-      {"cuda tweo",
+      {"cuda tweo with quantized activations",
        [](JobSpec* s) {
          s->set_device(CUDA);
          s->mutable_precision()->mutable_tweo()->set_enabled(true);
-       },
-       "precision.tweo.enabled"},
-      {"cuda qat",
-       [](JobSpec* s) {
-         s->set_device(CUDA);
          s->mutable_precision()->set_linear(QAT);
          s->mutable_precision()->mutable_qat()->set_weight_bits(4);
+         s->mutable_precision()->mutable_qat()->set_act_bits(4);
        },
-       "precision.linear"},
+       "precision.tweo.enabled"},
+      {"cpu block scaling",
+       [](JobSpec* s) {
+         s->set_device(CPU);
+         s->mutable_precision()->set_linear(FP8);
+         s->mutable_precision()->mutable_fp8()->set_scaling(BLOCK);
+       },
+       "precision.fp8.scaling"},
       {"cpu bf16 gradients",
        [](JobSpec* s) {
          s->set_device(CPU);
@@ -857,12 +860,13 @@ TEST(Unimplemented, DefaultsAndExplicitDefaultValuesAreAccepted) {
 TEST(Unimplemented, SeveralFeaturesAreListedTogether) {
   JobSpec spec = Base();
   spec.set_device(CUDA);
-  spec.mutable_precision()->mutable_tweo()->set_enabled(true);
+  spec.mutable_model()->set_padded_vocab_size(spec.model().vocab_size() + 64);
   spec.mutable_parameter_service()->set_address("localhost:50051");
   absl::Status s = ValidateJobSpec(spec);
   EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(s.message(),
-            "precision.tweo.enabled: the TWEO loss on CUDA is not implemented yet\n"
+            "model.padded_vocab_size: a padded vocabulary (padded_vocab_size != vocab_size) on "
+            "CUDA is not implemented yet\n"
             "parameter_service.address: the parameter service is not implemented yet");
 }
 

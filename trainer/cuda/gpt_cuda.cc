@@ -20,6 +20,7 @@
 #include "ops/cuda/matmul_cuda.h"
 #include "ops/cuda/tweo_cuda.h"
 #include "ops/status_macros.h"
+#include "trainer/cuda/carver.h"
 #include "trainer/cuda/gpt_cuda_kernels.h"
 
 namespace qtrain {
@@ -27,45 +28,14 @@ namespace {
 
 using ops::bf16;
 
-constexpr int64_t kAlign = 256;  // every sub-buffer starts 256-byte aligned (cuBLASLt, vectors)
+constexpr int64_t kAlign = Carver::kAlign;
 constexpr int kMaxEvents = 1024;
-
-int64_t RoundUp(int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
-
-// Carves aligned sub-buffers out of one allocation; a first pass with base == nullptr only
-// counts the bytes.
-class Carver {
- public:
-  explicit Carver(char* base) : base_(base) {}
-  template <typename T>
-  T* Take(int64_t count) {
-    T* p = base_ != nullptr ? reinterpret_cast<T*>(base_ + used_) : nullptr;
-    used_ += RoundUp(count * static_cast<int64_t>(sizeof(T)));
-    return p;
-  }
-  int64_t used() const { return used_; }
-
- private:
-  char* base_;
-  int64_t used_ = 0;
-};
 
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<CudaGpt>> CudaGpt::Create(const GptConfig& config,
                                                         const ParamStore& layout,
                                                         GradDtype grad_dtype) {
-  for (int l = 0; l < config.n_layer; ++l) {
-    for (const char* lin : {"attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"}) {
-      const std::string name = absl::StrCat("block.", l, ".", lin);
-      const LinearMode mode = config.precision.For(name).mode;
-      if (mode != LinearMode::kFull) {
-        return absl::UnimplementedError(absl::StrCat(
-            "CUDA model: Linear ", name, " is ", mode == LinearMode::kFp8 ? "FP8" : "QAT",
-            "; only full-precision (BF16) Linears run on CUDA so far"));
-      }
-    }
-  }
   if (config.n_layer <= 0 || config.n_embd <= 0 || config.n_head <= 0 ||
       config.n_embd % config.n_head != 0 || config.vocab_size <= 1 || config.max_seq_len <= 0) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -120,40 +90,49 @@ absl::Status CudaGpt::Init(const ParamStore& layout) {
     ++next;
     return info.offset;
   };
+  std::vector<ops::Fp8TensorSpec> fp8_specs;
+  int fp8_history = ops::DelayedScaler::kDefaultHistoryLen;
   ASSIGN_OR_RETURN(wte_, expect("wte", {c.vocab_size, C}));
   ASSIGN_OR_RETURN(wpe_, expect("wpe", {c.max_seq_len, C}));
   for (int l = 0; l < c.n_layer; ++l) {
     const std::string p = absl::StrCat("block.", l, ".");
     Block b;
-    auto linear = [&](const char* role, int in, int out) -> absl::Status {
+    auto linear = [&](const char* role, int in, int out, LinearInputSource src) -> absl::Status {
       const std::string name = p + role;
-      ASSIGN_OR_RETURN(const int64_t w, expect(name + ".weight", {out, in}));
-      ASSIGN_OR_RETURN(const int64_t bias, expect(name + ".bias", {out}));
-      b.linears.emplace_back(name, in, out, c.precision.For(name), w, bias);
+      const LinearOptions opt = c.precision.For(name);
+      int fp8_first = -1;
+      if (opt.mode == LinearMode::kFp8) {
+        fp8_first = static_cast<int>(fp8_specs.size());
+        // x and W in E4M3, dy in E5M2 (HYBRID), as the CPU Linear's scalers.
+        for (ops::Fp8Format f : {ops::Fp8Format::kE4M3, ops::Fp8Format::kE4M3,
+                                 ops::Fp8Format::kE5M2}) {
+          fp8_specs.push_back({f, opt.fp8.margin});
+        }
+        fp8_history = opt.fp8.history_len;
+        fp8_delayed_ |= opt.fp8.recipe == Fp8Recipe::kDelayed;
+      }
+      ASSIGN_OR_RETURN(CudaLinear lin,
+                       CudaLinear::Create(name, in, out, opt, src, layout, fp8_first));
+      // The tensors it addresses: weight, bias and the mode's parameters.
+      next += 2 + (lin.w_scale_offset() >= 0) + (lin.w_zero_offset() >= 0) +
+              (lin.x_scale_offset() >= 0) + (lin.x_zero_offset() >= 0) +
+              2 * (lin.phi_l_offset() >= 0);
+      b.linears.push_back(std::move(lin));
       return absl::OkStatus();
     };
     ASSIGN_OR_RETURN(b.ln1w, expect(p + "ln1.weight", {C}));
     ASSIGN_OR_RETURN(b.ln1b, expect(p + "ln1.bias", {C}));
-    RETURN_IF_ERROR(linear("attn.qkv", C, 3 * C));
-    RETURN_IF_ERROR(linear("attn.proj", C, C));
+    RETURN_IF_ERROR(linear("attn.qkv", C, 3 * C, LinearInputSource::kLayernorm));
+    RETURN_IF_ERROR(linear("attn.proj", C, C, LinearInputSource::kTensor));
     ASSIGN_OR_RETURN(b.ln2w, expect(p + "ln2.weight", {C}));
     ASSIGN_OR_RETURN(b.ln2b, expect(p + "ln2.bias", {C}));
-    RETURN_IF_ERROR(linear("mlp.fc", C, 4 * C));
-    RETURN_IF_ERROR(linear("mlp.proj", 4 * C, C));
+    RETURN_IF_ERROR(linear("mlp.fc", C, 4 * C, LinearInputSource::kLayernorm));
+    RETURN_IF_ERROR(linear("mlp.proj", 4 * C, C, LinearInputSource::kGelu));
     blocks_.push_back(std::move(b));
   }
   ASSIGN_OR_RETURN(lnfw_, expect("lnf.weight", {C}));
   ASSIGN_OR_RETURN(lnfb_, expect("lnf.bias", {C}));
   if (layout.size() != next) {
-    for (const ParamInfo& info : layout.infos()) {
-      if (info.name.find(".weight") == std::string::npos &&
-          info.name.find(".bias") == std::string::npos && info.name != "wte" &&
-          info.name != "wpe") {
-        return absl::UnimplementedError(absl::StrCat(
-            "CUDA model: parameter '", info.name,
-            "' belongs to a feature (quantizer or low-rank module) not implemented on CUDA"));
-      }
-    }
     return absl::InvalidArgumentError(absl::StrCat("CUDA model: the layout has ", layout.size(),
                                                    " tensors, the GPT has ", next));
   }
@@ -198,6 +177,35 @@ absl::Status CudaGpt::Init(const ParamStore& layout) {
   ASSIGN_OR_RETURN(stream_, ops::CreateStream());
   ASSIGN_OR_RETURN(matmul_, ops::MatmulContext::Create());
   matmul_->set_autotune(false);
+  // What the Linears' modes need: FP8 GEMMs and one scaling state for all FP8 tensors, INT8
+  // GEMMs, Phi's solver handles, and their long-lived buffers.
+  if (!fp8_specs.empty()) {
+    ASSIGN_OR_RETURN(fp8_mm_, ops::Fp8MatmulContext::Create(matmul_.get()));
+    ASSIGN_OR_RETURN(fp8_state_, ops::Fp8ScalingState::Create(fp8_specs, fp8_history));
+  }
+  for (CudaLinear* lin : all_linears()) lin->AddScratchNeeds(1, &scratch_);
+  if (scratch_.int8) {
+    ASSIGN_OR_RETURN(int8_mm_, ops::Int8MatmulContext::Create());
+  }
+  if (scratch_.phi) {
+    ASSIGN_OR_RETURN(phi_ctx_, ops::PhiContext::Create());
+  }
+  int64_t phi_elems = 0;
+  for (CudaLinear* lin : all_linears()) {
+    RETURN_IF_ERROR(lin->AllocateState([this](int64_t bytes) { return Alloc(bytes); }));
+    if (lin->phi_rmax() > 0) {
+      phi_elems = std::max<int64_t>(phi_elems,
+                                    static_cast<int64_t>(lin->out_features()) * lin->in_features());
+    }
+  }
+  if (phi_elems > 0) {
+    ASSIGN_OR_RETURN(void* pw, Alloc(phi_elems * 4));
+    phi_ws_ = static_cast<float*>(pw);
+  }
+  if (scratch_.aux_ws_bytes > 0) {
+    aux_ws_bytes_ = scratch_.aux_ws_bytes;
+    ASSIGN_OR_RETURN(aux_ws_, Alloc(aux_ws_bytes_));
+  }
   const int64_t n = num_params_;
   ASSIGN_OR_RETURN(void* p, Alloc(n * 4));
   params_ = static_cast<float*>(p);
@@ -230,7 +238,24 @@ absl::Status CudaGpt::Init(const ParamStore& layout) {
       const int64_t lo = std::max(r.offset, g.begin), hi = std::min(r.offset + r.size, g.end);
       if (lo < hi) segments.push_back({lo, hi - lo, r.decay});
     }
-    ASSIGN_OR_RETURN(std::unique_ptr<ops::AdamwPlan> plan, ops::AdamwPlan::Create(segments, n));
+    // FP8 Linears of the per-tensor recipes get their weight codes (and amax) from the update.
+    std::vector<ops::AdamwFp8Segment> fp8_segments;
+    for (CudaLinear* lin : all_linears()) {
+      if (!lin->adamw_writes_fp8()) continue;
+      const int64_t w = lin->weight_offset(),
+                    size = static_cast<int64_t>(lin->out_features()) * lin->in_features();
+      if (w < g.begin || w + size > g.end) continue;
+      ops::AdamwFp8Segment f;
+      f.offset = w;
+      f.size = size;
+      f.scale_index = lin->fp8_weight_index();
+      f.codes = lin->weight_codes();
+      f.format = ops::Fp8Format::kE4M3;
+      f.write_bf16 = false;  // an FP8 Linear reads its codes only
+      fp8_segments.push_back(f);
+    }
+    ASSIGN_OR_RETURN(std::unique_ptr<ops::AdamwPlan> plan,
+                     ops::AdamwPlan::Create(segments, n, fp8_segments));
     adamw_plans_.push_back(std::move(plan));
   }
   for (size_t i = blocks_.size(); i < grad_ranges_.size(); ++i) update_order_.push_back(i);
@@ -300,6 +325,10 @@ absl::Status CudaGpt::EnsureActivations(int B, int T) {
                                   ops::matmul_backward_cuda_workspace_bytes(n, c.n_embd)});
   const int64_t att_ws = ops::attention_backward_cuda_workspace_bytes(B, T, c.n_head);
   const int logits_rows = LogitsChunkRows(n);
+  // The Linears' shared scratch for N tokens: sized for the widest input or output (4C).
+  LinearScratch need;
+  for (CudaLinear* lin : all_linears()) lin->AddScratchNeeds(N, &need);
+  const int64_t wide = N * 4 * C;
 
   // Two passes over the same carving: count, then assign.
   auto carve = [&](Carver& k) {
@@ -335,6 +364,15 @@ absl::Status CudaGpt::EnsureActivations(int B, int T) {
     ln_ws_ = k.Take<char>(ln_ws);
     mm_ws_ = k.Take<char>(mm_ws);
     att_ws_ = k.Take<char>(att_ws);
+    xq_ = need.xq ? k.Take<bf16>(wide) : nullptr;
+    dy8_ = need.fp8 ? k.Take<uint8_t>(wide) : nullptr;
+    dy8_t_ = need.fp8 ? k.Take<uint8_t>(wide) : nullptr;
+    x8_t_ = need.fp8 ? k.Take<uint8_t>(wide) : nullptr;
+    dy_sinv_ = need.fp8_block ? k.Take<float>(ops::fp8_num_blocks(4 * C) * N) : nullptr;
+    dy_sinv_t_ = need.fp8_block ? k.Take<float>(ops::fp8_num_blocks(N) * 4 * C) : nullptr;
+    x_i8_ = need.int8 ? k.Take<int8_t>(wide) : nullptr;
+    q_ws_ = need.q_ws_bytes > 0 ? k.Take<char>(need.q_ws_bytes) : nullptr;
+    for (CudaLinear* lin : all_linears()) lin->CarveActivations(k, N);
   };
   Carver count(nullptr);
   carve(count);
@@ -348,6 +386,7 @@ absl::Status CudaGpt::EnsureActivations(int B, int T) {
   mm_ws_bytes_ = mm_ws;
   att_ws_bytes_ = att_ws;
   logits_rows_ = logits_rows;
+  q_ws_bytes_ = need.q_ws_bytes;
   B_ = B;
   T_ = T;
   have_targets_ = false;
@@ -408,7 +447,98 @@ absl::Status CudaGpt::Upload(const ParamStore& params, const AdamW* opt) {
     RETURN_IF_ERROR(gpu::CopyToDeviceAsync(m_, opt->m().data(), num_params_ * 4, stream_));
     RETURN_IF_ERROR(gpu::CopyToDeviceAsync(v_, opt->v().data(), num_params_ * 4, stream_));
   }
+  // The Linears' non-trainable state, from the host model's buffers (checkpoint or init).
+  RETURN_IF_ERROR(MapBuffers(params));
+  std::vector<CudaLinear*> lins = all_linears();
+  if (fp8_state_) {
+    const int h = fp8_state_->history_len();
+    std::vector<float> history(static_cast<size_t>(fp8_state_->num_tensors()) * h),
+        scale(fp8_state_->num_tensors());
+    for (size_t i = 0; i < lins.size(); ++i) {
+      if (lins[i]->mode() != LinearMode::kFp8) continue;
+      const int k = lins[i]->fp8_weight_index() - 1;  // x, W, dy from here
+      const std::vector<float>& hb = params.buffer(linear_buffers_[i].fp8_history);
+      const std::vector<float>& sb = params.buffer(linear_buffers_[i].fp8_scale);
+      if (static_cast<int>(hb.size()) != 3 * h || sb.size() != 3) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "CudaGpt::Upload: ", lins[i]->name(), "'s FP8 buffers hold ", hb.size(), " and ",
+            sb.size(), " values, expected ", 3 * h, " and 3"));
+      }
+      std::copy(hb.begin(), hb.end(), history.begin() + static_cast<int64_t>(k) * h);
+      std::copy(sb.begin(), sb.end(), scale.begin() + k);
+    }
+    RETURN_IF_ERROR(ops::SynchronizeStream(stream_));
+    RETURN_IF_ERROR(fp8_state_->Upload(history, scale));
+  }
+  for (size_t i = 0; i < lins.size(); ++i) {
+    const LinearBuffers& lb = linear_buffers_[i];
+    if (lb.quant_init >= 0) lins[i]->set_act_initialized(params.buffer(lb.quant_init)[1] != 0);
+    if (lb.phi_rank >= 0) {
+      lins[i]->set_phi_rank(static_cast<int>(params.buffer(lb.phi_rank)[0]));
+      const std::vector<float>& gamma = params.buffer(lb.phi_gamma);
+      RETURN_IF_ERROR(gpu::CopyToDeviceAsync(lins[i]->phi_gamma(), gamma.data(),
+                                             static_cast<int64_t>(gamma.size()) * 4, stream_));
+    }
+  }
+  RETURN_IF_ERROR(PrepareAllWeights());
   return ops::SynchronizeStream(stream_);
+}
+
+absl::Status CudaGpt::PrepareAllWeights() {
+  const LinearContext lc = linear_context();
+  for (CudaLinear* lin : all_linears()) {
+    RETURN_IF_ERROR(lin->PrepareWeights(lc, stream_, CudaLinear::WeightsFrom::kAfterUpload));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaGpt::MapBuffers(const ParamStore& params) {
+  if (!linear_buffers_.empty()) return absl::OkStatus();
+  auto find = [&](const std::string& name) {
+    for (int i = 0; i < params.num_buffers(); ++i) {
+      if (params.buffer_name(i) == name) return i;
+    }
+    return -1;
+  };
+  std::vector<LinearBuffers> out;
+  for (CudaLinear* lin : all_linears()) {
+    LinearBuffers b;
+    const std::string& n = lin->name();
+    if (lin->mode() == LinearMode::kFp8) {
+      b.fp8_history = find(n + ".fp8_amax_history");
+      b.fp8_scale = find(n + ".fp8_scale");
+      if (b.fp8_history < 0 || b.fp8_scale < 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("CudaGpt: the host model lacks ", n, "'s FP8 scaling buffers"));
+      }
+    } else if (lin->mode() == LinearMode::kQat) {
+      b.quant_init = find(n + ".quant_initialized");
+      if (b.quant_init < 0 || params.buffer(b.quant_init).size() != 2) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("CudaGpt: the host model lacks ", n, ".quant_initialized"));
+      }
+      if (lin->phi_rmax() > 0) {
+        b.phi_rank = find(n + ".phi_rank");
+        b.phi_gamma = find(n + ".phi_gamma");
+        if (b.phi_rank < 0 || b.phi_gamma < 0 ||
+            static_cast<int>(params.buffer(b.phi_gamma).size()) != lin->phi_rmax()) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("CudaGpt: the host model lacks ", n, "'s Phi buffers"));
+        }
+      }
+    }
+    out.push_back(b);
+  }
+  linear_buffers_ = std::move(out);
+  return absl::OkStatus();
+}
+
+std::vector<CudaLinear*> CudaGpt::all_linears() {
+  std::vector<CudaLinear*> out;
+  for (Block& b : blocks_) {
+    for (CudaLinear& l : b.linears) out.push_back(&l);
+  }
+  return out;
 }
 
 absl::Status CudaGpt::Download(ParamStore* params, AdamW* opt) {
@@ -428,12 +558,41 @@ absl::Status CudaGpt::Download(ParamStore* params, AdamW* opt) {
     RETURN_IF_ERROR(gpu::CopyToHostAsync(opt->m().data(), m_, num_params_ * 4, stream_));
     RETURN_IF_ERROR(gpu::CopyToHostAsync(opt->v().data(), v_, num_params_ * 4, stream_));
   }
+  RETURN_IF_ERROR(ops::SynchronizeStream(stream_));
+  // The Linears' non-trainable state into the host model's buffers (checkpoints).
+  RETURN_IF_ERROR(MapBuffers(*params));
+  std::vector<CudaLinear*> lins = all_linears();
+  std::vector<float> history, scale;
+  if (fp8_state_) RETURN_IF_ERROR(fp8_state_->Download(&history, &scale));
+  const int h = fp8_state_ ? fp8_state_->history_len() : 0;
+  for (size_t i = 0; i < lins.size(); ++i) {
+    const LinearBuffers& lb = linear_buffers_[i];
+    if (lins[i]->mode() == LinearMode::kFp8) {
+      const int k = lins[i]->fp8_weight_index() - 1;
+      std::vector<float>& hb = params->buffer(lb.fp8_history);
+      std::vector<float>& sb = params->buffer(lb.fp8_scale);
+      hb.assign(history.begin() + static_cast<int64_t>(k) * h,
+                history.begin() + static_cast<int64_t>(k + 3) * h);
+      sb.assign(scale.begin() + k, scale.begin() + k + 3);
+    }
+    if (lb.quant_init >= 0) {
+      params->buffer(lb.quant_init)[0] = 1;
+      params->buffer(lb.quant_init)[1] = lins[i]->act_initialized() ? 1 : 0;
+    }
+    if (lb.phi_rank >= 0) {
+      params->buffer(lb.phi_rank)[0] = static_cast<float>(lins[i]->phi_rank());
+      std::vector<float>& gamma = params->buffer(lb.phi_gamma);
+      RETURN_IF_ERROR(gpu::CopyToHostAsync(gamma.data(), lins[i]->phi_gamma(),
+                                           static_cast<int64_t>(gamma.size()) * 4, stream_));
+    }
+  }
   return ops::SynchronizeStream(stream_);
 }
 
 absl::Status CudaGpt::DownloadGrads(std::vector<float>* grads) {
   RETURN_IF_ERROR(JoinUpdate());
   RETURN_IF_ERROR(FlushZeroGrads());
+  RETURN_IF_ERROR(FinishGradients());
   grads->resize(num_params_);
   if (grad_dtype_ == GradDtype::kFp32) {
     RETURN_IF_ERROR(gpu::CopyToHostAsync(grads->data(), grads_, num_params_ * 4, stream_));
@@ -512,36 +671,39 @@ absl::StatusOr<double> CudaGpt::Forward(const int32_t* inputs, const int32_t* ta
                                             stream_));
   RETURN_IF_ERROR(Mark("fwd encoder"));
   const LinearContext lc = linear_context();
+  // Quantizer state advances (FP8 amaxes recorded, first-batch activation steps) only in a
+  // training forward.
+  const bool training = targets != nullptr && backward_scale > 0.f;
   for (int l = 0; l < c.n_layer; ++l) {
-    const Block& b = blocks_[l];
+    Block& b = blocks_[l];
     LayerActs& a = acts_[l];
     const bf16* x = l > 0 ? acts_[l - 1].res3 : encoded_;
     RETURN_IF_ERROR(WaitForUpdate(l));
-    if (l == 0) {
-      RETURN_IF_ERROR(ops::layernorm_forward_cuda(ln_, a.ln1_mean, a.ln1_rstd, encoded_,
-                                                  W(b.ln1w), W(b.ln1b), N, C, stream_));
-    } else {
-      // The previous block's MLP residual, fused with this block's first layernorm.
+    // ln1 feeds qkv; past block 0 it is fused with the previous block's MLP residual.
+    LayernormArgs ln1{nullptr, encoded_, nullptr, W(b.ln1w), W(b.ln1b), a.ln1_mean, a.ln1_rstd, C};
+    if (l > 0) {
       const LayerActs& p = acts_[l - 1];
-      RETURN_IF_ERROR(ops::residual_layernorm_forward_cuda(p.res3, ln_, a.ln1_mean, a.ln1_rstd,
-                                                           p.res2, proj_out_, W(b.ln1w),
-                                                           W(b.ln1b), N, C, stream_));
+      ln1.residual = p.res3;
+      ln1.a = p.res2;
+      ln1.b = proj_out_;
     }
+    RETURN_IF_ERROR(b.qkv().InputFromLayernorm(lc, ln1, training));
     RETURN_IF_ERROR(Mark("fwd layernorm"));
-    RETURN_IF_ERROR(b.qkv().Forward(lc, a.qkv, {ln_}, N));
+    RETURN_IF_ERROR(b.qkv().Forward(lc, a.qkv, training));
     RETURN_IF_ERROR(Mark("fwd matmul qkv"));
     RETURN_IF_ERROR(ops::attention_forward_cuda(a.atty, a.lse, a.qkv, B, T, C, NH, stream_,
                                                 ops::AttentionKernel::kAuto, deterministic_));
     RETURN_IF_ERROR(Mark("fwd attention"));
-    RETURN_IF_ERROR(b.attn_proj().Forward(lc, proj_out_, {a.atty}, N));
+    RETURN_IF_ERROR(b.attn_proj().InputFromTensor(lc, a.atty, training));
+    RETURN_IF_ERROR(b.attn_proj().Forward(lc, proj_out_, training, nullptr, nullptr, a.atty));
     RETURN_IF_ERROR(Mark("fwd matmul attn.proj"));
-    RETURN_IF_ERROR(ops::residual_layernorm_forward_cuda(a.res2, ln_, a.ln2_mean, a.ln2_rstd, x,
-                                                         proj_out_, W(b.ln2w), W(b.ln2b), N, C,
-                                                         stream_));
+    const LayernormArgs ln2{a.res2, x, proj_out_, W(b.ln2w), W(b.ln2b), a.ln2_mean, a.ln2_rstd, C};
+    RETURN_IF_ERROR(b.fc().InputFromLayernorm(lc, ln2, training));
     RETURN_IF_ERROR(Mark("fwd layernorm"));
-    RETURN_IF_ERROR(b.fc().Forward(lc, a.fch_gelu, {ln_}, N, ops::Activation::kGelu, a.fch));
+    // fc's GELU output is written as mlp.proj's input.
+    RETURN_IF_ERROR(b.fc().Forward(lc, a.fch_gelu, training, &b.mlp_proj(), a.fch));
     RETURN_IF_ERROR(Mark("fwd matmul fc+gelu"));
-    RETURN_IF_ERROR(b.mlp_proj().Forward(lc, proj_out_, {a.fch_gelu}, N));
+    RETURN_IF_ERROR(b.mlp_proj().Forward(lc, proj_out_, training, nullptr, nullptr, a.fch_gelu));
     RETURN_IF_ERROR(Mark("fwd matmul mlp.proj"));
   }
   update_pending_ = false;  // stream_ has waited for every range
@@ -550,7 +712,7 @@ absl::StatusOr<double> CudaGpt::Forward(const int32_t* inputs, const int32_t* ta
                                                        last.res2, proj_out_, W(lnfw_), W(lnfb_),
                                                        N, C, stream_));
   RETURN_IF_ERROR(Mark("fwd layernorm"));
-  const bool stats = block_stats_on_ && targets != nullptr && backward_scale > 0.f;
+  const bool stats = block_stats_on_ && training;
   if (stats) {
     // The TWEO term's tau, p, eps (its defaults when TWEO is off: the peaks and kurtoses are
     // what the statistics are for then).
@@ -644,40 +806,47 @@ absl::Status CudaGpt::BackwardBlocks(G* grads) {
                                                ln_ws_, ln_ws_bytes_, stream_, gw, nullptr, tweo));
   RETURN_IF_ERROR(Mark("bwd layernorm"));
   for (int l = c.n_layer - 1; l >= 0; --l) {
-    const Block& b = blocks_[l];
+    Block& b = blocks_[l];
     const LayerActs& a = acts_[l];
     const bf16* x = l > 0 ? acts_[l - 1].res3 : encoded_;
     // MLP branch: res3 = res2 + proj(gelu(fc(ln2(res2)))). The proj's weight gradient first
-    // (it reads the GELU output), then its dinp with the GELU's gradient fused, written over
-    // the GELU output (whose only reader is done).
+    // (it reads the GELU output), then its dinp through the GELU (and mlp.proj's input
+    // quantizer), written over the GELU output (whose only reader is done).
     bf16* dfch = a.fch_gelu;
-    RETURN_IF_ERROR(b.mlp_proj().BackwardWeight(lc, grads, dres_, {a.fch_gelu}, N, gw));
-    RETURN_IF_ERROR(b.mlp_proj().BackwardData(lc, dfch, dres_, N, a.fch));
+    RETURN_IF_ERROR(b.mlp_proj().BeginBackward(lc, dres_, true));
+    RETURN_IF_ERROR(b.mlp_proj().BackwardWeight(lc, grads, dres_, a.fch_gelu, gw));
+    RETURN_IF_ERROR(b.mlp_proj().BackwardData(lc, dfch, dres_, grads, a.fch, gw));
     RETURN_IF_ERROR(Mark("bwd matmul mlp.proj+dgelu"));
-    // fc: dinp, then ln2's backward recomputes ln2's output into ln_ for fc's weight gradient.
-    RETURN_IF_ERROR(b.fc().BackwardData(lc, dln_, dfch, N));
+    // fc: dinp, then ln2's backward (recomputing ln2's output where fc's weight gradient reads
+    // it), then fc's weight gradient.
+    RETURN_IF_ERROR(b.fc().BeginBackward(lc, dfch, true));
+    RETURN_IF_ERROR(b.fc().BackwardData(lc, dln_, dfch, grads, nullptr, gw));
     RETURN_IF_ERROR(Mark("bwd matmul fc"));
-    RETURN_IF_ERROR(ops::layernorm_backward_cuda(dres_, g(b.ln2w), g(b.ln2b), dln_, a.res2,
-                                                 W(b.ln2w), W(b.ln2b), a.ln2_mean, a.ln2_rstd, N,
-                                                 C, ln_ws_, ln_ws_bytes_, stream_, gw, ln_));
+    LayernormBackwardArgs<G> ln2{dres_, g(b.ln2w), g(b.ln2b), dln_, a.res2, W(b.ln2w), W(b.ln2b),
+                                 a.ln2_mean, a.ln2_rstd, C, ln_ws_, ln_ws_bytes_, gw, {}};
+    RETURN_IF_ERROR(b.fc().InputBackwardLayernorm(lc, grads, ln2));
     RETURN_IF_ERROR(Mark("bwd layernorm"));
-    RETURN_IF_ERROR(b.fc().BackwardWeight(lc, grads, dfch, {ln_}, N, gw));
+    RETURN_IF_ERROR(b.fc().BackwardWeight(lc, grads, dfch, nullptr, gw));
     RETURN_IF_ERROR(Mark("bwd matmul fc"));
     // Attention branch: res2 = x + proj(attn(qkv(ln1(x)))).
-    RETURN_IF_ERROR(b.attn_proj().Backward(lc, datty_, grads, dres_, {a.atty}, N, gw));
+    RETURN_IF_ERROR(b.attn_proj().BeginBackward(lc, dres_, true));
+    RETURN_IF_ERROR(b.attn_proj().BackwardData(lc, datty_, dres_, grads, nullptr, gw));
+    RETURN_IF_ERROR(b.attn_proj().InputBackwardTensor(lc, grads, datty_, a.atty, gw));
+    RETURN_IF_ERROR(b.attn_proj().BackwardWeight(lc, grads, dres_, a.atty, gw));
     RETURN_IF_ERROR(Mark("bwd matmul attn.proj"));
     RETURN_IF_ERROR(ops::attention_backward_cuda(
         dqkv_, datty_, a.qkv, a.atty, a.lse, B, T, C, NH, att_ws_, att_ws_bytes_, stream_,
         ops::AttentionKernel::kAuto, ops::GradWrite::kOverwrite, deterministic_));
     RETURN_IF_ERROR(Mark("bwd attention"));
-    RETURN_IF_ERROR(b.qkv().BackwardData(lc, dln_, dqkv_, N));
+    RETURN_IF_ERROR(b.qkv().BeginBackward(lc, dqkv_, true));
+    RETURN_IF_ERROR(b.qkv().BackwardData(lc, dln_, dqkv_, grads, nullptr, gw));
     RETURN_IF_ERROR(Mark("bwd matmul qkv"));
-    RETURN_IF_ERROR(ops::layernorm_backward_cuda(dres_, g(b.ln1w), g(b.ln1b), dln_, x, W(b.ln1w),
-                                                 W(b.ln1b), a.ln1_mean, a.ln1_rstd, N, C, ln_ws_,
-                                                 ln_ws_bytes_, stream_, gw, ln_,
-                                                 l > 0 ? tweo : ops::TweoGradTerm{}));
+    LayernormBackwardArgs<G> ln1{dres_, g(b.ln1w), g(b.ln1b), dln_, x, W(b.ln1w), W(b.ln1b),
+                                 a.ln1_mean, a.ln1_rstd, C, ln_ws_, ln_ws_bytes_, gw,
+                                 l > 0 ? tweo : ops::TweoGradTerm{}};
+    RETURN_IF_ERROR(b.qkv().InputBackwardLayernorm(lc, grads, ln1));
     RETURN_IF_ERROR(Mark("bwd layernorm"));
-    RETURN_IF_ERROR(b.qkv().BackwardWeight(lc, grads, dqkv_, {ln_}, N, gw));
+    RETURN_IF_ERROR(b.qkv().BackwardWeight(lc, grads, dqkv_, nullptr, gw));
     RETURN_IF_ERROR(Mark("bwd matmul qkv"));
     // Nothing later in this backward touches block l's gradients.
     RETURN_IF_ERROR(GradientsReady(l));
@@ -690,6 +859,7 @@ absl::Status CudaGpt::BackwardBlocks(G* grads) {
   for (size_t i = blocks_.size(); i < grad_ranges_.size(); ++i) {
     RETURN_IF_ERROR(GradientsReady(i));
   }
+  grads_unfinished_ = true;
   return absl::OkStatus();
 }
 
@@ -722,11 +892,128 @@ absl::StatusOr<DeviceModel::OutputStats> CudaGpt::output_stats() const {
 LinearContext CudaGpt::linear_context() const {
   LinearContext lc;
   lc.mm = matmul_.get();
+  lc.fp8 = fp8_mm_.get();
+  lc.int8 = int8_mm_.get();
+  lc.phi = phi_ctx_.get();
+  lc.scaling = fp8_state_.get();
   lc.stream = stream_;
+  lc.params = params_;
   lc.params_bf16 = params_bf16_;
   lc.mm_ws = mm_ws_;
   lc.mm_ws_bytes = mm_ws_bytes_;
+  lc.N = B_ * T_;
+  lc.ln = ln_;
+  lc.xq = xq_;
+  lc.dy8 = dy8_;
+  lc.dy8_t = dy8_t_;
+  lc.x8_t = x8_t_;
+  lc.dy_sinv = dy_sinv_;
+  lc.dy_sinv_t = dy_sinv_t_;
+  lc.x_i8 = x_i8_;
+  lc.q_ws = q_ws_;
+  lc.q_ws_bytes = q_ws_bytes_;
+  lc.phi_ws = phi_ws_;
+  lc.aux_ws = aux_ws_;
+  lc.aux_ws_bytes = aux_ws_bytes_;
   return lc;
+}
+
+absl::Status CudaGpt::FinishGradients() {
+  if (!grads_unfinished_) return absl::OkStatus();
+  grads_unfinished_ = false;
+  const LinearContext lc = linear_context();
+  RETURN_IF_ERROR(OnGrads([&](auto* g) -> absl::Status {
+    for (CudaLinear* lin : all_linears()) RETURN_IF_ERROR(lin->FinishGradients(lc, g, stream_));
+    return absl::OkStatus();
+  }));
+  return Mark("finish gradients (QAT)");
+}
+
+absl::Status CudaGpt::InitPhi() {
+  if (!phi_ctx_) return absl::OkStatus();
+  RETURN_IF_ERROR(JoinUpdate());
+  const LinearContext lc = linear_context();
+  for (CudaLinear* lin : all_linears()) {
+    const int rmax = lin->phi_rmax();
+    if (rmax == 0) continue;
+    const int OC = lin->out_features(), C = lin->in_features();
+    // Phi starts as the best rank-r approximation of the quantization error W - Q(W).
+    RETURN_IF_ERROR(ops::lsq_weight_forward_cuda(
+        nullptr, nullptr, phi_ws_, P(lin->weight_offset()), P(lin->w_scale_offset()),
+        lin->w_zero_offset() >= 0 ? P(lin->w_zero_offset()) : nullptr, nullptr, OC, C,
+        lin->weight_lsq_config(), stream_));
+    RETURN_IF_ERROR(ops::phi_factorize_cuda(*phi_ctx_, P(lin->phi_l_offset()),
+                                            P(lin->phi_r_offset()), phi_ws_, OC, C, rmax, rmax,
+                                            stream_));
+    for (int64_t off : {lin->phi_l_offset(), lin->phi_r_offset()}) {
+      RETURN_IF_ERROR(gpu::Fp32ToBf16(params_bf16_ + off, P(off), static_cast<int64_t>(rmax) *
+                                      (off == lin->phi_l_offset() ? OC : C), stream_));
+    }
+    lin->set_phi_rank(rmax);
+    RETURN_IF_ERROR(ops::phi_gamma_cuda(lin->phi_gamma(), rmax, rmax, 1.0f, stream_));
+    RETURN_IF_ERROR(lin->PrepareWeights(lc, stream_, CudaLinear::WeightsFrom::kAfterUpdate));
+  }
+  return ops::SynchronizeStream(stream_);
+}
+
+absl::Status CudaGpt::ApplyRankSchedule(int step) {
+  if (!phi_ctx_) return absl::OkStatus();
+  schedule_driven_ = true;
+  RETURN_IF_ERROR(JoinUpdate());  // the re-factorisation and W_eff read the updated masters
+  const LinearContext lc = linear_context();
+  for (CudaLinear* lin : all_linears()) {
+    const int rmax = lin->phi_rmax();
+    if (rmax == 0) continue;
+    const int OC = lin->out_features(), C = lin->in_features();
+    const int64_t l_off = lin->phi_l_offset(), r_off = lin->phi_r_offset();
+    const int64_t l_n = static_cast<int64_t>(OC) * rmax, r_n = static_cast<int64_t>(rmax) * C;
+    const PhiSchedule sched = PhiScheduleAt(lin->options().phi, rmax, step);
+    int k = lin->phi_rank();
+    while (sched.active && k > sched.target_rank) {
+      // The period's end: the bottom half goes; the kept top half is re-factorised at its rank,
+      // and its optimizer moments start afresh (Linear::ApplyRankSchedule's `reset`).
+      const int keep = k / 2;
+      if (keep == 0) {
+        RETURN_IF_ERROR(gpu::MemsetAsync(P(l_off), 0, l_n * 4, stream_));
+        RETURN_IF_ERROR(gpu::MemsetAsync(P(r_off), 0, r_n * 4, stream_));
+      } else {
+        RETURN_IF_ERROR(ops::phi_refactorize_cuda(*phi_ctx_, P(l_off), P(r_off), OC, C, rmax,
+                                                  keep, keep, stream_));
+      }
+      RETURN_IF_ERROR(gpu::Fp32ToBf16(params_bf16_ + l_off, P(l_off), l_n, stream_));
+      RETURN_IF_ERROR(gpu::Fp32ToBf16(params_bf16_ + r_off, P(r_off), r_n, stream_));
+      for (float* mom : {m_, v_}) {
+        RETURN_IF_ERROR(gpu::MemsetAsync(mom + l_off, 0, l_n * 4, stream_));
+        RETURN_IF_ERROR(gpu::MemsetAsync(mom + r_off, 0, r_n * 4, stream_));
+      }
+      k = keep;
+    }
+    lin->set_phi_rank(k);
+    RETURN_IF_ERROR(ops::phi_gamma_cuda(lin->phi_gamma(), rmax, k, sched.active ? sched.u : 1.0f,
+                                        stream_));
+    // This step's W_eff = Q(W) + L diag(gamma) R.
+    RETURN_IF_ERROR(lin->PrepareWeights(lc, stream_, CudaLinear::WeightsFrom::kAfterUpdate));
+  }
+  return Mark("rank schedule");
+}
+
+std::vector<int> CudaGpt::phi_ranks() const {
+  std::vector<int> out;
+  for (const Block& b : blocks_) {
+    int r = 0;
+    for (const CudaLinear& l : b.linears) r = std::max(r, l.phi_rank());
+    out.push_back(r);
+  }
+  return out;
+}
+
+float* CudaGpt::device_fp8_amax(int64_t* count) {
+  if (!fp8_state_ || !fp8_delayed_) {
+    *count = 0;
+    return nullptr;
+  }
+  *count = fp8_state_->num_tensors();
+  return fp8_state_->amax();
 }
 
 absl::Status CudaGpt::GradientsReady(size_t index) {
@@ -765,6 +1052,7 @@ void* CudaGpt::device_grads() {
 absl::StatusOr<double> CudaGpt::GradSumSquares() {
   RETURN_IF_ERROR(JoinUpdate());
   RETURN_IF_ERROR(FlushZeroGrads());
+  RETURN_IF_ERROR(FinishGradients());
   RETURN_IF_ERROR(Mark("(host)"));
   RETURN_IF_ERROR(OnGrads([&](const auto* g) {
     return ops::sum_squares_cuda(&scalars_[1], g, num_params_, norm_ws_, norm_ws_bytes_,
@@ -781,6 +1069,7 @@ absl::Status CudaGpt::Update(float lr, double grad_norm, const AdamWConfig& conf
   if (t < 1) return absl::InvalidArgumentError(absl::StrCat("CudaGpt::Update: step t=", t, " < 1"));
   RETURN_IF_ERROR(JoinUpdate());
   RETURN_IF_ERROR(FlushZeroGrads());
+  RETURN_IF_ERROR(FinishGradients());
   RETURN_IF_ERROR(Mark("(host)"));
   // The clip factor exactly as ops::clip_by_global_norm forms it (double, rounded to float);
   // the AdamW kernel multiplies each gradient by it as the CPU's clipped gradient is.
@@ -803,12 +1092,34 @@ absl::Status CudaGpt::Update(float lr, double grad_norm, const AdamWConfig& conf
     RETURN_IF_ERROR(ops::StreamWaitEvent(opt_stream_, grads_final_));
     s = opt_stream_;
   }
+  // FP8 delayed scaling: this step's amaxes (of x and dy, and of W from the last update) roll
+  // into the histories before AdamW writes the next weights' codes with the fresh scales. The
+  // next forward waits for an update range before anything, so it sees the new scales.
+  if (fp8_delayed_) RETURN_IF_ERROR(ops::fp8_delayed_update_cuda(*fp8_state_, 0, -1, s));
+  const LinearContext lc = linear_context();
   for (size_t i : update_order_) {
+    const ops::AdamwPlan& plan = *adamw_plans_[i];
     RETURN_IF_ERROR(OnGrads([&](const auto* g) {
-      return ops::adamw_update_multi_cuda(*adamw_plans_[i], params_, params_bf16_, g, m_, v_, lr,
+      if (plan.num_fp8_segments() > 0) {
+        // Delayed: the codes with the rolled scales; current: only W's amax (the codes follow
+        // in PrepareWeights from this step's scale).
+        return ops::adamw_update_multi_fp8_cuda(
+            plan, params_, params_bf16_, g, m_, v_, lr, config.beta1, config.beta2, config.eps,
+            config.weight_decay, t, scale, fp8_delayed_ ? fp8_state_->scale() : nullptr,
+            fp8_state_->amax(), s);
+      }
+      return ops::adamw_update_multi_cuda(plan, params_, params_bf16_, g, m_, v_, lr,
                                           config.beta1, config.beta2, config.eps,
                                           config.weight_decay, t, scale, s);
     }));
+    // The forward weights of the range's Linears (Phi's W_eff waits for the step's gamma when
+    // the rank schedule drives it).
+    if (i < blocks_.size()) {
+      for (CudaLinear& lin : blocks_[i].linears) {
+        if (schedule_driven_ && lin.phi_rmax() > 0) continue;
+        RETURN_IF_ERROR(lin.PrepareWeights(lc, s, CudaLinear::WeightsFrom::kAfterUpdate));
+      }
+    }
     if (overlap) RETURN_IF_ERROR(ops::RecordEvent(update_events_[i], s));
   }
   update_pending_ = overlap;

@@ -1,7 +1,8 @@
 // The GPT of trainer/gpt.h on one CUDA device (DeviceModel): FP32 master weights, BF16 compute
 // copies and activations, FP32 or BF16 gradients (training.grad_dtype), FP32 AdamW moments, all
-// over the ParamStore layout of the host model; the kernels are ops/cuda's. Full precision
-// (BF16) Linears only so far.
+// over the ParamStore layout of the host model; the kernels are ops/cuda's. Each block Linear is
+// a CudaLinear in the precision the job spec gives it (BF16, FP8, QAT; linear_cuda.h), the
+// TWEO outlier loss is fused into the layernorm backwards.
 //
 // Memory: per layer and token the model keeps qkv (3C), the attention output (C), the two
 // residuals (2C) and the MLP's pre- and post-GELU values (8C), in BF16. The layernorm outputs
@@ -25,6 +26,10 @@
 #include "ops/cuda/bf16.h"
 #include "ops/cuda/layernorm_cuda.h"
 #include "ops/cuda/matmul_cuda.h"
+#include "ops/cuda/fp8_cuda.h"
+#include "ops/cuda/lowrank_cuda.h"
+#include "ops/cuda/matmul_fp8_cuda.h"
+#include "ops/cuda/matmul_int8_cuda.h"
 #include "trainer/cuda/linear_cuda.h"
 #include "trainer/device_model.h"
 #include "trainer/gpt.h"
@@ -77,6 +82,10 @@ class CudaGpt : public DeviceModel {
   void set_deterministic(bool on) override;
   void set_block_stats(bool on) override { block_stats_on_ = on; }
   absl::StatusOr<OutputStats> output_stats() const override;
+  absl::Status InitPhi() override;
+  absl::Status ApplyRankSchedule(int step) override;
+  std::vector<int> phi_ranks() const override;
+  float* device_fp8_amax(int64_t* count) override;
   // GEMM autotuning (ops::MatmulContext): time cuBLASLt's candidates on first use of each
   // problem and keep the fastest, instead of its first heuristic pick. Off by default (the pick
   // is stable across runs; tuned choices may differ between runs and gained little on the
@@ -102,10 +111,10 @@ class CudaGpt : public DeviceModel {
   struct Block {
     int64_t ln1w, ln1b, ln2w, ln2b;
     std::vector<CudaLinear> linears;  // qkv, attn.proj, mlp.fc, mlp.proj
-    const CudaLinear& qkv() const { return linears[0]; }
-    const CudaLinear& attn_proj() const { return linears[1]; }
-    const CudaLinear& fc() const { return linears[2]; }
-    const CudaLinear& mlp_proj() const { return linears[3]; }
+    CudaLinear& qkv() { return linears[0]; }
+    CudaLinear& attn_proj() { return linears[1]; }
+    CudaLinear& fc() { return linears[2]; }
+    CudaLinear& mlp_proj() { return linears[3]; }
   };
   // Runs of consecutive tensors with the same weight-decay flag: one AdamW launch each.
   struct DecayRun {
@@ -149,8 +158,15 @@ class CudaGpt : public DeviceModel {
   float* P(int64_t off) { return params_ + off; }
   ops::bf16* W(int64_t off) { return params_bf16_ + off; }
   int64_t grad_bytes() const { return GradDtypeBytes(grad_dtype_); }
-  // What the Linears' calls work in (the stream, GEMM context, BF16 copies, workspace).
+  // What the Linears' calls work in (the stream, GEMM contexts, buffers, scratch).
   LinearContext linear_context() const;
+  // Once per optimizer step, on the accumulated (and all-reduced) gradients: the Linears'
+  // FinishGradients (QAT: Phi's gradients, the weight quantizers' masks and step gradients).
+  absl::Status FinishGradients();
+  // Every Linear's forward weights (FP8 codes, QAT's W_eff) from the masters just uploaded.
+  absl::Status PrepareAllWeights();
+  // The buffers of the host model's ParamStore that hold this model's non-trainable state.
+  absl::Status MapBuffers(const ParamStore& params);
   // fn(grads) with the gradient buffer as the pointer type of grad_dtype_ (float* or bf16*).
   template <typename Fn>
   absl::Status OnGrads(Fn&& fn) {
@@ -187,6 +203,25 @@ class CudaGpt : public DeviceModel {
 
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<ops::MatmulContext> matmul_;
+  // Precision machinery, present when some Linear needs it.
+  std::unique_ptr<ops::Fp8MatmulContext> fp8_mm_;
+  std::unique_ptr<ops::Fp8ScalingState> fp8_state_;
+  bool fp8_delayed_ = false;  // some FP8 Linear scales by the amax history (one update per step)
+  std::unique_ptr<ops::Int8MatmulContext> int8_mm_;
+  std::unique_ptr<ops::PhiContext> phi_ctx_;
+  LinearScratch scratch_;            // what the Linears need of the shared scratch
+  float* phi_ws_ = nullptr;          // Phi's product P, the widest Phi Linear's out * in floats
+  void* aux_ws_ = nullptr;
+  int64_t aux_ws_bytes_ = 0;
+  bool grads_unfinished_ = false;    // a Backward ran since the last FinishGradients
+  bool schedule_driven_ = false;     // ApplyRankSchedule forms the Phi Linears' W_eff
+  // Buffer indices in the host ParamStore per Linear (-1: none), filled by MapBuffers.
+  struct LinearBuffers {
+    int fp8_history = -1, fp8_scale = -1, quant_init = -1, phi_rank = -1, phi_gamma = -1;
+  };
+  std::vector<LinearBuffers> linear_buffers_;  // in all_linears() order
+  // Every Linear, block by block.
+  std::vector<CudaLinear*> all_linears();
   bool deterministic_ = false;
   bool autotune_ = false;
   int lm_head_chunks_ = 1;
@@ -218,6 +253,13 @@ class CudaGpt : public DeviceModel {
   float *lnf_mean_ = nullptr, *lnf_rstd_ = nullptr, *losses_ = nullptr;
   int logits_rows_ = 0;  // rows of logits_ (one LM-head chunk)
   ops::bf16 *dres_ = nullptr, *dln_ = nullptr, *datty_ = nullptr, *dqkv_ = nullptr;
+  // The Linears' shared per-batch scratch (LinearContext), carved with the activations.
+  ops::bf16* xq_ = nullptr;
+  uint8_t *dy8_ = nullptr, *dy8_t_ = nullptr, *x8_t_ = nullptr;
+  float *dy_sinv_ = nullptr, *dy_sinv_t_ = nullptr;
+  int8_t* x_i8_ = nullptr;
+  void* q_ws_ = nullptr;
+  int64_t q_ws_bytes_ = 0;
   void *enc_ws_ = nullptr, *ln_ws_ = nullptr, *mm_ws_ = nullptr, *att_ws_ = nullptr;
   int64_t enc_ws_bytes_ = 0, ln_ws_bytes_ = 0, mm_ws_bytes_ = 0, att_ws_bytes_ = 0;
 
