@@ -224,8 +224,9 @@ absl::Status TrainingSession::Resume() {
 }
 
 absl::Status TrainingSession::InitFresh() {
-  // Quantizer steps and Phi start from the final initial weights (random or init_from).
-  RETURN_IF_ERROR(model_->InitQuantizers());
+  // Quantizer steps and Phi start from the final initial weights (random or init_from). On a
+  // device Phi's SVD runs there (DeviceModel::InitPhi, after the upload).
+  RETURN_IF_ERROR(model_->InitQuantizers(spec_.device() == CUDA ? PhiInit::kSkip : PhiInit::kHere));
   // Replicas start identical even where initialisation could differ between machines (libm).
   RETURN_IF_ERROR(dist_->comm().Broadcast(model_->params().params().data(),
                                           model_->num_parameters() * 4, 0));
@@ -247,6 +248,7 @@ absl::Status TrainingSession::CreateDeviceModel() {
   dev_ = *std::move(made);
   RETURN_IF_ERROR(ConfigureDeviceModel(ts, dev_.get()));
   RETURN_IF_ERROR(dev_->Upload(model_->params(), &*optimizer_));
+  if (options_.resume.empty()) RETURN_IF_ERROR(dev_->InitPhi());
   if (nccl_) {
     // The gradient buffer stays where it is for the model's life (no ZeroGrads is pending yet,
     // so asking for it clears nothing).
@@ -318,8 +320,12 @@ absl::StatusOr<RunResult> TrainingSession::Run() {
     const bool last = done == steps;
     MetricRow row = {{"train_loss", s.loss}, {"lr", s.lr}, {"grad_norm", s.grad_norm},
                      {"tokens_per_s", tokens_per_step / seconds}, {"step_ms", seconds * 1e3}};
-    // Block statistics come from the host model's activations, which a device run does not fill.
-    if (!dev_) AddModelMetrics(*model_, spec_, s.tweo, s.distill, teacher_ != nullptr, &row);
+    if (dev_) {
+      // The device computes block statistics on the steps it logs (IsLogStep).
+      if (IsLogStep(step)) RETURN_IF_ERROR(AddDeviceMetrics(&row));
+    } else {
+      AddModelMetrics(*model_, spec_, s.tweo, s.distill, teacher_ != nullptr, &row);
+    }
     if ((eval_every > 0 && done % eval_every == 0) || last) {
       ASSIGN_OR_RETURN(const double val_loss, Evaluate());
       row.push_back({"val_loss", val_loss});
@@ -327,9 +333,7 @@ absl::StatusOr<RunResult> TrainingSession::Run() {
       if (!quiet_) std::printf("step %5d/%d | val loss %.4f\n", done, steps, val_loss);
     }
     if (root_) RETURN_IF_ERROR(sinks_.WriteMetrics(done, row));
-    if (!quiet_ && (done % spec_.logging().every_steps() == 0 || last || step == start_step_)) {
-      PrintStep(done, s, seconds, ema_step);
-    }
+    if (!quiet_ && IsLogStep(step)) PrintStep(done, s, seconds, ema_step);
     if ((ckpt_every > 0 && done % ckpt_every == 0) || last) RETURN_AS_IS(Checkpoint(done));
     result.steps_done = done;
     result.final_train_loss = s.loss;
@@ -350,7 +354,8 @@ absl::StatusOr<TrainingSession::StepStats> TrainingSession::Step(int step) {
   StepStats s;
   s.lr = schedule_.LrAt(step);
   if (world_ > 1) dist_->comm().SetActivity(absl::StrCat("step ", step + 1));
-  ApplyRankDecay(step);
+  RETURN_IF_ERROR(ApplyRankDecay(step));
+  if (dev_) dev_->set_block_stats(IsLogStep(step));
   RETURN_IF_ERROR(ZeroGrads());
   for (int micro = 0; micro < accum_; ++micro) {
     RETURN_IF_ERROR(train_->Next(x_.data(), y_.data()));
@@ -372,12 +377,40 @@ absl::StatusOr<TrainingSession::StepStats> TrainingSession::Step(int step) {
   return s;
 }
 
-// QVGen rank decay; re-factorised Phi tensors start their optimizer state afresh.
-void TrainingSession::ApplyRankDecay(int step) {
+// QVGen rank decay; re-factorised Phi tensors start their optimizer state afresh (on the device
+// the model holds the moments and does both).
+absl::Status TrainingSession::ApplyRankDecay(int step) {
+  if (dev_) return dev_->ApplyRankSchedule(step);
   for (int idx : model_->ApplyRankSchedule(step)) {
     const ParamInfo& info = model_->params().info(idx);
     optimizer_->ResetMoments(info.offset, info.size);
   }
+  return absl::OkStatus();
+}
+
+bool TrainingSession::IsLogStep(int step) const {
+  const int done = step + 1;
+  return done % spec_.logging().every_steps() == 0 || done == spec_.training().steps() ||
+         step == start_step_;
+}
+
+// The device model's block-output statistics of this step (TWEO term, peaks, kurtoses) and
+// Phi's ranks, under the names AddModelMetrics gives the host model's.
+absl::Status TrainingSession::AddDeviceMetrics(MetricRow* row) const {
+  ASSIGN_OR_RETURN(const DeviceModel::OutputStats st, dev_->output_stats());
+  const PrecisionSpec& p = spec_.precision();
+  if (p.tweo().enabled()) row->push_back({"tweo_loss", st.tweo_loss});
+  for (size_t l = 0; l < st.blocks.size(); ++l) {
+    row->push_back({absl::StrCat("peak_act.", l), st.blocks[l].peak});
+    row->push_back({absl::StrCat("kurtosis.", l), st.blocks[l].kurtosis});
+  }
+  if (p.aux_lowrank().enabled()) {
+    const std::vector<int> ranks = dev_->phi_ranks();
+    for (size_t l = 0; l < ranks.size(); ++l) {
+      row->push_back({absl::StrCat("phi_rank.", l), static_cast<double>(ranks[l])});
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::Status TrainingSession::ZeroGrads() {
@@ -449,6 +482,14 @@ absl::StatusOr<double> TrainingSession::SyncGradientsAndUpdate(float lr) {
   if (dev_) {
     ASSIGN_OR_RETURN(const double sum_squares, dev_->GradSumSquares());
     const double grad_norm = std::sqrt(sum_squares);
+    int64_t amax_count = 0;
+    float* amax = dev_->device_fp8_amax(&amax_count);
+    if (nccl_ && amax != nullptr) {
+      // FP8 delayed scaling: every replica rolls the same amaxes into its histories (the
+      // model's stream is idle after GradSumSquares).
+      RETURN_IF_ERROR(nccl_->AllReduceMaxAsync(amax, amax_count));
+      RETURN_IF_ERROR(nccl_->Synchronize());
+    }
     optimizer_->set_step(optimizer_->step() + 1);
     // The update may still run while the next step's forward starts (CudaGpt overlaps them);
     // the step times are the host's, bounded by each Forward's wait for its loss.

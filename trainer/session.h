@@ -64,7 +64,10 @@ class TrainingSession {
 
   // One optimizer step and its parts.
   absl::StatusOr<StepStats> Step(int step);
-  void ApplyRankDecay(int step);
+  absl::Status ApplyRankDecay(int step);
+  // Steps whose progress line is printed and whose device block statistics are logged.
+  bool IsLogStep(int step) const;
+  absl::Status AddDeviceMetrics(MetricRow* row) const;
   absl::Status ZeroGrads();
   absl::Status HostMicroStep(StepStats* stats);
   absl::Status DeviceMicroStep(bool last_micro, StepStats* stats);

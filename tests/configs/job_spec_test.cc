@@ -773,13 +773,6 @@ std::vector<UnimplementedCase> UnimplementedCases() {
          s->mutable_precision()->mutable_qat()->set_act_bits(4);
        },
        "precision.tweo.enabled"},
-      {"cpu block scaling",
-       [](JobSpec* s) {
-         s->set_device(CPU);
-         s->mutable_precision()->set_linear(FP8);
-         s->mutable_precision()->mutable_fp8()->set_scaling(BLOCK);
-       },
-       "precision.fp8.scaling"},
       {"cpu bf16 gradients",
        [](JobSpec* s) {
          s->set_device(CPU);
