@@ -3,7 +3,7 @@
 // prints tokens/s, step time, MFU, device memory and a per-op table of one profiled pass.
 //
 // Usage: bench --job=configs/gpt2_124m.textproto [--steps=30 --warmup=5 --profile_steps=3]
-//              [--batch_size=B] [--seq_len=T]
+//              [--batch_size=B] [--seq_len=T] [--precision='linear: FP8 fp8 { scaling: BLOCK }']
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -19,6 +19,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "configs/job_spec_loader.h"
+#include "google/protobuf/text_format.h"
 #include "ops/cuda/device.h"
 #include "ops/status_macros.h"
 #include "trainer/cuda/gpt_cuda.h"
@@ -37,6 +38,9 @@ ABSL_FLAG(double, peak_tflops, 989.0, "dense BF16 peak for MFU (H100 SXM: 989)")
 ABSL_FLAG(bool, gelu_fusion, true,
           "GELU and its gradient in cuBLASLt's GEMM epilogues (false: our kernels after a plain "
           "GEMM)");
+ABSL_FLAG(std::string, precision, "",
+          "a PrecisionSpec in text format that replaces the job's precision block, e.g. "
+          "'linear: QAT qat { weight_bits: 4 act_bits: 4 }'");
 ABSL_FLAG(bool, autotune, false,
           "time cuBLASLt's candidate algorithms per GEMM on first use and keep the fastest "
           "(prints what it chose)");
@@ -79,7 +83,18 @@ void FastInit(ParamStore* store, int n_layer) {
 absl::Status Main() {
   const std::string job = absl::GetFlag(FLAGS_job);
   if (job.empty()) return absl::InvalidArgumentError("--job is required");
-  ASSIGN_OR_RETURN(const JobSpec spec, LoadJobSpec(job));
+  ASSIGN_OR_RETURN(JobSpec spec, LoadJobSpec(job));
+  if (!absl::GetFlag(FLAGS_precision).empty()) {
+    PrecisionSpec p;
+    if (!google::protobuf::TextFormat::ParseFromString(absl::GetFlag(FLAGS_precision), &p)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--precision: not a PrecisionSpec in text format: ",
+                       absl::GetFlag(FLAGS_precision)));
+    }
+    *spec.mutable_precision() = p;
+    ApplyDefaults(&spec);
+    RETURN_IF_ERROR(ValidateJobSpec(spec));
+  }
   ASSIGN_OR_RETURN(const GptConfig config, ModelConfigFromSpec(spec));
   const int B = absl::GetFlag(FLAGS_batch_size) > 0 ? absl::GetFlag(FLAGS_batch_size)
                                                     : spec.training().batch_size();
@@ -91,6 +106,8 @@ absl::Status Main() {
 
   ASSIGN_OR_RETURN(std::unique_ptr<Gpt> host, Gpt::Create(config));
   FastInit(&host->params(), config.n_layer);
+  // QAT steps from the weights (Phi's SVD follows on the device).
+  RETURN_IF_ERROR(host->InitQuantizers(PhiInit::kSkip));
   gpu::DeviceMemory mem0;
   RETURN_IF_ERROR(gpu::GetDeviceMemory(&mem0));
   const GradDtype grad_dtype = GradDtypeFromSpec(spec.training());
@@ -100,6 +117,7 @@ absl::Status Main() {
   model->set_autotune(absl::GetFlag(FLAGS_autotune));
   model->matmul().set_gelu_fusion(absl::GetFlag(FLAGS_gelu_fusion));
   RETURN_IF_ERROR(model->Upload(host->params(), nullptr));
+  RETURN_IF_ERROR(model->InitPhi());
   const double flops_per_token = host->flops_per_token(T);
   const int64_t n_params = host->num_parameters();
   host.reset();  // the host copy is not needed any more
@@ -123,7 +141,10 @@ absl::Status Main() {
   const float lr = spec.optimizer().lr();
   int t = 0;
   double last_loss = 0, last_norm = 0;
+  const bool phi = spec.precision().aux_lowrank().enabled();
   auto step = [&](int i) -> absl::Status {
+    // As the trainer drives it: the rank schedule forms Phi's W_eff for the step.
+    if (phi) RETURN_IF_ERROR(model->ApplyRankSchedule(t));
     RETURN_IF_ERROR(model->ZeroGrads());
     ASSIGN_OR_RETURN(last_loss,
                      model->Forward(xs[i % 4].data(), ys[i % 4].data(), B, T, 1.0f));
@@ -134,6 +155,13 @@ absl::Status Main() {
   };
 
   std::printf("bench: %s on %s\n", spec.name().c_str(), device.c_str());
+  {
+    std::string prec;
+    google::protobuf::TextFormat::Printer printer;
+    printer.SetSingleLineMode(true);
+    printer.PrintToString(spec.precision(), &prec);
+    std::printf("precision: %s\n", prec.empty() ? "FULL (BF16)" : prec.c_str());
+  }
   std::printf("model: %.1fM parameters, %d layers, d=%d, %d heads, V=%d; B=%d T=%d (%d tokens "
               "per step); %.3g FLOPs per token; %s gradients%s%s%s\n",
               n_params / 1e6, config.n_layer, config.n_embd, config.n_head, config.vocab_size, B,
@@ -175,6 +203,15 @@ absl::Status Main() {
               steps, mean_ms, median_ms, sorted.front(), last_loss, last_norm);
   std::printf("throughput: %.0f tokens/s, MFU %.1f%% of %.0f TFLOP/s (%.1f TFLOP/s achieved)\n",
               tok_s, 100 * mfu, absl::GetFlag(FLAGS_peak_tflops), tok_s * flops_per_token / 1e12);
+  if (model->fp8_matmul() != nullptr) {
+    int cublaslt = 0, own = 0;
+    for (const ops::Fp8GemmRecord& r : model->fp8_matmul()->report()) {
+      (r.cublaslt ? cublaslt : own) += 1;
+      if (!r.cublaslt) std::printf("fp8 gemm (own kernel): %s (%s)\n", r.problem.c_str(),
+                                   r.why_not.c_str());
+    }
+    std::printf("fp8 gemms: %d problems on cuBLASLt, %d on our kernel\n", cublaslt, own);
+  }
   std::printf("memory: model buffers %.2f GiB; device in use %.2f GiB (%.2f GiB before the "
               "model: CUDA context and others)\n",
               model_gib, used_gib, before_gib);

@@ -1007,6 +1007,10 @@ std::vector<int> CudaGpt::phi_ranks() const {
   return out;
 }
 
+int64_t CudaGpt::fp8_gemm_calls() const {
+  return fp8_mm_ ? fp8_mm_->cublaslt_calls() + fp8_mm_->own_kernel_calls() : 0;
+}
+
 float* CudaGpt::device_fp8_amax(int64_t* count) {
   if (!fp8_state_ || !fp8_delayed_) {
     *count = 0;

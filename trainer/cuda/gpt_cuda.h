@@ -96,6 +96,10 @@ class CudaGpt : public DeviceModel {
   // cuBLASLt's GELU epilogues beat plain GEMMs plus our GELU kernels, docs/benchmarks.md) or
   // the autotuning report.
   ops::MatmulContext& matmul() { return *matmul_; }
+  // FP8 GEMMs run so far (cuBLASLt or our kernel), for tests and benchmarks; the context's
+  // per-problem report says which backend took each.
+  int64_t fp8_gemm_calls() const;
+  const ops::Fp8MatmulContext* fp8_matmul() const { return fp8_mm_.get(); }
   // Device bytes this model allocated (parameters, state, activations, workspaces).
   int64_t allocated_bytes() const { return allocated_bytes_; }
 
