@@ -89,8 +89,25 @@ void FillDefaults(DistillSpec* d) {
     d->set_loss(DistillSpec::MSE);
 }
 
-// Sub-messages without defaults of their own (distributed, parameter_service, federated).
+// Sub-messages without defaults of their own (distributed, parameter_service).
 void FillDefaults(pb::Message*) {}
+
+constexpr float kDefaultClientFraction = 0.5f;
+constexpr float kDefaultRoundTimeoutS = 600;
+constexpr float kDefaultClientTimeoutS = 30;
+constexpr float kDefaultDpDelta = 1e-5f;
+
+// A federation's defaults appear only once it is on (aggregation set).
+void FillDefaults(FederatedSpec* f) {
+  if (f->aggregation() == FederatedSpec::AGGREGATION_UNSPECIFIED) return;
+  if (!f->has_client_fraction()) f->set_client_fraction(kDefaultClientFraction);
+  if (f->min_clients() == 0) f->set_min_clients(1);
+  if (!f->has_round_timeout_s()) f->set_round_timeout_s(kDefaultRoundTimeoutS);
+  if (!f->has_client_timeout_s()) f->set_client_timeout_s(kDefaultClientTimeoutS);
+  if (!f->has_dp_delta()) f->set_dp_delta(kDefaultDpDelta);
+  if (f->local_optimizer() == FederatedSpec::LOCAL_OPTIMIZER_UNSPECIFIED)
+    f->set_local_optimizer(FederatedSpec::ADAMW);
+}
 
 const char* const kLoraTargets[] = {"attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"};
 
@@ -341,6 +358,73 @@ void CheckData(const JobSpec& spec, Errors* e) {
     e->Add("data.genres", "only for federated jobs (federated.aggregation is unset)");
 }
 
+bool IsFederated(const JobSpec& spec) {
+  return spec.federated().aggregation() != FederatedSpec::AGGREGATION_UNSPECIFIED;
+}
+
+void CheckFederated(const JobSpec& spec, Errors* e) {
+  const FederatedSpec& f = spec.federated();
+  const bool federated = IsFederated(spec);
+  const std::pair<const char*, int> counts[] = {{"federated.rounds", f.rounds()},
+                                                {"federated.clients", f.clients()},
+                                                {"federated.local_steps", f.local_steps()}};
+  for (const auto& [field, v] : counts) {
+    if (federated)
+      e->Positive(field, v);
+    else if (v != 0)
+      e->Add(field, "set to ", v, " without federated.aggregation");
+  }
+  e->NonNegativeFinite("federated.dp_clip", f.dp_clip());
+  e->NonNegativeFinite("federated.dp_noise", f.dp_noise());
+  e->NonNegativeFinite("federated.dp_epsilon", f.dp_epsilon());
+  if (f.dp_noise() > 0 && !(f.dp_clip() > 0))
+    e->Add("federated.dp_noise", "DP-SGD noise needs federated.dp_clip > 0, got dp_clip ",
+           f.dp_clip());
+  if (f.dp_epsilon() > 0 && !(f.dp_clip() > 0))
+    e->Add("federated.dp_epsilon", "a DP target needs federated.dp_clip > 0, got dp_clip ",
+           f.dp_clip());
+  if (f.dp_epsilon() > 0 && f.dp_noise() > 0)
+    e->Add("federated.dp_noise", "give dp_noise or dp_epsilon (which derives the noise), not both");
+  if (!federated) {
+    if (f.dp_clip() != 0 || f.dp_noise() != 0 || f.dp_epsilon() != 0)
+      e->Add("federated.dp_clip", "DP settings given without federated.aggregation");
+    return;
+  }
+  e->FloatRange("federated.client_fraction", f.client_fraction(), 0, 1, /*hi_open=*/false);
+  if (f.client_fraction() == 0) e->Add("federated.client_fraction", "must be > 0, got 0");
+  if (f.min_clients() < 1 || (f.clients() > 0 && f.min_clients() > f.clients()))
+    e->Add("federated.min_clients", "must be in [1, federated.clients ", f.clients(), "], got ",
+           f.min_clients());
+  e->PositiveFinite("federated.round_timeout_s", f.round_timeout_s());
+  e->PositiveFinite("federated.client_timeout_s", f.client_timeout_s());
+  if (!(f.dp_delta() > 0 && f.dp_delta() < 1))
+    e->Add("federated.dp_delta", "must be in (0, 1), got ", f.dp_delta());
+  e->NonNegative("federated.eval_every_rounds", f.eval_every_rounds());
+  if (f.client_train_pattern().empty())
+    e->Add("federated.client_train_pattern", "must name each client's shards ({client}, {genre})");
+  else if (f.client_train_pattern().find("{genre}") != std::string::npos &&
+           spec.data().genres_size() == 0)
+    e->Add("federated.client_train_pattern", "uses {genre} but data.genres is empty");
+  if (spec.lora().rank() <= 0)
+    e->Add("lora.rank", "a federated job trains LoRA adapters: set lora.rank and lora.base");
+  if (spec.device() == CUDA)
+    e->Add("device", "federated clients run on the CPU (device CPU), got CUDA");
+  // The round loop replaces the step loop: its step-based settings do not apply.
+  if (spec.training().steps() != 0)
+    e->Add("training.steps", "must be 0 in a federated job (federated.rounds x "
+           "federated.local_steps), got ", spec.training().steps());
+  if (spec.eval().every_steps() != 0)
+    e->Add("eval.every_steps", "must be 0 in a federated job (federated.eval_every_rounds), got ",
+           spec.eval().every_steps());
+  if (spec.checkpoint().every_steps() != 0)
+    e->Add("checkpoint.every_steps", "must be 0 in a federated job (the server checkpoints "
+           "every round), got ", spec.checkpoint().every_steps());
+  if (spec.schedule().warmup_steps() > 0 && f.rounds() > 0 &&
+      spec.schedule().warmup_steps() >= f.rounds())
+    e->Add("schedule.warmup_steps", "counts rounds in a federated job: must be < federated.rounds ",
+           f.rounds(), ", got ", spec.schedule().warmup_steps());
+}
+
 void CheckLora(const JobSpec& spec, Errors* e) {
   const LoraSpec& l = spec.lora();
   e->NonNegative("lora.rank", l.rank());
@@ -492,7 +576,7 @@ void CheckOptimizer(const JobSpec& spec, Errors* e) {
 
 void CheckTraining(const JobSpec& spec, Errors* e) {
   const TrainingSpec& t = spec.training();
-  e->Positive("training.steps", t.steps());
+  if (!IsFederated(spec)) e->Positive("training.steps", t.steps());  // else CheckFederated
   e->Positive("training.batch_size", t.batch_size());
   e->Positive("training.seq_len", t.seq_len());
   e->Positive("training.grad_accum", t.grad_accum());
@@ -544,26 +628,6 @@ void CheckDistributed(const JobSpec& spec, Errors* e) {
   }
   e->NonNegative("parameter_service.deadline_ms", ps.deadline_ms());
   e->NonNegative("parameter_service.heartbeat_ms", ps.heartbeat_ms());
-
-  const FederatedSpec& f = spec.federated();
-  const bool federated = f.aggregation() != FederatedSpec::AGGREGATION_UNSPECIFIED;
-  const std::pair<const char*, int> counts[] = {{"federated.rounds", f.rounds()},
-                                                {"federated.clients", f.clients()},
-                                                {"federated.local_steps", f.local_steps()},
-                                                {"federated.lora_rank", f.lora_rank()}};
-  for (const auto& [field, v] : counts) {
-    if (federated)
-      e->Positive(field, v);
-    else if (v != 0)
-      e->Add(field, "set to ", v, " without federated.aggregation");
-  }
-  e->NonNegativeFinite("federated.dp_clip", f.dp_clip());
-  e->NonNegativeFinite("federated.dp_noise", f.dp_noise());
-  if (f.dp_noise() > 0 && !(f.dp_clip() > 0))
-    e->Add("federated.dp_noise", "DP-SGD noise needs federated.dp_clip > 0, got dp_clip ",
-           f.dp_clip());
-  if (!federated && (f.dp_clip() != 0 || f.dp_noise() != 0))
-    e->Add("federated.dp_clip", "DP settings given without federated.aggregation");
 }
 
 std::string PrefixLines(const std::string& prefix, absl::string_view text) {
@@ -700,6 +764,7 @@ void ApplyDefaults(JobSpec* spec) {
   if (spec->logging().every_steps() == 0)
     spec->mutable_logging()->set_every_steps(kDefaultLogEvery);
   if (spec->has_lora()) FillDefaults(spec->mutable_lora());
+  if (spec->has_federated()) FillDefaults(spec->mutable_federated());
 }
 
 absl::Status ValidateJobSpec(const JobSpec& spec) {
@@ -712,6 +777,7 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
   CheckOptimizer(spec, &errors);
   CheckTraining(spec, &errors);
   CheckDistributed(spec, &errors);
+  CheckFederated(spec, &errors);
   CheckLora(spec, &errors);
   if (!errors.empty()) return absl::InvalidArgumentError(errors.Joined());
   return RejectUnimplemented(spec);
@@ -748,9 +814,8 @@ absl::Status RejectUnimplemented(const JobSpec& spec) {
       reject("training.lm_head_chunks", "a chunked LM head on the CPU trainer (device CPU)");
   }
   reject(ChangedField(spec.parameter_service(), "parameter_service"), "the parameter service");
-  reject(ChangedField(spec.federated(), "federated"), "federated training");
-  if (spec.lora().rank() > 0) reject("lora.rank", "LoRA fine-tuning outside federated jobs");
-  if (spec.data().genres_size() > 0) reject("data.genres", "genre selection");
+  if (spec.lora().rank() > 0 && !IsFederated(spec))
+    reject("lora.rank", "LoRA fine-tuning outside federated jobs");
   // clang-format on
   if (lines.empty()) return absl::OkStatus();
   return absl::FailedPreconditionError(absl::StrJoin(lines, "\n"));

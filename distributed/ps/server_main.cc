@@ -8,6 +8,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "distributed/federated/federated_module.h"
 #include "distributed/ps/config.h"
 #include "distributed/ps/server.h"
 
@@ -43,7 +44,7 @@ int main(int argc, char** argv) {
   }
   if (!absl::GetFlag(FLAGS_port_file).empty()) config->set_port_file(absl::GetFlag(FLAGS_port_file));
   absl::StatusOr<std::unique_ptr<qtrain::ps::PsServer>> server =
-      qtrain::ps::PsServer::Start(*config);
+      qtrain::ps::PsServer::Start(*config, {qtrain::federated::FederatedModuleFactory()});
   if (!server.ok()) {
     std::fprintf(stderr, "qtrain_ps: %s\n", std::string(server.status().message()).c_str());
     return 1;

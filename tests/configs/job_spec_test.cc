@@ -336,6 +336,23 @@ struct BadCase {
 const float kNaN = std::numeric_limits<float>::quiet_NaN();
 const float kInf = std::numeric_limits<float>::infinity();
 
+// A valid federated job built on Base(), for rows that then break one thing: Base()'s training
+// steps give way to rounds, and the job gets adapters and client data.
+FederatedSpec* Federate(JobSpec* s) {
+  s->mutable_training()->set_steps(0);
+  for (const char* g : {"h", "j", "k", "l"}) s->mutable_data()->add_genres(g);
+  s->mutable_lora()->set_rank(4);
+  s->mutable_lora()->set_base("base.safetensors");
+  FederatedSpec* f = s->mutable_federated();
+  f->set_aggregation(FederatedSpec::FEDSVD);
+  f->set_rounds(10);
+  f->set_clients(8);
+  f->set_local_steps(5);
+  f->set_client_train_pattern("data/brown/train_{genre}.bin");
+  ApplyDefaults(s);
+  return f;
+}
+
 std::vector<BadCase> BadCases() {
   return {
       // Enums hold only named values (proto3 enums are open).
@@ -654,14 +671,11 @@ std::vector<BadCase> BadCases() {
       {"local steps",
        [](JobSpec* s) { s->mutable_federated()->set_aggregation(FederatedSpec::FEDAVG_LORA); },
        "federated.local_steps: must be > 0, got 0"},
-      {"lora rank",
+      {"federated without lora",
        [](JobSpec* s) { s->mutable_federated()->set_aggregation(FederatedSpec::FEDSVD); },
-       "federated.lora_rank: must be > 0, got 0"},
+       "lora.rank: a federated job trains LoRA adapters"},
       {"rounds without aggregation", [](JobSpec* s) { s->mutable_federated()->set_rounds(3); },
        "federated.rounds: set to 3 without federated.aggregation"},
-      {"lora rank without aggregation",
-       [](JobSpec* s) { s->mutable_federated()->set_lora_rank(8); },
-       "federated.lora_rank: set to 8 without federated.aggregation"},
       {"dp clip", [](JobSpec* s) { s->mutable_federated()->set_dp_clip(-1); },
        "federated.dp_clip: must be >= 0 and finite, got -1"},
       {"dp noise", [](JobSpec* s) { s->mutable_federated()->set_dp_noise(kNaN); },
@@ -670,6 +684,56 @@ std::vector<BadCase> BadCases() {
        "federated.dp_noise: DP-SGD noise needs federated.dp_clip > 0, got dp_clip 0"},
       {"dp without aggregation", [](JobSpec* s) { s->mutable_federated()->set_dp_clip(1.0f); },
        "federated.dp_clip: DP settings given without federated.aggregation"},
+      {"federated fraction", [](JobSpec* s) { Federate(s)->set_client_fraction(1.5f); },
+       "federated.client_fraction: must be in [0, 1], got 1.5"},
+      {"federated min clients", [](JobSpec* s) { Federate(s)->set_min_clients(9); },
+       "federated.min_clients: must be in [1, federated.clients 8], got 9"},
+      {"federated timeout", [](JobSpec* s) { Federate(s)->set_round_timeout_s(0); },
+       "federated.round_timeout_s: must be > 0 and finite, got 0"},
+      {"federated delta", [](JobSpec* s) { Federate(s)->set_dp_delta(1); },
+       "federated.dp_delta: must be in (0, 1), got 1"},
+      {"federated epsilon without clip", [](JobSpec* s) { Federate(s)->set_dp_epsilon(6); },
+       "federated.dp_epsilon: a DP target needs federated.dp_clip > 0"},
+      {"federated noise and epsilon",
+       [](JobSpec* s) {
+         FederatedSpec* f = Federate(s);
+         f->set_dp_clip(1);
+         f->set_dp_noise(1);
+         f->set_dp_epsilon(6);
+       },
+       "federated.dp_noise: give dp_noise or dp_epsilon"},
+      {"federated pattern", [](JobSpec* s) { Federate(s)->set_client_train_pattern(""); },
+       "federated.client_train_pattern: must name each client's shards"},
+      {"federated genre pattern",
+       [](JobSpec* s) {
+         Federate(s);
+         s->mutable_data()->clear_genres();
+       },
+       "federated.client_train_pattern: uses {genre} but data.genres is empty"},
+      {"federated steps",
+       [](JobSpec* s) {
+         Federate(s);
+         s->mutable_training()->set_steps(5);
+       },
+       "training.steps: must be 0 in a federated job"},
+      {"federated eval steps",
+       [](JobSpec* s) {
+         Federate(s);
+         s->mutable_eval()->set_every_steps(5);
+       },
+       "eval.every_steps: must be 0 in a federated job"},
+      {"federated warmup",
+       [](JobSpec* s) {
+         Federate(s);
+         s->mutable_schedule()->set_warmup_steps(10);
+       },
+       "schedule.warmup_steps: counts rounds in a federated job: must be < federated.rounds 10"},
+      {"federated on cuda",
+       [](JobSpec* s) {
+         Federate(s);
+         s->set_device(CUDA);
+       },
+       "device: federated clients run on the CPU"},
       // LoRA.
       {"lora rank negative", [](JobSpec* s) { s->mutable_lora()->set_rank(-1); },
        "lora.rank: must be >= 0, got -1"},
@@ -711,6 +775,36 @@ std::vector<BadCase> BadCases() {
 }
 
 TEST(Validate, BaseIsValid) { EXPECT_TRUE(ValidateJobSpec(Base()).ok()); }
+
+TEST(Validate, FederatedJobLoadsWithItsDefaults) {
+  absl::StatusOr<JobSpec> spec = ParseJobSpec(
+      R"pb(
+        name: "fed"
+        model { n_layer: 2 n_embd: 128 n_head: 4 }
+        data { genres: "h" genres: "j" }
+        optimizer { lr: 1e-3 }
+        training { batch_size: 4 seq_len: 64 }
+        lora { rank: 8 base: "out/base.safetensors" }
+        federated {
+          aggregation: FEDSVD rounds: 20 clients: 8 local_steps: 10
+          client_train_pattern: "data/brown/train_{genre}.bin"
+          dp_clip: 1 dp_epsilon: 6
+        }
+      )pb",
+      "fed.tp");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  const FederatedSpec& f = spec->federated();
+  EXPECT_EQ(f.client_fraction(), 0.5f);
+  EXPECT_EQ(f.min_clients(), 1);
+  EXPECT_EQ(f.round_timeout_s(), 600.0f);
+  EXPECT_EQ(f.client_timeout_s(), 30.0f);
+  EXPECT_EQ(f.dp_delta(), 1e-5f);
+  EXPECT_EQ(f.local_optimizer(), FederatedSpec::ADAMW);
+  EXPECT_EQ(spec->lora().alpha(), 8.0f);
+  JobSpec s = Base();
+  Federate(&s);
+  EXPECT_TRUE(ValidateJobSpec(s).ok()) << ValidateJobSpec(s);
+}
 
 TEST(Validate, EveryRangeCheckNamesItsFieldAndValue) {
   for (const BadCase& c : BadCases()) {
@@ -788,16 +882,6 @@ std::vector<UnimplementedCase> UnimplementedCases() {
       {"parameter service",
        [](JobSpec* s) { s->mutable_parameter_service()->set_address("localhost:50051"); },
        "parameter_service.address"},
-      {"federated",
-       [](JobSpec* s) {
-         FederatedSpec* f = s->mutable_federated();
-         f->set_aggregation(FederatedSpec::FEDSVD);
-         f->set_rounds(10);
-         f->set_clients(4);
-         f->set_local_steps(20);
-         f->set_lora_rank(8);
-       },
-       "federated.aggregation"},
       {"lora outside federated",
        [](JobSpec* s) {
          s->mutable_lora()->set_rank(8);
@@ -805,17 +889,6 @@ std::vector<UnimplementedCase> UnimplementedCases() {
          ApplyDefaults(s);
        },
        "lora.rank"},
-      {"genres",
-       [](JobSpec* s) {
-         FederatedSpec* f = s->mutable_federated();
-         f->set_aggregation(FederatedSpec::FEDSVD);
-         f->set_rounds(10);
-         f->set_clients(4);
-         f->set_local_steps(20);
-         f->set_lora_rank(8);
-         s->mutable_data()->add_genres("a");
-       },
-       "data.genres"},
   };
 }
 
