@@ -32,7 +32,8 @@ namespace {
 // Errors after which joining again may help: the server is away, restarted (it forgot the
 // worker, or has not resumed the federation yet) or slow.
 bool Reconnectable(const absl::Status& s) {
-  return absl::IsUnavailable(s) || absl::IsNotFound(s) || absl::IsDeadlineExceeded(s);
+  return absl::IsUnavailable(s) || absl::IsNotFound(s) || absl::IsDeadlineExceeded(s) ||
+         absl::IsCancelled(s);  // a call in flight when the server stopped
 }
 
 class Client {
