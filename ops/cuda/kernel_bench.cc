@@ -2,7 +2,13 @@
 // 1.5B attention: 25 heads of 64, B=4) and prints one table row per kernel: median time per
 // call and the achieved TFLOP/s or GB/s. A benchmark for the GPU machine, not a test.
 //
-// Usage: kernel_bench [--only=SUBSTRING] [--reps=N]
+// The "fp8" rows time the FP8 op layer: casts, layernorm -> FP8, block quantization, AdamW with
+// FP8 weight copies (GB/s against the ~4.3 TB/s copy ceiling of an H200), and the FP8 GEMMs at
+// GPT-2 124M (N = 16384) and 1.5B (N = 4096, C = 1600) shapes against the BF16 GEMM (TFLOP/s),
+// per-tensor (fast and split accumulation) and block-scaled, through cuBLASLt (automatic
+// fallback) and our own kernel; the backend that ran each GEMM is listed at the end.
+//
+// Usage: kernel_bench [--only=SUBSTRING] [--reps=N]     (--only=fp8 for the FP8 rows alone)
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -22,10 +28,12 @@
 #include "ops/cuda/crossentropy_cuda.h"
 #include "ops/cuda/device.h"
 #include "ops/cuda/encoder_cuda.h"
+#include "ops/cuda/fp8_cuda.h"
 #include "ops/cuda/gelu_cuda.h"
 #include "ops/cuda/grad_norm_cuda.h"
 #include "ops/cuda/layernorm_cuda.h"
 #include "ops/cuda/matmul_cuda.h"
+#include "ops/cuda/matmul_fp8_cuda.h"
 #include "ops/status_macros.h"
 
 namespace qtrain::ops {
@@ -122,6 +130,176 @@ class Bench {
   cudaStream_t stream_;
   int errors_ = 0;
 };
+
+// The FP8 op layer's rows (names start with "fp8 ").
+absl::Status Fp8Rows(Bench& bench, MatmulContext& ctx, Arena& arena, cudaStream_t stream) {
+  ASSIGN_OR_RETURN(std::unique_ptr<Fp8MatmulContext> fctx, Fp8MatmulContext::Create(&ctx));
+  auto bf = [&](int64_t n, float lo = -1.f, float hi = 1.f) -> absl::StatusOr<bf16*> {
+    ASSIGN_OR_RETURN(void* p, arena.Alloc(n * 2, lo, hi, true));
+    return static_cast<bf16*>(p);
+  };
+  auto fp = [&](int64_t n, float lo = -1.f, float hi = 1.f) -> absl::StatusOr<float*> {
+    ASSIGN_OR_RETURN(void* p, arena.Alloc(n * 4, lo, hi, false));
+    return static_cast<float*>(p);
+  };
+  auto u8 = [&](int64_t n) -> absl::StatusOr<uint8_t*> {
+    ASSIGN_OR_RETURN(void* p, arena.Alloc(std::max<int64_t>(n, 256), 0.f, 0.f, false));
+    return static_cast<uint8_t*>(p);
+  };
+  const std::vector<Fp8TensorSpec> specs(64, Fp8TensorSpec{Fp8Format::kE4M3, 0});
+  ASSIGN_OR_RETURN(std::unique_ptr<Fp8ScalingState> state, Fp8ScalingState::Create(specs, 16));
+  ASSIGN_OR_RETURN(float* one, fp(64, 1.f, 1.f));
+  const int C = 768;
+  const int64_t N = 16384;
+  const Fp8Format e4 = Fp8Format::kE4M3;
+  // ---- memory-bound kernels at 124M shapes
+  {
+    ASSIGN_OR_RETURN(bf16* x, bf(N * 4 * C));
+    ASSIGN_OR_RETURN(bf16* a, bf(N * C));
+    ASSIGN_OR_RETURN(bf16* b, bf(N * C));
+    ASSIGN_OR_RETURN(bf16* res, bf(N * C));
+    ASSIGN_OR_RETURN(bf16* w, bf(C, 0.5f, 1.5f));
+    ASSIGN_OR_RETURN(bf16* bias, bf(C));
+    ASSIGN_OR_RETURN(float* mean, fp(N));
+    ASSIGN_OR_RETURN(float* rstd, fp(N));
+    ASSIGN_OR_RETURN(uint8_t* q, u8(N * 4 * C));
+    ASSIGN_OR_RETURN(uint8_t* qt, u8(N * 4 * C));
+    ASSIGN_OR_RETURN(float* sx, fp(N * 4 * C / 128 + 256));
+    ASSIGN_OR_RETURN(float* sxt, fp(N * 4 * C / 128 + 256));
+    float* amax = state->amax();
+    const float* scale = state->scale();
+    const double e = static_cast<double>(N) * C;
+    bench.Run("fp8 cast bf16->e4m3 16384x768", 0, e * 3,
+              [&] { return fp8_cast_cuda(q, nullptr, amax, a, N, C, e4, scale, stream); });
+    bench.Run("fp8 cast+transpose+amax 16384x768", 0, e * 4,
+              [&] { return fp8_cast_cuda(q, qt, amax, a, N, C, e4, scale, stream); });
+    bench.Run("fp8 cast+transpose+amax 16384x3072 (dy fc)", 0, 4 * e * 4, [&] {
+      return fp8_cast_cuda(q, qt, amax, x, N, 4 * C, Fp8Format::kE5M2, scale, stream);
+    });
+    bench.Run("fp8 amax bf16 16384x768", 0, e * 2,
+              [&] { return fp8_amax_cuda(amax, a, N * C, stream); });
+    bench.Run("fp8 transpose 16384x768", 0, e * 2,
+              [&] { return fp8_transpose_cuda(qt, q, N, C, stream); });
+    bench.Run("fp8 residual_layernorm->e4m3 16384x768", 0, e * 7, [&] {
+      return residual_layernorm_forward_fp8_cuda(res, q, mean, rstd, amax, a, b, w, bias,
+                                                 static_cast<int>(N), C, e4, scale, stream);
+    });
+    bench.Run("fp8 residual_layernorm+amax (bf16) 16384x768", 0, e * 8, [&] {
+      return residual_layernorm_forward_amax_cuda(res, b, mean, rstd, amax, a, b, w, bias,
+                                                  static_cast<int>(N), C, stream);
+    });
+    bench.Run("fp8 block quantize act 1x128+128x1 16384x768", 0, e * 4, [&] {
+      return fp8_block_quantize_act_cuda(q, sx, qt, sxt, a, N, C, e4, stream);
+    });
+    ASSIGN_OR_RETURN(float* wf, fp(int64_t{4} * C * C, -0.05f, 0.05f));
+    ASSIGN_OR_RETURN(float* sw, fp(int64_t{4} * C * C / 128 + 256));
+    ASSIGN_OR_RETURN(float* swt, fp(int64_t{4} * C * C / 128 + 256));
+    bench.Run("fp8 block quantize weight 3072x768 (+W^T)", 0, 4.0 * C * C * 6, [&] {
+      return fp8_block_quantize_weight_cuda(q, sw, qt, swt, wf, 4 * C, C, e4, stream);
+    });
+    bench.Run("fp8 delayed update 64 tensors, history 16", 0, 0,
+              [&] { return fp8_delayed_update_cuda(*state, 0, -1, stream); });
+  }
+  // ---- AdamW over 124M parameters, 85M of them (the block Linears) with E4M3 copies
+  {
+    const int64_t P = 124 * 1000 * 1000, W = 85 * 1000 * 1000;
+    ASSIGN_OR_RETURN(float* p, fp(P, -0.05f, 0.05f));
+    ASSIGN_OR_RETURN(float* g, fp(P, -0.01f, 0.01f));
+    ASSIGN_OR_RETURN(float* m, fp(P, 0.f, 0.f));
+    ASSIGN_OR_RETURN(float* v, fp(P, 0.f, 0.f));
+    ASSIGN_OR_RETURN(bf16* pb, bf(P));
+    ASSIGN_OR_RETURN(uint8_t* codes, u8(W));
+    const std::vector<AdamwSegment> segs = {{0, P, true}};
+    std::vector<AdamwFp8Segment> f8;
+    const int64_t per = W / 48;  // 48 weight matrices
+    for (int i = 0; i < 48; ++i) {
+      f8.push_back({P - W + i * per, per, i, codes + i * per, e4, /*write_bf16=*/false});
+    }
+    ASSIGN_OR_RETURN(std::unique_ptr<AdamwPlan> plan, AdamwPlan::Create(segs, P));
+    ASSIGN_OR_RETURN(std::unique_ptr<AdamwPlan> plan8, AdamwPlan::Create(segs, P, f8));
+    int t = 0;
+    bench.Run("fp8 adamw 124M (+bf16 copy), reference", 0, P * (4.0 * 7 + 2), [&] {
+      return adamw_update_multi_cuda(*plan, p, pb, g, m, v, 1e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, ++t,
+                                     nullptr, stream);
+    });
+    bench.Run("fp8 adamw 124M, 85M as e4m3 copies (no bf16)", 0,
+              P * 4.0 * 7 + (P - W) * 2.0 + W * 1.0, [&] {
+                return adamw_update_multi_fp8_cuda(*plan8, p, pb, g, m, v, 1e-4f, 0.9f, 0.95f,
+                                                   1e-8f, 0.1f, ++t, nullptr, state->scale(),
+                                                   state->amax(), stream);
+              });
+  }
+  // ---- GEMMs: out (N, OC) = X (N, K) W (OC, K)^T
+  struct GemmShape {
+    const char* name;
+    int N, K, OC;
+  };
+  const GemmShape shapes[] = {
+      {"124M qkv 16384x768->2304", 16384, 768, 2304},   {"124M proj 16384x768->768", 16384, 768, 768},
+      {"124M fc 16384x768->3072", 16384, 768, 3072},    {"124M fcproj 16384x3072->768", 16384, 3072, 768},
+      {"124M wgrad qkv 2304x16384->768", 2304, 16384, 768},
+      {"1.5B qkv 4096x1600->4800", 4096, 1600, 4800},   {"1.5B proj 4096x1600->1600", 4096, 1600, 1600},
+      {"1.5B fc 4096x1600->6400", 4096, 1600, 6400},    {"1.5B fcproj 4096x6400->1600", 4096, 6400, 1600},
+  };
+  for (const GemmShape& sh : shapes) {
+    const int64_t nx = int64_t{sh.N} * sh.K, nw = int64_t{sh.OC} * sh.K, no = int64_t{sh.N} * sh.OC;
+    ASSIGN_OR_RETURN(bf16* xb, bf(nx));
+    ASSIGN_OR_RETURN(bf16* wb, bf(nw, -0.05f, 0.05f));
+    ASSIGN_OR_RETURN(bf16* ob, bf(no));
+    ASSIGN_OR_RETURN(uint8_t* xq, u8(nx));
+    ASSIGN_OR_RETURN(uint8_t* wq, u8(nw));
+    ASSIGN_OR_RETURN(float* of, fp(no, 0.f, 0.f));
+    ASSIGN_OR_RETURN(float* xs, fp(nx / 128 + sh.N + 256, 1.f, 1.f));
+    ASSIGN_OR_RETURN(float* ws, fp(nw / 128 + sh.OC + 256, 1.f, 1.f));
+    RETURN_IF_ERROR(fp8_cast_cuda(xq, nullptr, nullptr, xb, sh.N, sh.K, e4, one, stream));
+    RETURN_IF_ERROR(fp8_cast_cuda(wq, nullptr, nullptr, wb, sh.OC, sh.K, e4, one, stream));
+    const double flops = 2.0 * sh.N * sh.K * sh.OC;
+    const bool wgrad = std::string(sh.name).find("wgrad") != std::string::npos;
+    bench.Run(absl::StrCat("fp8 gemm bf16 reference ", sh.name), flops, 0, [&] {
+      return matmul_forward_cuda(ctx, ob, xb, wb, nullptr, sh.N, sh.K, sh.OC, stream);
+    });
+    struct Variant {
+      const char* name;
+      Fp8ScaleLayout xl, wl;
+      Fp8Accumulation acc;
+      Fp8GemmBackend backend;
+    };
+    const Variant variants[] = {
+        {"tensor fast", Fp8ScaleLayout::kPerTensor, Fp8ScaleLayout::kPerTensor,
+         Fp8Accumulation::kFast, Fp8GemmBackend::kAuto},
+        {"tensor split", Fp8ScaleLayout::kPerTensor, Fp8ScaleLayout::kPerTensor,
+         Fp8Accumulation::kSplit, Fp8GemmBackend::kAuto},
+        {"block 1x128.128x128", Fp8ScaleLayout::kTile1x128, Fp8ScaleLayout::kBlock128x128,
+         Fp8Accumulation::kSplit, Fp8GemmBackend::kAuto},
+        {"block 1x128.1x128", Fp8ScaleLayout::kTile1x128, Fp8ScaleLayout::kTile1x128,
+         Fp8Accumulation::kSplit, Fp8GemmBackend::kAuto},
+        {"own kernel tensor", Fp8ScaleLayout::kPerTensor, Fp8ScaleLayout::kPerTensor,
+         Fp8Accumulation::kSplit, Fp8GemmBackend::kOwnKernel},
+        {"own kernel block 1x128.128x128", Fp8ScaleLayout::kTile1x128,
+         Fp8ScaleLayout::kBlock128x128, Fp8Accumulation::kSplit, Fp8GemmBackend::kOwnKernel},
+    };
+    for (const Variant& v : variants) {
+      Fp8Operand x{xq, e4, v.xl, v.xl == Fp8ScaleLayout::kPerTensor ? one : xs, 0};
+      Fp8Operand w{wq, e4, v.wl, v.wl == Fp8ScaleLayout::kPerTensor ? one : ws, 0};
+      Fp8MatmulOutput out;
+      out.data = wgrad ? static_cast<void*>(of) : static_cast<void*>(ob);
+      out.type = wgrad ? Fp8OutType::kFp32 : Fp8OutType::kBf16;
+      out.write = wgrad ? GradWrite::kAccumulate : GradWrite::kOverwrite;
+      Fp8MatmulOptions opt;
+      opt.accumulation = v.acc;
+      opt.backend = v.backend;
+      bench.Run(absl::StrCat("fp8 gemm ", v.name, " ", sh.name), flops, 0, [&] {
+        return fp8_matmul_cuda(*fctx, out, x, w, sh.N, sh.K, sh.OC, opt, stream);
+      });
+    }
+  }
+  RETURN_IF_ERROR(SynchronizeStream(stream));
+  for (const Fp8GemmRecord& r : fctx->report()) {
+    std::printf("  fp8 gemm %s: %s%s%s\n", r.problem.c_str(), r.cublaslt ? "cuBLASLt" : "own kernel",
+                r.why_not.empty() ? "" : " (cuBLASLt: ", r.why_not.empty() ? "" : (r.why_not + ")").c_str());
+  }
+  return absl::OkStatus();
+}
 
 absl::Status Main(const Options& opt) {
   ASSIGN_OR_RETURN(const std::string device, DeviceDescription());
@@ -302,6 +480,7 @@ absl::Status Main(const Options& opt) {
                               sum_squares_cuda_workspace_bytes(), stream);
     });
   }
+  RETURN_IF_ERROR(Fp8Rows(bench, *ctx, arena, stream));
   RETURN_IF_ERROR(SynchronizeStream(stream));
   RETURN_IF_ERROR(DestroyStream(stream));
   if (bench.errors() > 0) return absl::InternalError(absl::StrCat(bench.errors(), " errors"));
