@@ -10,10 +10,14 @@
 #        mkdir -p .device/train/data/brown && cp data/brown/mixed_*.bin .device/train/data/brown/
 # There: tests/gpu/gpu_session.sh [--dist .device/dist] [--anchor .device/anchors/torch_anchor.py]
 #          [--shapes 124m,350m,1558m] [--no-tests] [--no-anchor] [--kernel-bench] [--memcheck]
-#          [--train DIR]
+#          [--train DIR] [--precisions fp8,fp8cur,fp8blk,w4a4,w4a4phi,w8a8i8,w4a8i8]
+#          [--tar .device/dist.tar.xz] [--anchor-modes bf16,fp8,w4a4]
 # --train DIR: qtrain (in the bundle) trains the 124M shape for 400 steps on the Brown shards
 #   under DIR/data/brown (run from DIR), then resumes a second run from its step-200 checkpoint;
 #   the two runs' losses for steps 201-400 must agree exactly. --shapes "" skips the benchmarks.
+# --precisions: per shape, the bench also runs each named precision (bench --precision, the
+#   table below); --anchor-modes: the PyTorch anchor's modes (default bf16).
+# --tar: the bundle as a tar.xz (what fits the machine's 64 MiB), unpacked to /tmp first.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
@@ -26,6 +30,9 @@ kernel_bench=0
 memcheck=0
 train_dir=
 steps=30
+precisions=
+anchor_modes=bf16
+tarball=
 while (($#)); do
   case "$1" in
     --dist) dist="$2"; shift 2 ;;
@@ -37,10 +44,29 @@ while (($#)); do
     --kernel-bench) kernel_bench=1; shift ;;
     --memcheck) memcheck=1; shift ;;
     --train) train_dir="$2"; shift 2 ;;
+    --precisions) precisions="$2"; shift 2 ;;
+    --anchor-modes) anchor_modes="$2"; shift 2 ;;
+    --tar) tarball="$2"; shift 2 ;;
     *) echo "gpu_session: unknown argument '$1'" >&2; exit 2 ;;
   esac
 done
+if [[ -n "$tarball" ]]; then
+  mkdir -p /tmp/qtrain_bundle && tar xJf "$tarball" -C /tmp/qtrain_bundle || exit 2
+  dist="/tmp/qtrain_bundle/$(tar tJf "$tarball" | head -1 | cut -d/ -f1)"
+fi
 out="${OUT:-$dist/logs}"
+# The named precisions of --precisions (bench --precision replaces the job's block).
+declare -A precision_of=(
+  [fp8]='linear: FP8'
+  [fp8cur]='linear: FP8 fp8 { scaling: CURRENT }'
+  [fp8blk]='linear: FP8 fp8 { scaling: BLOCK }'
+  [fp8tweo]='linear: FP8 tweo { enabled: true }'
+  [w4a4]='linear: QAT qat { weight_bits: 4 act_bits: 4 }'
+  [w4a4phi]='linear: QAT qat { weight_bits: 4 act_bits: 4 } aux_lowrank { enabled: true rank: 32 decay_period: 100000 }'
+  [w8a8]='linear: QAT qat { weight_bits: 8 act_bits: 8 act_granularity: PER_TOKEN }'
+  [w8a8i8]='linear: QAT qat { weight_bits: 8 act_bits: 8 act_granularity: PER_TOKEN int8_forward: true }'
+  [w4a8i8]='linear: QAT qat { weight_bits: 4 act_bits: 8 act_granularity: PER_TOKEN int8_forward: true }'
+)
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 status=0
@@ -67,11 +93,18 @@ for s in "${shape_list[@]}"; do
   echo "===== bench gpt2_$s" | tee -a "$out/bench.log"
   timeout 240 "$dist/bench" --job="configs/gpt2_$s.textproto" --steps="$steps" --warmup=5 \
     2>&1 | tee -a "$out/bench.log" || status=1
+  prec_list=()
+  [[ -n "$precisions" ]] && IFS=, read -r -a prec_list <<<"$precisions"
+  for pn in "${prec_list[@]}"; do
+    echo "===== bench gpt2_$s $pn: ${precision_of[$pn]}" | tee -a "$out/bench.log"
+    timeout 240 "$dist/bench" --job="configs/gpt2_$s.textproto" --steps="$steps" --warmup=5 \
+      --precision="${precision_of[$pn]}" 2>&1 | tee -a "$out/bench.log" || status=1
+  done
   if ((run_anchor)) && [[ -f "$anchor" ]]; then
     read -r L D H B <<<"${anchor_args[$s]}"
-    echo "===== anchor gpt2_$s: python3 torch_anchor.py --modes bf16 --ceilings 0 --layers $L" \
-         "--dim $D --heads $H --B $B --T 1024 --steps $steps" | tee -a "$out/anchor.log"
-    timeout 240 python3 "$anchor" --modes bf16 --ceilings 0 --layers "$L" --dim "$D" \
+    echo "===== anchor gpt2_$s: python3 torch_anchor.py --modes $anchor_modes --ceilings 0" \
+         "--layers $L --dim $D --heads $H --B $B --T 1024 --steps $steps" | tee -a "$out/anchor.log"
+    timeout 400 python3 "$anchor" --modes "$anchor_modes" --ceilings 0 --layers "$L" --dim "$D" \
       --heads "$H" --B "$B" --T 1024 --steps "$steps" 2>&1 | grep -v Warning |
       tee -a "$out/anchor.log" || status=1
   fi
