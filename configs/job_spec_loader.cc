@@ -609,25 +609,55 @@ void CheckDistributed(const JobSpec& spec, Errors* e) {
            EnumName(Device_descriptor(), spec.device()));
 
   const ParameterServiceSpec& ps = spec.parameter_service();
-  if (!ps.address().empty()) {
-    // host:port, the host possibly a bracketed IPv6 address.
-    const size_t colon = ps.address().rfind(':');
+  // host:port, the host possibly a bracketed IPv6 address.
+  auto check_address = [e](const char* field, const std::string& address) {
+    const size_t colon = address.rfind(':');
     int port = 0;
     if (colon == std::string::npos || colon == 0 ||
-        !absl::SimpleAtoi(absl::string_view(ps.address()).substr(colon + 1), &port) || port < 1 ||
+        !absl::SimpleAtoi(absl::string_view(address).substr(colon + 1), &port) || port < 1 ||
         port > 65535)
-      e->Add("parameter_service.address", "must be host:port with port in [1, 65535], got \"",
-             ps.address(), "\"");
-  } else {
-    if (!ps.token_file().empty())
-      e->Add("parameter_service.token_file", "set without parameter_service.address");
-    if (ps.deadline_ms() != 0)
-      e->Add("parameter_service.deadline_ms", "set without parameter_service.address");
-    if (ps.heartbeat_ms() != 0)
-      e->Add("parameter_service.heartbeat_ms", "set without parameter_service.address");
+      e->Add(field, "must be host:port with port in [1, 65535], got \"", address, "\"");
+  };
+  if (!ps.address().empty()) check_address("parameter_service.address", ps.address());
+  if (!d.coordinator().empty()) {
+    check_address("distributed.coordinator", d.coordinator());
+    if (d.backend() == DistributedSpec::MPI)
+      e->Add("distributed.coordinator", "replaces MPI's start-up: leave distributed.backend unset "
+             "(CPU ranks reduce over TCP) or NCCL, got backend MPI");
+  }
+  // The connection settings serve the service wherever it is named.
+  if (ps.address().empty() && d.coordinator().empty()) {
+    const std::pair<const char*, bool> unused[] = {
+        {"parameter_service.token_file", !ps.token_file().empty()},
+        {"parameter_service.deadline_ms", ps.deadline_ms() != 0},
+        {"parameter_service.heartbeat_ms", ps.heartbeat_ms() != 0},
+        {"parameter_service.job_id", !ps.job_id().empty()},
+        {"parameter_service.tls_ca_file", !ps.tls_ca_file().empty()},
+        {"parameter_service.tls_cert_file", !ps.tls_cert_file().empty()},
+        {"parameter_service.tls_key_file", !ps.tls_key_file().empty()},
+        {"parameter_service.heartbeat_timeout_ms", ps.heartbeat_timeout_ms() != 0}};
+    for (const auto& [field, set] : unused)
+      if (set) e->Add(field, "set without parameter_service.address or distributed.coordinator");
   }
   e->NonNegative("parameter_service.deadline_ms", ps.deadline_ms());
   e->NonNegative("parameter_service.heartbeat_ms", ps.heartbeat_ms());
+  e->NonNegative("parameter_service.heartbeat_timeout_ms", ps.heartbeat_timeout_ms());
+  if (ps.heartbeat_ms() > 0 && ps.heartbeat_timeout_ms() > 0 &&
+      ps.heartbeat_timeout_ms() <= ps.heartbeat_ms())
+    e->Add("parameter_service.heartbeat_timeout_ms", "must exceed heartbeat_ms (",
+           ps.heartbeat_ms(), "), got ", ps.heartbeat_timeout_ms());
+  if (!ps.job_id().empty()) {
+    bool ok = ps.job_id().size() <= 128 && ps.job_id()[0] != '.';
+    for (char c : ps.job_id())
+      ok = ok && (absl::ascii_isalnum(c) || c == '.' || c == '_' || c == '-' || c == ':');
+    if (!ok)
+      e->Add("parameter_service.job_id", "up to 128 of [A-Za-z0-9._:-], not starting with '.', "
+             "got \"", ps.job_id(), "\"");
+  }
+  if (ps.tls_cert_file().empty() != ps.tls_key_file().empty())
+    e->Add("parameter_service.tls_cert_file", "goes together with tls_key_file");
+  if (!ps.tls_cert_file().empty() && ps.tls_ca_file().empty())
+    e->Add("parameter_service.tls_cert_file", "a client certificate needs tls_ca_file (TLS)");
 }
 
 std::string PrefixLines(const std::string& prefix, absl::string_view text) {
@@ -813,7 +843,6 @@ absl::Status RejectUnimplemented(const JobSpec& spec) {
     if (spec.training().lm_head_chunks() > 1)
       reject("training.lm_head_chunks", "a chunked LM head on the CPU trainer (device CPU)");
   }
-  reject(ChangedField(spec.parameter_service(), "parameter_service"), "the parameter service");
   if (spec.lora().rank() > 0 && !IsFederated(spec))
     reject("lora.rank", "LoRA fine-tuning outside federated jobs");
   // clang-format on

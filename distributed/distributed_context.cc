@@ -176,6 +176,8 @@ absl::StatusOr<std::unique_ptr<DistributedContext>> DistributedContext::Wrap(
 }
 
 DistributedContext::~DistributedContext() {
+  // The membership's thread may still act on the communicator: it goes first.
+  membership_.reset();
   comm_.reset();
   if (owns_mpi_) {
     int finalized = 0;
@@ -269,6 +271,14 @@ absl::Status DistributedContext::VerifyIdentical(const float* data, int64_t n,
     }
   }
   return absl::OkStatus();
+}
+
+void DistributedContext::SetMembership(std::unique_ptr<Membership> membership) {
+  membership_ = std::move(membership);
+}
+
+void DistributedContext::Finish(const absl::Status& status) {
+  if (membership_) membership_->Finish(status);
 }
 
 void DistributedContext::AbortJob(int exit_code) {

@@ -24,6 +24,15 @@ constexpr int kDefaultTimeoutS = 300;
 
 class DistributedContext {
  public:
+  // A rank's membership in a job held elsewhere (the parameter service's worker session when
+  // the job has distributed.coordinator): lives as long as the context, and learns how the run
+  // ended so the other ranks can be told.
+  class Membership {
+   public:
+    virtual ~Membership() = default;
+    virtual void Finish(const absl::Status& status) = 0;
+  };
+
   // distributed.backend unset: one process, no MPI; an error when a launcher started several
   // (they would all train alone and overwrite each other's checkpoints). MPI (and NCCL, whose
   // bootstrap is MPI): initialises MPI with MPI_THREAD_MULTIPLE (the watchdog thread may call
@@ -70,14 +79,21 @@ class DistributedContext {
   absl::Status VerifyIdentical(const float* data, int64_t n, absl::string_view when);
 
   // Stops every rank of an MPI job (MPI_Abort with `exit_code`). Returns only when there is
-  // no MPI job (one process); the caller then exits itself.
+  // no MPI job (one process, or ranks that met through the parameter service: their peers see
+  // the connection close); the caller then exits itself.
   void AbortJob(int exit_code);
+
+  // Kept until the context goes (released before the communicator).
+  void SetMembership(std::unique_ptr<Membership> membership);
+  // The run ended with `status` (OK: cleanly); a no-op without a membership.
+  void Finish(const absl::Status& status);
 
  private:
   DistributedContext() = default;
   absl::Status GatherHosts();
 
   std::unique_ptr<Communicator> comm_;
+  std::unique_ptr<Membership> membership_;  // declared after comm_: destroyed first
   bool owns_mpi_ = false;
   std::string launcher_;
   int local_rank_ = 0;

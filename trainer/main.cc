@@ -1,5 +1,6 @@
 // qtrain: trains the model a job spec describes. `qtrain --job=configs/tiny_cpu.textproto`;
-// data-parallel under `mpirun -np N` or `srun --mpi=pmix` when the job sets distributed.backend.
+// data-parallel under `mpirun -np N` or `srun --mpi=pmix` when the job sets distributed.backend,
+// or through the parameter service with --coordinator (trainer/service_run.h).
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -7,16 +8,22 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "configs/job_spec_loader.h"
 #include "distributed/distributed_context.h"
+#include "trainer/service_run.h"
+#include "trainer/sinks.h"
 #include "trainer/trainer.h"
 
-ABSL_FLAG(std::string, job, "", "path of the job spec (text protobuf), e.g. configs/tiny_cpu.textproto");
+ABSL_FLAG(std::string, job, "",
+          "path of the job spec (text protobuf), e.g. configs/tiny_cpu.textproto, or ps://JOB "
+          "for a job registered with the parameter service at --coordinator");
 ABSL_FLAG(int, steps, -1, "override training.steps");
 ABSL_FLAG(std::string, out_dir, "", "override out_dir (checkpoints, metrics.jsonl)");
 ABSL_FLAG(std::string, resume, "",
-          "resume: 'latest' (newest checkpoint in out_dir) or a checkpoint path");
+          "resume: 'latest' (newest checkpoint in out_dir), a checkpoint path, or "
+          "ps://JOB/latest (ps://JOB/STEP) from the parameter service");
 ABSL_FLAG(int, global_batch, -1,
           "sequences per optimizer step over all ranks: sets training.batch_size to "
           "global_batch / (ranks * grad_accum), so one job file serves any number of ranks that "
@@ -25,6 +32,13 @@ ABSL_FLAG(std::string, backend, "",
           "override distributed.backend: 'mpi' (what the launch/ scripts pass, so any job file "
           "runs data-parallel) or 'none'");
 ABSL_FLAG(bool, quiet, false, "no progress lines");
+ABSL_FLAG(std::string, coordinator, "",
+          "host:port of a qtrain_ps: set distributed.coordinator (ranks meet through the service, "
+          "no MPI) and where --job=ps://JOB is fetched from");
+ABSL_FLAG(int, rank, -1, "with --coordinator: this process's rank (default: the launcher's, "
+          "$QTRAIN_RANK, or the service assigns one)");
+ABSL_FLAG(int, world_size, 0, "with --coordinator: the number of ranks (default: the launcher's "
+          "or $QTRAIN_WORLD_SIZE)");
 
 namespace {
 
@@ -46,7 +60,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "qtrain: --job is required (e.g. --job=configs/tiny_cpu.textproto)\n");
     return 2;
   }
-  absl::StatusOr<qtrain::JobSpec> spec = qtrain::LoadJobSpec(job);
+  const std::string coordinator = absl::GetFlag(FLAGS_coordinator);
+  absl::StatusOr<qtrain::JobSpec> spec = qtrain::LoadJobForRun(job, coordinator);
   if (!spec.ok()) {
     std::fprintf(stderr, "qtrain: %s\n", std::string(spec.status().message()).c_str());
     return 1;
@@ -65,8 +80,10 @@ int main(int argc, char** argv) {
     }
   }
 
-  absl::StatusOr<std::unique_ptr<qtrain::DistributedContext>> dist =
-      qtrain::DistributedContext::Create(spec->distributed());
+  if (!coordinator.empty()) spec->mutable_distributed()->set_coordinator(coordinator);
+
+  absl::StatusOr<std::unique_ptr<qtrain::DistributedContext>> dist = qtrain::CreateRunContext(
+      *spec, absl::GetFlag(FLAGS_rank), absl::GetFlag(FLAGS_world_size));
   if (!dist.ok()) {
     std::fprintf(stderr, "qtrain: %s\n", std::string(dist.status().message()).c_str());
     return 1;
@@ -97,10 +114,26 @@ int main(int argc, char** argv) {
   }
 
   qtrain::RunOptions options;
-  options.resume = absl::GetFlag(FLAGS_resume);
+  absl::StatusOr<std::string> resume =
+      qtrain::FetchResume(*spec, absl::GetFlag(FLAGS_resume), dist->get());
+  absl::StatusOr<std::vector<std::unique_ptr<qtrain::RunSink>>> sinks = qtrain::MakeServiceSinks(
+      *spec, !absl::StartsWith(job, qtrain::kServiceScheme), (*dist)->is_root());
+  absl::Status ready = resume.status();
+  if (ready.ok()) ready = (*dist)->AllOk(sinks.status(), "connecting to the parameter service");
+  if (!ready.ok()) {
+    if ((*dist)->is_root()) {
+      std::fprintf(stderr, "qtrain: %s\n", std::string(ready.message()).c_str());
+    }
+    (*dist)->Finish(ready);
+    return 1;
+  }
+  options.resume = *resume;
   options.quiet = absl::GetFlag(FLAGS_quiet);
   options.dist = dist->get();
+  for (const auto& sink : *sinks) options.sinks.push_back(sink.get());
   absl::StatusOr<qtrain::RunResult> result = qtrain::RunTraining(*spec, options);
+  // The parameter service (when the ranks met through it) learns how this rank ended.
+  (*dist)->Finish(result.status());
   if (!result.ok()) {
     // An error every rank holds (a spec mismatch, a checkpoint rank 0 could not read): rank 0
     // reports it and all exit normally. An error of this rank alone: report it and stop the

@@ -320,6 +320,7 @@ TEST(Defaults, DistillLossDefaultsToMseOnlyWithATeacher) {
   ApplyDefaults(&spec);
   EXPECT_EQ(spec.precision().distill().loss(), DistillSpec::LOSS_UNSPECIFIED);
   spec.mutable_precision()->mutable_distill()->set_teacher_checkpoint("t.safetensors");
+  spec.mutable_precision()->mutable_distill()->set_weight(1.0f);
   ApplyDefaults(&spec);
   EXPECT_EQ(spec.precision().distill().loss(), DistillSpec::MSE);
 }
@@ -662,6 +663,39 @@ std::vector<BadCase> BadCases() {
          s->mutable_parameter_service()->set_heartbeat_ms(-1);
        },
        "parameter_service.heartbeat_ms: must be >= 0, got -1"},
+      {"coordinator no port",
+       [](JobSpec* s) { s->mutable_distributed()->set_coordinator("node1"); },
+       "distributed.coordinator: must be host:port with port in [1, 65535], got \"node1\""},
+      {"coordinator with MPI",
+       [](JobSpec* s) {
+         s->mutable_distributed()->set_coordinator("node1:7070");
+         s->mutable_distributed()->set_backend(DistributedSpec::MPI);
+       },
+       "distributed.coordinator: replaces MPI's start-up"},
+      {"job id without service",
+       [](JobSpec* s) { s->mutable_parameter_service()->set_job_id("j"); },
+       "parameter_service.job_id: set without parameter_service.address or "
+       "distributed.coordinator"},
+      {"job id characters",
+       [](JobSpec* s) {
+         s->mutable_parameter_service()->set_address("h:1");
+         s->mutable_parameter_service()->set_job_id("../x");
+       },
+       "parameter_service.job_id: up to 128 of [A-Za-z0-9._:-]"},
+      {"client cert without CA",
+       [](JobSpec* s) {
+         s->mutable_distributed()->set_coordinator("h:1");
+         s->mutable_parameter_service()->set_tls_cert_file("c.pem");
+         s->mutable_parameter_service()->set_tls_key_file("k.pem");
+       },
+       "parameter_service.tls_cert_file: a client certificate needs tls_ca_file"},
+      {"heartbeat timeout below interval",
+       [](JobSpec* s) {
+         s->mutable_parameter_service()->set_address("h:1");
+         s->mutable_parameter_service()->set_heartbeat_ms(500);
+         s->mutable_parameter_service()->set_heartbeat_timeout_ms(400);
+       },
+       "parameter_service.heartbeat_timeout_ms: must exceed heartbeat_ms (500), got 400"},
       // Federated.
       {"rounds", [](JobSpec* s) { s->mutable_federated()->set_aggregation(FederatedSpec::FEDSVD); },
        "federated.rounds: must be > 0, got 0"},
@@ -879,9 +913,6 @@ std::vector<UnimplementedCase> UnimplementedCases() {
          s->mutable_training()->set_lm_head_chunks(2);
        },
        "training.lm_head_chunks"},
-      {"parameter service",
-       [](JobSpec* s) { s->mutable_parameter_service()->set_address("localhost:50051"); },
-       "parameter_service.address"},
       {"lora outside federated",
        [](JobSpec* s) {
          s->mutable_lora()->set_rank(8);
@@ -927,13 +958,15 @@ TEST(Unimplemented, SeveralFeaturesAreListedTogether) {
   JobSpec spec = Base();
   spec.set_device(CUDA);
   spec.mutable_model()->set_padded_vocab_size(spec.model().vocab_size() + 64);
-  spec.mutable_parameter_service()->set_address("localhost:50051");
+  spec.mutable_precision()->mutable_distill()->set_teacher_checkpoint("t.safetensors");
+  spec.mutable_precision()->mutable_distill()->set_weight(1.0f);
+  ApplyDefaults(&spec);
   absl::Status s = ValidateJobSpec(spec);
   EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(s.message(),
+            "precision.distill.teacher_checkpoint: distillation on CUDA is not implemented yet\n"
             "model.padded_vocab_size: a padded vocabulary (padded_vocab_size != vocab_size) on "
-            "CUDA is not implemented yet\n"
-            "parameter_service.address: the parameter service is not implemented yet");
+            "CUDA is not implemented yet");
 }
 
 // ---------------------------------------------------------------------------------------------
