@@ -286,7 +286,7 @@ absl::Status TcpCommunicator::Failure(const std::string& what, const std::string
                                       int peer) const {
   absl::MutexLock lock(&mu_);
   return absl::UnavailableError(absl::StrCat(
-      "rank ", rank_, ": ", what, activity_.empty() ? "" : absl::StrCat(" (", activity_, ")"),
+      what, activity_.empty() ? "" : absl::StrCat(" (", activity_, ")"),
       ": ", Who(peer), " ", detail));
 }
 

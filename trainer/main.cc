@@ -35,6 +35,9 @@ ABSL_FLAG(bool, quiet, false, "no progress lines");
 ABSL_FLAG(std::string, coordinator, "",
           "host:port of a qtrain_ps: set distributed.coordinator (ranks meet through the service, "
           "no MPI) and where --job=ps://JOB is fetched from");
+ABSL_FLAG(std::string, parameter_service, "",
+          "host:port: set parameter_service.address (the job spec, metrics and checkpoints go "
+          "to that qtrain_ps too)");
 ABSL_FLAG(int, rank, -1, "with --coordinator: this process's rank (default: the launcher's, "
           "$QTRAIN_RANK, or the service assigns one)");
 ABSL_FLAG(int, world_size, 0, "with --coordinator: the number of ranks (default: the launcher's "
@@ -81,6 +84,9 @@ int main(int argc, char** argv) {
   }
 
   if (!coordinator.empty()) spec->mutable_distributed()->set_coordinator(coordinator);
+  if (!absl::GetFlag(FLAGS_parameter_service).empty()) {
+    spec->mutable_parameter_service()->set_address(absl::GetFlag(FLAGS_parameter_service));
+  }
 
   absl::StatusOr<std::unique_ptr<qtrain::DistributedContext>> dist = qtrain::CreateRunContext(
       *spec, absl::GetFlag(FLAGS_rank), absl::GetFlag(FLAGS_world_size));

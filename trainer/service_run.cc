@@ -116,7 +116,8 @@ absl::StatusOr<std::string> FetchResume(const JobSpec& spec, const std::string& 
   std::string path;
   if (ok.ok() && dist->is_root()) {
     absl::StatusOr<std::shared_ptr<ps::PsClient>> client = ClientFor(spec, address);
-    absl::StatusOr<ps::CheckpointInfo> info = client.status();
+    absl::StatusOr<ps::CheckpointInfo> info = absl::UnknownError("not downloaded");
+    if (!client.ok()) info = client.status();
     if (client.ok()) {
       // Downloaded under a temporary name, checked, then renamed to the trainer's name.
       const std::string tmp = spec.out_dir() + "/checkpoints/.download.safetensors";
