@@ -35,7 +35,7 @@ absl::Status layernorm_forward_cuda(bf16* out, float* mean, float* rstd, const b
 // With a known (delayed) scale the output goes out as FP8 directly: out_fp8 (N,C) =
 // encode(float(y) * *scale) where y is the BF16 value the forms above write (so the codes equal
 // fp8_cast_cuda of their output, bit for bit, and mean/rstd/residual are bit-identical to
-// theirs); *amax = max(*amax, max |y|) (atomicMax on the bits; may be null). The transposed copy
+// theirs when both take the same access branch: a misaligned output takes the scalar one); *amax = max(*amax, max |y|) (atomicMax on the bits; may be null). The transposed copy
 // that wgrad needs is left to fp8_transpose_cuda: the row-per-warp layernorm would write it one
 // byte per row and column. Beyond the input reads, FP8 output + transpose move 3 bytes per
 // element (1 written, 1 read and 1 written by the transpose), a BF16 output + fp8_cast_cuda

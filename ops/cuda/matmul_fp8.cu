@@ -409,10 +409,15 @@ struct Fp8MatmulContext::Impl {
   void* scratch = nullptr;  // fp32 product of a BF16 accumulation
   size_t scratch_bytes = 0;
   float* lt_amax = nullptr;  // cuBLASLt's amax_D, maxed into the caller's afterwards
+  // 16-byte aligned copies of per-tensor scales (A, B, D at 0, 16, 32 bytes) for callers whose
+  // scales sit at any float of an array (Fp8ScalingState): cuBLASLt declined every per-tensor
+  // FP8 GEMM whose scale pointers were only 4-byte aligned (H200, cuBLAS 13.1).
+  float* lt_scales = nullptr;
 
   ~Impl() {
     if (scratch != nullptr) cudaFree(scratch);
     if (lt_amax != nullptr) cudaFree(lt_amax);
+    if (lt_scales != nullptr) cudaFree(lt_scales);
   }
   absl::StatusOr<void*> Scratch(size_t bytes) {
     if (bytes > scratch_bytes) {
@@ -456,7 +461,25 @@ std::string StatusName(cublasStatus_t st) {
 
 }  // namespace
 
-absl::Status Fp8MatmulContext::Impl::RunLt(const LtCall& c, cudaStream_t stream) {
+absl::Status Fp8MatmulContext::Impl::RunLt(const LtCall& call, cudaStream_t stream) {
+  LtCall c = call;
+  // Scalar scales that are not 16-byte aligned go through this context's aligned slots (a
+  // stream-ordered 4-byte device copy each; the GEMM after it reads the copy).
+  auto aligned = [&](const float*& p, int slot) -> absl::Status {
+    if (p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0) return absl::OkStatus();
+    float* dst = lt_scales + 4 * slot;
+    CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(dst, p, sizeof(float), cudaMemcpyDeviceToDevice, stream));
+    p = dst;
+    return absl::OkStatus();
+  };
+  if (c.key.a_mode == CUBLASLT_MATMUL_MATRIX_SCALE_SCALAR_32F) {
+    RETURN_IF_ERROR(aligned(c.a_scale, 0));
+  }
+  if (c.key.b_mode == CUBLASLT_MATMUL_MATRIX_SCALE_SCALAR_32F) {
+    RETURN_IF_ERROR(aligned(c.b_scale, 1));
+  }
+  RETURN_IF_ERROR(aligned(c.d_scale, 2));
   MatmulContext::Shared sh = base->shared();
   std::lock_guard<std::mutex> lock(*sh.mutex);
   cublasLtHandle_t handle = static_cast<cublasLtHandle_t>(sh.handle);
@@ -582,6 +605,7 @@ absl::StatusOr<std::unique_ptr<Fp8MatmulContext>> Fp8MatmulContext::Create(Matmu
   impl->base = base;
   impl->own_kernel_ok = major * 10 + minor >= 89;
   CUDA_RETURN_IF_ERROR(cudaMalloc(&impl->lt_amax, 256));
+  CUDA_RETURN_IF_ERROR(cudaMalloc(&impl->lt_scales, 256));
   return std::unique_ptr<Fp8MatmulContext>(new Fp8MatmulContext(std::move(impl)));
 }
 

@@ -507,8 +507,15 @@ TEST(LayernormFp8Test, CodesAreTheCastOfTheBf16Output) {
         QT_ASSERT_OK(stream.Sync());
         const std::vector<float> y = Bf16ToFloat(ref_out.ToHost("ref out"));
         ExpectSameCodes(codes.ToHost("codes"), CpuEncode(y, scale, f), "FP8 codes");
-        ExpectSameFloats(mean.ToHost("mean"), ref_mean.ToHost(), "mean");
-        ExpectSameFloats(rstd.ToHost("rstd"), ref_rstd.ToHost(), "rstd");
+        if (c.out_offset == 0) {
+          ExpectSameFloats(mean.ToHost("mean"), ref_mean.ToHost(), "mean");
+          ExpectSameFloats(rstd.ToHost("rstd"), ref_rstd.ToHost(), "rstd");
+        } else {
+          // A misaligned FP8 output takes the scalar branch, whose statistics sum the row in
+          // another order than the BF16 form's vector branch (seen: 1 ulp of rstd).
+          testing::ExpectNear(mean.ToHost("mean"), ref_mean.ToHost(), 1e-6, 1e-6, "mean");
+          testing::ExpectNear(rstd.ToHost("rstd"), ref_rstd.ToHost(), 0, 1e-6, "rstd");
+        }
         ExpectSameFloats(mean2.ToHost("mean2"), ref_mean.ToHost(), "mean (amax form)");
         ExpectSameFloats(rstd2.ToHost("rstd2"), ref_rstd.ToHost(), "rstd (amax form)");
         testing::ExpectBitwiseEqual(out_amax.ToHost("out (amax form)"), ref_out.ToHost(),
