@@ -915,6 +915,10 @@ LinearContext CudaGpt::linear_context() const {
   lc.phi_ws = phi_ws_;
   lc.aux_ws = aux_ws_;
   lc.aux_ws_bytes = aux_ws_bytes_;
+  if (profiling_) {
+    CudaGpt* self = const_cast<CudaGpt*>(this);
+    lc.mark = [self](const char* op) { return self->Mark(op); };
+  }
   return lc;
 }
 

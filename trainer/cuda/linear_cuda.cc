@@ -270,7 +270,7 @@ absl::Status CudaLinear::CastInput(const LinearContext& c, const bf16* x, bool t
       break;
   }
   x8_t_valid_ = x8_t_ != nullptr;
-  return absl::OkStatus();
+  return c.Mark("fp8 cast input");
 }
 
 absl::Status CudaLinear::QuantizeTensor(const LinearContext& c, bf16* out, const bf16* x,
@@ -289,7 +289,8 @@ absl::Status CudaLinear::QuantizeTensor(const LinearContext& c, bf16* out, const
                                            c.q_ws_bytes, c.stream));
     act_init_ = true;
   }
-  return ops::act_quant_forward_cuda(out, x, c.N, in_, q, c.stream);
+  RETURN_IF_ERROR(ops::act_quant_forward_cuda(out, x, c.N, in_, q, c.stream));
+  return c.Mark("qat quantize input");
 }
 
 absl::Status CudaLinear::InputFromLayernorm(const LinearContext& c, const LayernormArgs& ln,
@@ -385,6 +386,7 @@ absl::Status CudaLinear::InputFromGelu(const LinearContext& c, bf16* out, const 
     return ops::gelu_forward_quant_cuda(out, pre, c.N, in_, q, c.stream);
   }
   RETURN_IF_ERROR(ops::gelu_forward_cuda(out, pre, n, c.stream));
+  RETURN_IF_ERROR(c.Mark("gelu"));
   if (opt_.mode == LinearMode::kFp8) return CastInput(c, out, training);
   return absl::OkStatus();
 }
@@ -475,8 +477,12 @@ absl::Status CudaLinear::Forward(const LinearContext& c, bf16* out, bool trainin
       break;
     }
   }
-  if (gelu && !fused) return gelu_consumer->InputFromGelu(c, out, pre_act, training);
+  if (gelu && !fused) {
+    RETURN_IF_ERROR(c.Mark("fwd gemm (pre-activation)"));
+    return gelu_consumer->InputFromGelu(c, out, pre_act, training);
+  }
   if (gelu && gelu_consumer->mode() == LinearMode::kFp8) {
+    RETURN_IF_ERROR(c.Mark("fwd gemm+gelu"));
     return gelu_consumer->CastInput(c, out, training);
   }
   return absl::OkStatus();
@@ -491,18 +497,23 @@ absl::Status CudaLinear::BeginBackward(const LinearContext& c, const bf16* dout,
   const int64_t N = c.N;
   switch (recipe_) {
     case Fp8Recipe::kDelayed:
-      return ops::fp8_cast_cuda(c.dy8, c.dy8_t, training ? st.amax() + kg() : nullptr, dout, N,
-                                out_, Fp8Format::kE5M2, st.scale() + kg(), c.stream);
+      RETURN_IF_ERROR(ops::fp8_cast_cuda(c.dy8, c.dy8_t, training ? st.amax() + kg() : nullptr,
+                                         dout, N, out_, Fp8Format::kE5M2, st.scale() + kg(),
+                                         c.stream));
+      break;
     case Fp8Recipe::kCurrent:
       RETURN_IF_ERROR(ops::fp8_amax_cuda(st.amax() + kg(), dout, N * out_, c.stream));
       RETURN_IF_ERROR(ops::fp8_current_scale_cuda(st, kg(), 1, c.stream));
-      return ops::fp8_cast_cuda(c.dy8, c.dy8_t, nullptr, dout, N, out_, Fp8Format::kE5M2,
-                                st.scale() + kg(), c.stream);
+      RETURN_IF_ERROR(ops::fp8_cast_cuda(c.dy8, c.dy8_t, nullptr, dout, N, out_,
+                                         Fp8Format::kE5M2, st.scale() + kg(), c.stream));
+      break;
     case Fp8Recipe::kBlock:
-      return ops::fp8_block_quantize_act_cuda(c.dy8, c.dy_sinv, c.dy8_t, c.dy_sinv_t, dout, N,
-                                              out_, Fp8Format::kE4M3, c.stream);
+      RETURN_IF_ERROR(ops::fp8_block_quantize_act_cuda(c.dy8, c.dy_sinv, c.dy8_t, c.dy_sinv_t,
+                                                       dout, N, out_, Fp8Format::kE4M3,
+                                                       c.stream));
+      break;
   }
-  return absl::InternalError("unknown FP8 recipe");
+  return c.Mark("fp8 cast dy");
 }
 
 template <typename G>
@@ -541,6 +552,7 @@ absl::Status CudaLinear::BackwardData(const LinearContext& c, bf16* dinp, const 
       RETURN_IF_ERROR(
           ops::fp8_matmul_cuda(*c.fp8, GemmOut(dinp, over), X, Wt, N, out_, in_, mo, c.stream));
       if (gelu_pre == nullptr) return absl::OkStatus();
+      RETURN_IF_ERROR(c.Mark("bwd fp8 dgrad"));
       // No dGELU epilogue on FP8 GEMMs: the GELU's gradient in place, written over.
       return ops::gelu_backward_quant_cuda(dinp, static_cast<G*>(nullptr),
                                            static_cast<G*>(nullptr), dinp, gelu_pre, N, in_,
@@ -554,6 +566,7 @@ absl::StatusOr<const uint8_t*> CudaLinear::InputTransposed(const LinearContext& 
   if (x8_t_valid_) return static_cast<const uint8_t*>(x8_t_);
   uint8_t* dst = x8_t_ != nullptr ? x8_t_ : c.x8_t;
   RETURN_IF_ERROR(ops::fp8_transpose_cuda(dst, x8_, c.N, in_, c.stream));
+  RETURN_IF_ERROR(c.Mark("fp8 transpose x"));
   return static_cast<const uint8_t*>(dst);
 }
 
@@ -586,6 +599,7 @@ absl::Status CudaLinear::BackwardWeight(const LinearContext& c, G* grads, const 
                                        : PerTensor(xt, Fp8Format::kE4M3, st.scale_inv() + kx());
       RETURN_IF_ERROR(ops::fp8_matmul_cuda(*c.fp8, GemmOut(grads + w_, gw), X, Wt, out_, N, in_,
                                            mo, c.stream));
+      RETURN_IF_ERROR(c.Mark("bwd fp8 wgrad"));
       // The bias gradient from the unquantized output gradient, as the CPU FP8 Linear does.
       return ops::matmul_backward_cuda(*c.mm, nullptr, static_cast<G*>(nullptr), grads + b_, dout,
                                        nullptr, nullptr, N, in_, out_, c.mm_ws, c.mm_ws_bytes,

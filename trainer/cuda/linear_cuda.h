@@ -89,6 +89,9 @@ struct LinearContext {
   float* phi_ws = nullptr;        // (4C * C) fp32: Phi's product P
   void* aux_ws = nullptr;         // the weight quantizer's and Phi's backward workspaces
   int64_t aux_ws_bytes = 0;
+  // Per-op profiling (CudaGpt::set_profiling): labels the device time since the last mark.
+  std::function<absl::Status(const char*)> mark;
+  absl::Status Mark(const char* op) const { return mark ? mark(op) : absl::OkStatus(); }
 };
 
 // Which of LinearContext's shared scratch the model's Linears need (AddScratchNeeds), and the
