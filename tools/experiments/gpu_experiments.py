@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""The GPU experiments of docs/experiments.md, in one call on the GPU machine.
+
+outliers: GPT-2 124M shape on the Brown byte shards, identical data and steps, BF16 and the three
+  FP8 recipes, each with and without TWEO; per-block peak |A| and kurtosis logged along the way.
+qat: QAT from the outliers experiment's BF16 checkpoint (training.init_from) at W4A4, W3A4 and
+  W2A16 (weights per group), each with and without Phi, beside a BF16 continuation of the same
+  steps.
+
+Each run is qtrain (from a bundle) on a job made from configs/gpt2_124m.textproto; metrics.jsonl
+of every run land in OUT/<experiment>/<run>/ and one summary JSON line per run is printed (and
+written to OUT/summary.jsonl). tools/experiments/plot_gpu_experiments.py draws the figures.
+
+Usage: gpu_experiments.py --qtrain DIST/qtrain --data DIR [--out OUT] [--steps 800]
+       [--qat_steps 300] [--only outliers,qat]
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--qtrain", required=True)
+ap.add_argument("--data", required=True, help="folder holding brown/mixed_{train,val}.bin")
+ap.add_argument("--out", default=os.environ.get("OUT", "out/gpu_experiments"))
+ap.add_argument("--steps", type=int, default=800)
+ap.add_argument("--qat_steps", type=int, default=300)
+ap.add_argument("--only", default="outliers,qat")
+ap.add_argument("--base", default="configs/gpt2_124m.textproto")
+args = ap.parse_args()
+
+BASE = open(args.base).read()
+OUTLIERS = [
+    ("bf16", ""),
+    ("bf16_tweo", "tweo { enabled: true }"),
+    ("fp8_delayed", "linear: FP8"),
+    ("fp8_delayed_tweo", "linear: FP8 tweo { enabled: true }"),
+    ("fp8_current", "linear: FP8 fp8 { scaling: CURRENT }"),
+    ("fp8_current_tweo", "linear: FP8 fp8 { scaling: CURRENT } tweo { enabled: true }"),
+    ("fp8_block", "linear: FP8 fp8 { scaling: BLOCK }"),
+    ("fp8_block_tweo", "linear: FP8 fp8 { scaling: BLOCK } tweo { enabled: true }"),
+]
+PHI = "aux_lowrank { enabled: true rank: 32 decay_period: %d }"
+QAT = [
+    ("bf16_continue", ""),
+    ("w4a4", "linear: QAT qat { weight_bits: 4 act_bits: 4 }"),
+    ("w4a4_phi", "linear: QAT qat { weight_bits: 4 act_bits: 4 } " + PHI),
+    ("w3a4_g128", "linear: QAT qat { weight_bits: 3 weight_granularity: PER_GROUP group_size: 128 act_bits: 4 }"),
+    ("w3a4_g128_phi", "linear: QAT qat { weight_bits: 3 weight_granularity: PER_GROUP group_size: 128 act_bits: 4 } " + PHI),
+    ("w2a16_g64", "linear: QAT qat { weight_bits: 2 weight_granularity: PER_GROUP group_size: 64 }"),
+    ("w2a16_g64_phi", "linear: QAT qat { weight_bits: 2 weight_granularity: PER_GROUP group_size: 64 } " + PHI),
+]
+
+
+def job(name, precision, steps, out_dir, init_from=None, warmup=100, lr=6e-4):
+    """The 124M job with this precision block, steps, one micro-step per optimizer step."""
+    t = BASE
+    t = re.sub(r'^name: .*$', 'name: "%s"' % name, t, flags=re.M)
+    t = re.sub(r'^(\s*)steps: \d+', r'\g<1>steps: %d' % steps, t, flags=re.M)
+    t = re.sub(r'warmup_steps: \d+', 'warmup_steps: %d' % warmup, t)
+    t = re.sub(r'grad_accum: \d+', 'grad_accum: 1', t)
+    t = re.sub(r'lr: [0-9.e-]+', 'lr: %g' % lr, t, count=1)
+    t = re.sub(r'eval \{[^}]*\}', 'eval { every_steps: %d batches: 8 }' % max(50, steps // 4), t)
+    t = re.sub(r'checkpoint \{[^}]*\}', 'checkpoint { every_steps: 0 keep_last: 1 }', t)
+    t = re.sub(r'logging \{[^}]*\}', 'logging { every_steps: 25 }', t)
+    t = t.replace('"data/brown/', '"%s/brown/' % os.path.abspath(args.data))
+    t += '\nout_dir: "%s"\n' % out_dir
+    if precision:
+        t += "precision { %s }\n" % precision
+    if init_from:
+        t = t.replace("training {", 'training {\n  init_from: "%s"' % init_from, 1)
+    return t
+
+
+def run(experiment, name, precision, steps, init_from=None, lr=6e-4, warmup=100):
+    out_dir = os.path.join(args.out, experiment, name)
+    os.makedirs(out_dir, exist_ok=True)
+    spec = os.path.join(out_dir, "job.textproto")
+    with open(spec, "w") as f:
+        f.write(job(name, precision, steps, out_dir, init_from, warmup, lr))
+    t0 = time.time()
+    with open(os.path.join(out_dir, "stdout.log"), "w") as log:
+        rc = subprocess.call([args.qtrain, "--job=" + spec], stdout=log, stderr=subprocess.STDOUT)
+    rows = []
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        rows = [json.loads(l) for l in open(path) if l.strip()]
+    vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    peaks = [max(v for k, v in r.items() if k.startswith("peak_act.")) for r in rows
+             if any(k.startswith("peak_act.") for k in r)]
+    tok = [r["tokens_per_s"] for r in rows[len(rows) // 4:]] or [0]
+    summary = {"experiment": experiment, "run": name, "rc": rc, "seconds": round(time.time() - t0, 1),
+               "steps": len(rows), "final_train_loss": rows[-1]["train_loss"] if rows else None,
+               "val_loss": vals[-1] if vals else None, "val_curve": vals,
+               "max_peak_act": max(peaks) if peaks else None,
+               "final_peak_act": peaks[-1] if peaks else None,
+               "tokens_per_s": sorted(tok)[len(tok) // 2]}
+    print(json.dumps(summary), flush=True)
+    with open(os.path.join(args.out, "summary.jsonl"), "a") as f:
+        f.write(json.dumps(summary) + "\n")
+    if rc != 0:
+        sys.stdout.write(open(os.path.join(out_dir, "stdout.log")).read()[-2000:])
+    return out_dir
+
+
+only = args.only.split(",")
+base_ckpt = None
+if "outliers" in only:
+    for name, prec in OUTLIERS:
+        d = run("outliers", name, prec, args.steps)
+        if name == "bf16":
+            ck = sorted(f for f in os.listdir(os.path.join(d, "checkpoints")) if f.endswith(".safetensors")) \
+                if os.path.isdir(os.path.join(d, "checkpoints")) else []
+            if ck:
+                base_ckpt = os.path.join(d, "checkpoints", ck[-1])
+if "qat" in only:
+    if base_ckpt is None:
+        sys.exit("qat: no BF16 checkpoint from the outliers experiment")
+    for name, prec in QAT:
+        run("qat", name, prec.replace("%d", str(max(1, args.qat_steps // 6))) if "%d" in prec else prec,
+            args.qat_steps, init_from=base_ckpt, lr=2e-4, warmup=20)
