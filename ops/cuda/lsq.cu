@@ -7,6 +7,7 @@
 #include <cmath>
 #include <type_traits>
 
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include "absl/strings/str_cat.h"
@@ -764,6 +765,37 @@ absl::Status lsq_weight_backward_cuda(bf16* dw, bf16* ds, bf16* dbeta, const flo
   return WeightBackward(dw != nullptr ? cu::Nv(dw) : nullptr, ds != nullptr ? cu::Nv(ds) : nullptr,
                         dbeta != nullptr ? cu::Nv(dbeta) : nullptr, w, s, beta, rows, cols, cfg,
                         workspace, workspace_bytes, stream, ds_write);
+}
+
+namespace {
+
+__global__ void fp16_steps_kernel(float* __restrict__ s16, float* __restrict__ z16,
+                                  float* __restrict__ s, const float* __restrict__ z, int64_t n) {
+  constexpr float kMax = 65504.0f, kMinSub = 5.9604644775390625e-8f;  // 2^-24
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float raw = s[i];
+    const float c = lsqd::ClampStep(raw);
+    if (!(raw >= kLsqMinStep)) s[i] = c;
+    s16[i] = fmaxf(__half2float(__float2half_rn(fminf(c, kMax))), kMinSub);
+    if (z16 != nullptr) {
+      z16[i] = __half2float(__float2half_rn(fminf(fmaxf(z[i], -kMax), kMax)));
+    }
+  }
+}
+
+}  // namespace
+
+absl::Status lsq_fp16_steps_cuda(float* s16, float* z16, float* s, const float* z, int64_t n,
+                                 cudaStream_t stream) {
+  const char* op = "lsq_fp16_steps_cuda";
+  QT_CHECK_ARG(n >= 1, op, ": n = ", n, " must be >= 1");
+  QT_CHECK_ARG(s16 != nullptr && s != nullptr, op, ": null s16 or s");
+  QT_CHECK_ARG((z16 == nullptr) == (z == nullptr), op,
+               ": z16 and z must both be given (LSQ+) or both be null");
+  fp16_steps_kernel<<<GridFor(n), kThreads, 0, stream>>>(s16, z16, s, z, n);
+  CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
 }
 
 // ======================= Activations: entry points =======================

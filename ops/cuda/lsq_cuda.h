@@ -104,6 +104,16 @@ absl::Status lsq_weight_backward_cuda(bf16* dw, bf16* ds, bf16* dbeta, const flo
                                       int64_t workspace_bytes, cudaStream_t stream,
                                       GradWrite ds_write = GradWrite::kAccumulate);
 
+// precision.qat.fp16_scales (Linear::ClampSteps and wsteps/wzeros): clamps the learned steps s
+// (n) in place to >= kLsqMinStep, then writes the fp16 values the forward and backward quantize
+// with: s16 = max(fp16(min(s, 65504)), 2^-24) and, when z (the LSQ+ offsets, n) is given,
+// z16 = fp16(clamp(z, -65504, 65504)), each the nearest fp16 (ties to even) as a float
+// (__float2half_rn, ops::round_to_fp16). Pass s16 / z16 as s / beta to the weight kernels
+// above; the fp32 s, z stay the parameters that learn (straight-through). z16 must be null
+// exactly when z is.
+absl::Status lsq_fp16_steps_cuda(float* s16, float* z16, float* s, const float* z, int64_t n,
+                                 cudaStream_t stream);
+
 // ======================= Activations =======================
 
 // How the kernel that produces a GEMM input quantizes it (Linear's act_quant): the value

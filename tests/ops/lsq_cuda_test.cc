@@ -7,6 +7,7 @@
 // poisoned outputs with guard bands. Tagged "gpu"; the argument checks run without a device.
 #include "ops/cuda/lsq_cuda.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -17,6 +18,7 @@
 #include "gtest/gtest.h"
 #include "ops/cuda/bf16.h"
 #include "ops/cuda/device.h"
+#include "ops/quant/fp16.h"
 #include "ops/quant/lsq.h"
 #include "tests/ops/cuda_test_util.h"
 
@@ -654,6 +656,29 @@ TEST(ActQuantCuda, InitMatchesCpu) {
                                  ws.get(), ws_bytes, stream.get()));
   ASSERT_TRUE(stream.Sync().ok());
   EXPECT_EQ(s.ToHost("step")[0], 1.f);
+}
+
+// precision.qat.fp16_scales: the steps and offsets Linear::ClampSteps hands the forward.
+TEST(LsqWeightCuda, Fp16StepsMatchLinear) {
+  QT_SKIP_WITHOUT_GPU();
+  std::vector<float> s = RandomFloats(1000, 51, 1e-9, 1.0);
+  std::vector<float> z = RandomFloats(1000, 52, -70000.0, 70000.0);
+  s[0] = -1.f, s[1] = 0.f, s[2] = kNaN, s[3] = 1e6f, s[4] = 65504.f, s[5] = 3e-8f;
+  std::vector<float> want_s(s.size()), want_s16(s.size()), want_z16(z.size());
+  for (size_t i = 0; i < s.size(); ++i) {
+    want_s[i] = s[i] >= kLsqMinStep ? s[i] : kLsqMinStep;
+    want_s16[i] = std::max(round_to_fp16(std::min(want_s[i], kFp16Max)), kFp16MinSubnormal);
+    want_z16[i] = round_to_fp16(std::clamp(z[i], -kFp16Max, kFp16Max));
+  }
+  TestStream stream;
+  DeviceArray<float> ds(s), dz(z), s16(s.size()), z16(z.size());
+  QT_ASSERT_OK(lsq_fp16_steps_cuda(s16.get(), z16.get(), ds.get(), dz.get(), 1000, stream.get()));
+  ASSERT_TRUE(stream.Sync().ok());
+  ExpectBitwiseEqual(ds.ToHost("s"), want_s, "clamped s");
+  ExpectBitwiseEqual(s16.ToHost("s16"), want_s16, "s16");
+  ExpectBitwiseEqual(z16.ToHost("z16"), want_z16, "z16");
+  EXPECT_TRUE(absl::IsInvalidArgument(
+      lsq_fp16_steps_cuda(s16.get(), nullptr, ds.get(), dz.get(), 1000, stream.get())));
 }
 
 // ---- Argument checks: no device needed (the launchers reject before any CUDA call).
