@@ -240,7 +240,13 @@ void Gpt2Tokenizer::Session::EncodePiece(std::string_view piece, std::vector<int
   }
   auto hit = cache_.find(absl::string_view(piece.data(), piece.size()));
   if (hit != cache_.end()) {
-    out->insert(out->end(), hit->second.begin(), hit->second.end());
+    const uint32_t v = hit->second;
+    if (!(v & kMulti)) {
+      out->push_back(static_cast<int32_t>(v));
+    } else {
+      const int32_t* p = multi_.data() + (v & ~kMulti);
+      out->insert(out->end(), p + 1, p + 1 + p[0]);
+    }
     return;
   }
   word_.clear();
@@ -272,8 +278,17 @@ void Gpt2Tokenizer::Session::EncodePiece(std::string_view piece, std::vector<int
     word_.swap(next_);
   }
   // A cache bound keeps memory flat on huge inputs with few repeats.
-  if (cache_.size() >= (1u << 20)) cache_.clear();
-  cache_.emplace(std::string(piece), word_);
+  if (cache_.size() >= (1u << 20) || multi_.size() >= (1u << 24)) {
+    cache_.clear();
+    multi_.clear();
+  }
+  if (word_.size() == 1) {
+    cache_.emplace(std::string(piece), static_cast<uint32_t>(word_[0]));
+  } else {
+    cache_.emplace(std::string(piece), kMulti | static_cast<uint32_t>(multi_.size()));
+    multi_.push_back(static_cast<int32_t>(word_.size()));
+    multi_.insert(multi_.end(), word_.begin(), word_.end());
+  }
   out->insert(out->end(), word_.begin(), word_.end());
 }
 

@@ -49,7 +49,11 @@ class Gpt2Tokenizer {
    private:
     void EncodePiece(std::string_view piece, std::vector<int32_t>* out);
     const Gpt2Tokenizer& tok_;
-    absl::flat_hash_map<std::string, std::vector<int32_t>> cache_;
+    // Merged pre-tokens: the value is the id itself when the piece is one token (most are),
+    // else kMulti | offset of [count, ids...] in multi_: no allocation per entry, one lookup.
+    static constexpr uint32_t kMulti = 0x80000000u;
+    absl::flat_hash_map<std::string, uint32_t> cache_;
+    std::vector<int32_t> multi_;
     std::vector<int32_t> word_, next_;
   };
 
