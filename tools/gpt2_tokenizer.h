@@ -13,6 +13,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
+#include "tools/unicode_class.h"
 
 namespace qtrain {
 
@@ -122,12 +123,6 @@ inline char32_t DecodeAt(std::string_view text, size_t i, int* len) {
          (static_cast<unsigned char>(text[i + 3]) & 0x3F);
 }
 }  // namespace gpt2_internal
-
-}  // namespace qtrain
-
-#include "tools/unicode_class.h"
-
-namespace qtrain {
 
 // GPT-2's pattern, alternative by alternative, with what its backtracking amounts to:
 //   's|'t|'re|'ve|'m|'ll|'d     a contraction, only where a pre-token starts

@@ -356,7 +356,6 @@ absl::StatusOr<GgufFile> ReadGguf(const std::string& path) {
     }
     expect = Pad(t.offset + t.nbytes, f.alignment);
   }
-  if (f.tensors.empty()) expect = 0;
   const uint64_t last_end =
       f.tensors.empty() ? 0 : f.tensors.back().offset + f.tensors.back().nbytes;
   if (data_start + last_end > bytes.size()) {

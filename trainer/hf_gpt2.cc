@@ -250,9 +250,10 @@ absl::StatusOr<int> LoadHfGpt2(const std::string& path, const GptConfig& config,
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] = vals[c * rows + r];
     } else {
-      const int64_t n = info.name == "wpe" ? info.size
-                        : info.name == "wte" ? static_cast<int64_t>(config.vocab_size) * info.shape[1]
-                                             : info.size;
+      // wte: the file's rows are the real vocabulary; wpe: its first max_seq_len rows.
+      const int64_t n = info.name == "wte"
+                            ? static_cast<int64_t>(config.vocab_size) * info.shape[1]
+                            : info.size;
       std::copy(vals.begin(), vals.begin() + n, dst);
       std::fill(dst + n, dst + info.size, 0.0f);  // wte's padded rows
     }
