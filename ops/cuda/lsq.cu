@@ -265,13 +265,19 @@ struct WBackwardArgs {
   GradWrite write;
 };
 
-template <bool kVec, typename G>
+// kBlockSeg: one block per segment (long rows: per channel, per tensor), the block's threads
+// as its lanes and BlockSum's tree; else one warp per segment (groups, short rows). Which one
+// depends on the segment length alone, so the sums' partition is a function of the shape.
+template <bool kVec, bool kBlockSeg, typename G>
 __global__ void __launch_bounds__(kThreads)
     lsq_weight_backward_kernel(G* __restrict__ dw, G* __restrict__ ds, G* __restrict__ db,
                                WBackwardArgs a) {
-  const int lane = threadIdx.x % 32;
-  const int64_t warp0 = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;
+  __shared__ double scratch[32];
+  constexpr int kLanes = kBlockSeg ? kThreads : 32;
+  const int lane = kBlockSeg ? threadIdx.x : threadIdx.x % 32;
+  const int64_t warp0 =
+      kBlockSeg ? blockIdx.x : static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int64_t warps = kBlockSeg ? gridDim.x : static_cast<int64_t>(gridDim.x) * kWarps;
   for (int64_t seg = warp0; seg < a.segments; seg += warps) {
     const int64_t r = seg / a.l.gpr;
     const int64_t c0 = (seg % a.l.gpr) * a.l.group;
@@ -280,7 +286,7 @@ __global__ void __launch_bounds__(kThreads)
     const float sk = lsqd::ClampStep(a.s[k]);  // the forward wrote it back clamped
     const float bk = a.q.asym ? a.beta[k] : 0.f;
     double sum_s = 0.0, sum_b = 0.0;
-    for (int64_t c = c0 + static_cast<int64_t>(lane) * kUnit; c < c1; c += 32 * kUnit) {
+    for (int64_t c = c0 + static_cast<int64_t>(lane) * kUnit; c < c1; c += kLanes * kUnit) {
       const int len = static_cast<int>(Min64(kUnit, c1 - c));
       const int64_t i0 = r * a.l.cols + c;
       float v[kUnit], g[kUnit];
@@ -295,8 +301,13 @@ __global__ void __launch_bounds__(kThreads)
       }
       StoreG<kVec>(dw + i0, g, len);
     }
-    sum_s = cu::WarpSum(sum_s);
-    sum_b = cu::WarpSum(sum_b);
+    if (kBlockSeg) {
+      sum_s = cu::BlockSum(sum_s, scratch);
+      sum_b = cu::BlockSum(sum_b, scratch);
+    } else {
+      sum_s = cu::WarpSum(sum_s);
+      sum_b = cu::WarpSum(sum_b);
+    }
     if (lane == 0) {
       if (a.partials != nullptr) {
         a.partials[2 * seg] = sum_s;
@@ -342,12 +353,20 @@ absl::Status WeightBackward(G* dw, G* ds, G* dbeta, const float* w, const float*
   a.partials = p.l.gran == 0 ? static_cast<double*>(workspace) : nullptr;
   a.write = write;
   const bool vec = UnitsAligned(p.l) && Aligned16(w) && Aligned16(dw);
-  const int blocks = static_cast<int>(std::clamp<int64_t>((a.segments + kWarps - 1) / kWarps, 1,
-                                                          kMaxBlocks));
-  if (vec) {
-    lsq_weight_backward_kernel<true><<<blocks, kThreads, 0, stream>>>(dw, ds, dbeta, a);
+  // Segments of at least kBlockSegment elements get a block each: a warp per 768- or 3072-wide
+  // row would leave GPT-2's 768-row weights with fewer blocks than SMs.
+  constexpr int64_t kBlockSegment = 512;
+  const bool block_seg = p.l.group >= kBlockSegment;
+  const int blocks = static_cast<int>(std::clamp<int64_t>(
+      block_seg ? a.segments : (a.segments + kWarps - 1) / kWarps, 1, kMaxBlocks));
+  if (vec && block_seg) {
+    lsq_weight_backward_kernel<true, true><<<blocks, kThreads, 0, stream>>>(dw, ds, dbeta, a);
+  } else if (vec) {
+    lsq_weight_backward_kernel<true, false><<<blocks, kThreads, 0, stream>>>(dw, ds, dbeta, a);
+  } else if (block_seg) {
+    lsq_weight_backward_kernel<false, true><<<blocks, kThreads, 0, stream>>>(dw, ds, dbeta, a);
   } else {
-    lsq_weight_backward_kernel<false><<<blocks, kThreads, 0, stream>>>(dw, ds, dbeta, a);
+    lsq_weight_backward_kernel<false, false><<<blocks, kThreads, 0, stream>>>(dw, ds, dbeta, a);
   }
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   if (p.l.gran == 0 && (ds != nullptr || dbeta != nullptr)) {

@@ -89,7 +89,8 @@ int64_t lsq_weight_backward_cuda_workspace_bytes(int64_t rows, int64_t cols,
 // w, s, beta: run it ONCE per optimizer step on the accumulated dW_eff of all micro-batches
 // (before or after the gradient all-reduce, before the gradient norm), not once per micro-batch
 // over an accumulating buffer (which would count earlier micro-batches' ds again).
-// One warp per segment (a group, a channel, or a row of a per-tensor weight), 16-byte accesses
+// One warp per segment (a group, a channel, or a row of a per-tensor weight; one block for
+// segments of >= 512 elements), 16-byte accesses
 // under the forward's conditions (for BF16 dw: dw 16-byte aligned; fp32: the same).
 absl::Status lsq_weight_backward_cuda(float* dw, float* ds, float* dbeta, const float* w,
                                       const float* s, const float* beta, int64_t rows,

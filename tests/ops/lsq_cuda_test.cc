@@ -95,7 +95,8 @@ WeightCase MakeWeightCase(const LsqConfig& cfg, int64_t rows, int64_t cols, uint
 
 // The configurations and shapes every weight test runs: (rows, cols, group) chosen to hit the
 // vector branch (cols and group multiples of 8) and the element-wise one, a group that does
-// not divide the row (200 = 4 * 48 + 8; 37 = 5 * 7 + 2), a group wider than the row.
+// not divide the row (200 = 4 * 48 + 8; 37 = 5 * 7 + 2; 1300 = 2 * 600 + 100), a group wider
+// than the row, and segments long enough for the backward's block-per-segment branch.
 struct Shape {
   QuantGranularity gran;
   int group;
@@ -106,6 +107,9 @@ const Shape kShapes[] = {
     {QuantGranularity::kPerGroup, 32, 16, 256},   {QuantGranularity::kPerGroup, 48, 6, 200},
     {QuantGranularity::kPerGroup, 7, 5, 37},      {QuantGranularity::kPerGroup, 64, 3, 40},
     {QuantGranularity::kPerTensor, 0, 33, 96},    {QuantGranularity::kPerTensor, 0, 3, 13},
+    // Rows of >= 512 elements: the backward's block-per-segment branch (vector and scalar).
+    {QuantGranularity::kPerChannel, 0, 9, 1000},  {QuantGranularity::kPerChannel, 0, 4, 777},
+    {QuantGranularity::kPerTensor, 0, 20, 640},   {QuantGranularity::kPerGroup, 600, 3, 1300},
 };
 
 std::vector<LsqConfig> AllConfigs() {
