@@ -95,4 +95,19 @@ absl::StatusOr<std::string> ReadFile(const std::string& path) {
   return ss.str();
 }
 
+bool SameFile(const std::string& a, const std::string& b) {
+  struct stat sa, sb;
+  if (::stat(a.c_str(), &sa) != 0 || ::stat(b.c_str(), &sb) != 0) return false;
+  return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
+absl::Status CheckNotOverwritingInput(const std::string& output, const std::string& output_flag,
+                                      const std::string& input, const std::string& input_flag) {
+  if (!SameFile(output, input)) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat(
+      output_flag, " ", output, " is the input ", input_flag, " ", input,
+      output == input ? "" : " (the same file through a link)",
+      "; writing it would replace the input: choose another ", output_flag));
+}
+
 }  // namespace qtrain

@@ -25,6 +25,17 @@ absl::Status WriteFileAtomically(const std::string& path,
 // Reads a whole file; NotFound names the path.
 absl::StatusOr<std::string> ReadFile(const std::string& path);
 
+// True when both paths name one existing file: the same path, a symlink to it or a hard link
+// (same device and inode).
+bool SameFile(const std::string& a, const std::string& b);
+
+// For a tool about to write `output`: FailedPrecondition when that would replace `input` (the
+// file it reads, named by its flag `input_flag`), also through a link. Writes are atomic
+// renames, so a hard link would keep the old bytes elsewhere but this path would hold the
+// output: the input is gone from where the user keeps it.
+absl::Status CheckNotOverwritingInput(const std::string& output, const std::string& output_flag,
+                                      const std::string& input, const std::string& input_flag);
+
 }  // namespace qtrain
 
 #endif  // QTRAIN_TRAINER_ATOMIC_FILE_H_

@@ -4,12 +4,15 @@
 #include <algorithm>
 #include <filesystem>
 #include <map>
+#include <random>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/match.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "ops/status_macros.h"
 #include "trainer/safetensors.h"
 
@@ -114,18 +117,26 @@ absl::Status SaveCheckpoint(const std::string& out_dir, const ParamStore& params
       {"job_spec", state.job_spec},
       {"world_size", absl::StrCat(state.world_size)},
       {"global_batch", absl::StrCat(state.global_batch)},
+      {"run_id", state.run_id},
   };
   const std::string path = CheckpointPath(out_dir, state.step);
   RETURN_IF_ERROR(WriteSafeTensors(path, views, meta, hook));
 
   if (keep_last > 0) {
-    std::vector<std::pair<int, std::string>> found;
+    std::vector<std::pair<int, std::string>> ours;
     for (const auto& e : fs::directory_iterator(CheckpointDir(out_dir), ec)) {
       const int s = StepOf(e.path().filename().string());
-      if (s >= 0) found.emplace_back(s, e.path().string());
+      if (s < 0) continue;
+      // Another run's checkpoint (a different run_id) is not ours to rotate out.
+      absl::StatusOr<std::map<std::string, std::string>> meta =
+          ReadSafeTensorsMetadata(e.path().string());
+      if (!meta.ok()) continue;
+      const auto id = meta->find("run_id");
+      if ((id == meta->end() ? std::string() : id->second) != state.run_id) continue;
+      ours.emplace_back(s, e.path().string());
     }
-    std::sort(found.rbegin(), found.rend());
-    for (size_t i = keep_last; i < found.size(); ++i) fs::remove(found[i].second, ec);
+    std::sort(ours.rbegin(), ours.rend());
+    for (size_t i = keep_last; i < ours.size(); ++i) fs::remove(ours[i].second, ec);
   }
   return absl::OkStatus();
 }
@@ -176,6 +187,7 @@ absl::StatusOr<TrainState> LoadCheckpoint(const std::string& path, ParamStore* p
   if (st.metadata.count("global_batch")) {
     ASSIGN_OR_RETURN(state.global_batch, MetaInt(st, "global_batch", path));
   }
+  if (st.metadata.count("run_id")) state.run_id = st.metadata.at("run_id");
   return state;
 }
 
@@ -199,6 +211,32 @@ absl::StatusOr<std::string> LatestCheckpoint(const std::string& out_dir) {
   }
   if (best < 0) return absl::NotFoundError(absl::StrCat("no checkpoint in ", dir));
   return best_path;
+}
+
+std::vector<std::string> CheckpointFiles(const std::string& out_dir) {
+  std::vector<std::string> files;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(CheckpointDir(out_dir), ec)) {
+    const std::string name = e.path().filename().string();
+    // "step_N.safetensors" and the "step_N.safetensors.tmp.<pid>" of an interrupted save.
+    if (StepOf(name) >= 0 ||
+        (absl::StartsWith(name, "step_") && absl::StrContains(name, ".safetensors.tmp."))) {
+      files.push_back(e.path().string());
+    }
+  }
+  return files;
+}
+
+absl::StatusOr<std::map<std::string, std::string>> ReadCheckpointMetadata(const std::string& path) {
+  return ReadSafeTensorsMetadata(path);
+}
+
+std::string NewRunId() {
+  std::random_device device;
+  const uint64_t random = (static_cast<uint64_t>(device()) << 32) ^ device();
+  return absl::StrFormat("%s-%016x", absl::FormatTime("%Y%m%dT%H%M%S", absl::Now(),
+                                                        absl::UTCTimeZone()),
+                         random);
 }
 
 }  // namespace qtrain

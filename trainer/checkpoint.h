@@ -7,6 +7,7 @@
 #define QTRAIN_TRAINER_CHECKPOINT_H_
 
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -29,13 +30,20 @@ struct TrainState {
   // recorded). Resuming needs the same global batch, not the same world size.
   int world_size = 1;
   int64_t global_batch = 0;
+  // The run this checkpoint belongs to, kept across resumes ("" in checkpoints from before it
+  // was recorded). Rotation (keep_last) deletes only checkpoints of the same run.
+  std::string run_id;
 };
+
+// A fresh run's id: time and randomness, unique enough to tell runs in one out_dir apart.
+std::string NewRunId();
 
 std::string CheckpointPath(const std::string& out_dir, int step);
 
 // Saves params, optimizer moments (optimizer may be null: weights only; it must own every
 // parameter, so gather ZeRO-1 shards first) and state, then deletes all but the newest
-// `keep_last` checkpoints (0 keeps all).
+// `keep_last` checkpoints of the same run (state.run_id; 0 keeps all). Files of other runs,
+// and files whose header cannot be read, are never deleted.
 absl::Status SaveCheckpoint(const std::string& out_dir, const ParamStore& params,
                             const AdamW* optimizer, const TrainState& state, int keep_last,
                             const WriteProgressHook& hook = nullptr);
@@ -55,6 +63,13 @@ absl::StatusOr<int> LoadWeights(const std::string& path, ParamStore* params,
 // The newest complete checkpoint in <out_dir>/checkpoints (temporary files of an interrupted
 // save are ignored); NotFound when there is none.
 absl::StatusOr<std::string> LatestCheckpoint(const std::string& out_dir);
+
+// Every complete checkpoint file in <out_dir>/checkpoints and the temporary files of
+// interrupted saves, in no particular order.
+std::vector<std::string> CheckpointFiles(const std::string& out_dir);
+
+// The metadata of a checkpoint (step, run_id, job_spec, ...) without reading its tensors.
+absl::StatusOr<std::map<std::string, std::string>> ReadCheckpointMetadata(const std::string& path);
 
 }  // namespace qtrain
 

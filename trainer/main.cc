@@ -42,6 +42,13 @@ ABSL_FLAG(int, rank, -1, "with --coordinator: this process's rank (default: the 
           "$QTRAIN_RANK, or the service assigns one)");
 ABSL_FLAG(int, world_size, 0, "with --coordinator: the number of ranks (default: the launcher's "
           "or $QTRAIN_WORLD_SIZE)");
+ABSL_FLAG(bool, overwrite, false,
+          "start afresh in an out_dir that holds another run: delete its checkpoints and "
+          "metrics.jsonl first (without it such an out_dir is refused)");
+ABSL_FLAG(bool, allow_spec_change, false,
+          "resume even though the job differs from the checkpoint's in a way that breaks a "
+          "bit-identical resume (learning rate, schedule, --steps, precision, ...); the "
+          "differences are printed either way");
 
 namespace {
 
@@ -135,6 +142,8 @@ int main(int argc, char** argv) {
   }
   options.resume = *resume;
   options.quiet = absl::GetFlag(FLAGS_quiet);
+  options.overwrite = absl::GetFlag(FLAGS_overwrite);
+  options.allow_spec_change = absl::GetFlag(FLAGS_allow_spec_change);
   options.dist = dist->get();
   for (const auto& sink : *sinks) options.sinks.push_back(sink.get());
   absl::StatusOr<qtrain::RunResult> result = qtrain::RunTraining(*spec, options);

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <fstream>
 #include <set>
 
 #include "absl/strings/str_cat.h"
@@ -203,6 +204,35 @@ absl::StatusOr<SafeTensors> ReadSafeTensors(const std::string& path) {
     out.metadata.erase(sum);
   }
   return out;
+}
+
+absl::StatusOr<std::map<std::string, std::string>> ReadSafeTensorsMetadata(
+    const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
+  auto corrupt = [&](const std::string& why) {
+    return absl::DataLossError(absl::StrCat(path, ": not a valid safetensors file: ", why));
+  };
+  char len_bytes[8];
+  if (!in.read(len_bytes, 8)) return corrupt("shorter than 8 bytes");
+  uint64_t len = 0;
+  for (int i = 0; i < 8; ++i) len |= static_cast<uint64_t>(static_cast<uint8_t>(len_bytes[i])) << (8 * i);
+  constexpr uint64_t kMaxHeader = uint64_t{100} << 20;  // safetensors' own limit is 100 MB
+  if (len > kMaxHeader) return corrupt(absl::StrCat("header length ", len, " is implausible"));
+  std::string json(len, '\0');
+  if (!in.read(json.data(), static_cast<std::streamsize>(len))) return corrupt("truncated header");
+  nlohmann::json header = nlohmann::json::parse(json, nullptr, /*allow_exceptions=*/false);
+  if (header.is_discarded() || !header.is_object()) return corrupt("header is not a JSON object");
+  std::map<std::string, std::string> meta;
+  auto it = header.find("__metadata__");
+  if (it == header.end()) return meta;
+  if (!it->is_object()) return corrupt("__metadata__ is not an object");
+  for (auto m = it->begin(); m != it->end(); ++m) {
+    if (!m->is_string()) return corrupt(absl::StrCat("metadata '", m.key(), "' is not a string"));
+    meta[m.key()] = m->get<std::string>();
+  }
+  meta.erase(kChecksumKey);
+  return meta;
 }
 
 }  // namespace qtrain

@@ -54,6 +54,11 @@ absl::Status WriteSafeTensors(const std::string& path, const std::vector<TensorV
 // the path.
 absl::StatusOr<SafeTensors> ReadSafeTensors(const std::string& path);
 
+// Only the "__metadata__" of a file's header (the tensor data is not read, nor checked): cheap
+// enough to look at every checkpoint of a directory. DataLoss names the path when the header is
+// not readable.
+absl::StatusOr<std::map<std::string, std::string>> ReadSafeTensorsMetadata(const std::string& path);
+
 }  // namespace qtrain
 
 #endif  // QTRAIN_TRAINER_SAFETENSORS_H_

@@ -17,6 +17,8 @@
 #include "trainer/atomic_file.h"
 #include "trainer/checkpoint.h"
 #include "trainer/hf_gpt2.h"
+#include "trainer/out_dir.h"
+#include "trainer/resume_check.h"
 
 // Errors that every rank holds alike (DistributedContext marks them) go back untouched: their
 // message is already the one each rank prints, without a trail of file:line annotations.
@@ -102,13 +104,15 @@ absl::StatusOr<std::unique_ptr<TrainingSession>> TrainingSession::Create(
   s->BuildOptimizer();
   RETURN_AS_IS(s->OpenData());
   RETURN_AS_IS(options.resume.empty() ? s->InitFresh() : s->Resume());
+  RETURN_AS_IS(s->WriteJobSpecFile());
   RETURN_AS_IS(s->CreateDeviceModel());
   RETURN_AS_IS(s->OpenSinks());
   s->PrintBanner();
   return s;
 }
 
-// Rank 0 alone touches out_dir; every rank learns whether that worked.
+// Rank 0 alone touches out_dir; every rank learns whether that worked. A fresh run needs an
+// out_dir without another run in it (--overwrite deletes that run first).
 absl::Status TrainingSession::PrepareOutDir() {
   out_dir_ = spec_.out_dir();
   spec_text_ = JobSpecToText(spec_);
@@ -116,11 +120,24 @@ absl::Status TrainingSession::PrepareOutDir() {
   if (root_) {
     std::error_code ec;
     std::filesystem::create_directories(out_dir_, ec);
-    dir_ok = ec ? absl::InternalError(
-                      absl::StrCat("cannot create out_dir ", out_dir_, ": ", ec.message()))
-                : WriteFileAtomically(out_dir_ + "/job_spec.textproto", {spec_text_});
+    if (ec) {
+      dir_ok = absl::InternalError(
+          absl::StrCat("cannot create out_dir ", out_dir_, ": ", ec.message()));
+    } else if (options_.resume.empty()) {
+      dir_ok = ClaimOutDir(
+          out_dir_, options_.overwrite,
+          {{"training.init_from", spec_.training().init_from()},
+           {"precision.distill.teacher_checkpoint", spec_.precision().distill().teacher_checkpoint()}});
+    }
   }
   return dist_->AllOk(dir_ok, "preparing out_dir");
+}
+
+// After the resume state loaded and was checked: a failed resume leaves the file as it was.
+absl::Status TrainingSession::WriteJobSpecFile() {
+  absl::Status written;
+  if (root_) written = WriteFileAtomically(out_dir_ + "/job_spec.textproto", {spec_text_});
+  return dist_->AllOk(written, "writing job_spec.textproto");
 }
 
 // The host model (init, init_from) and the distillation teacher.
@@ -180,7 +197,8 @@ absl::Status TrainingSession::OpenData() {
   return absl::OkStatus();
 }
 
-// Rank 0 reads the checkpoint (out_dir need only be visible to it) and sends the state.
+// Rank 0 reads the checkpoint (out_dir need only be visible to it), after comparing the job
+// it was written with to this one, and sends the state.
 absl::Status TrainingSession::Resume() {
   std::optional<AdamW> full_opt;
   if (zero1_) full_opt.emplace(adam_config_, model_->num_parameters());
@@ -190,8 +208,9 @@ absl::Status TrainingSession::Resume() {
   if (root_) {
     absl::StatusOr<std::string> found =
         path == "latest" ? LatestCheckpoint(out_dir_) : absl::StatusOr<std::string>(path);
-    loaded = found.ok() ? LoadCheckpoint(*found, &model_->params(), load_opt) : found.status();
     if (found.ok()) path = *found;
+    absl::Status checked = found.ok() ? CheckSpecAgainstCheckpoint(path) : found.status();
+    loaded = checked.ok() ? LoadCheckpoint(path, &model_->params(), load_opt) : checked;
   }
   RETURN_IF_AGREED_ERROR(dist_->AllOk(root_ ? loaded.status() : absl::OkStatus(), "resuming"));
   TrainState state = root_ ? *loaded : TrainState();
@@ -216,6 +235,9 @@ absl::Status TrainingSession::Resume() {
   RETURN_IF_ERROR(train_->Seek(state.data));
   ASSIGN_OR_RETURN(rng_, Rng::Deserialize(state.rng));
   start_step_ = state.step;
+  // Checkpoints from before runs had ids: this run's own checkpoints get a new one.
+  run_id_ = state.run_id.empty() ? NewRunId() : state.run_id;
+  resumed_from_ = path;
   if (!quiet_) {
     std::printf("resumed from %s at step %d (written by %d rank%s)\n", path.c_str(), start_step_,
                 state.world_size, state.world_size == 1 ? "" : "s");
@@ -223,7 +245,40 @@ absl::Status TrainingSession::Resume() {
   return absl::OkStatus();
 }
 
+// Rank 0: the differences between the checkpoint's job and this one are printed; those that
+// break a bit-identical resume need RunOptions::allow_spec_change.
+absl::Status TrainingSession::CheckSpecAgainstCheckpoint(const std::string& path) {
+  ASSIGN_OR_RETURN(const auto meta, ReadCheckpointMetadata(path));
+  const auto text = meta.find("job_spec");
+  if (text == meta.end()) {
+    return absl::DataLossError(absl::StrCat(path, ": no job_spec in its metadata"));
+  }
+  absl::StatusOr<std::vector<SpecChange>> changes = CompareSpecsForResume(text->second, spec_);
+  if (!changes.ok()) {
+    if (options_.allow_spec_change) return absl::OkStatus();
+    return absl::FailedPreconditionError(absl::StrCat(
+        path, ": ", changes.status().message(), "; pass --allow_spec_change to resume anyway"));
+  }
+  std::vector<SpecChange> breaking;
+  for (const SpecChange& c : *changes) {
+    if (!c.resume_safe) breaking.push_back(c);
+  }
+  if (!breaking.empty() && !options_.allow_spec_change) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "resuming ", path, ": the job differs from the one that wrote the checkpoint in a way "
+        "that breaks a bit-identical resume:\n", FormatSpecChanges(breaking),
+        "\nresume with the checkpoint's job (--job=", out_dir_,
+        "/job_spec.textproto), or pass --allow_spec_change to resume with these changes"));
+  }
+  if (!changes->empty() && !quiet_) {
+    std::printf("resuming with a job that differs from the checkpoint's:\n%s\n",
+                FormatSpecChanges(*changes).c_str());
+  }
+  return absl::OkStatus();
+}
+
 absl::Status TrainingSession::InitFresh() {
+  run_id_ = NewRunId();
   // Quantizer steps and Phi start from the final initial weights (random or init_from). On a
   // device Phi's SVD runs there (DeviceModel::InitPhi, after the upload).
   RETURN_IF_ERROR(model_->InitQuantizers(spec_.device() == CUDA ? PhiInit::kSkip : PhiInit::kHere));
@@ -281,7 +336,7 @@ void TrainingSession::PrintBanner() const {
   std::printf("qtrain: job '%s', %.2fM parameters, %d layers, d=%d, B=%d T=%d accum=%d, "
               "%d steps, out_dir %s\n",
               spec_.name().c_str(), model_->num_parameters() / 1e6, ms.n_layer(), ms.n_embd(), B_,
-              T_, accum_, spec_.training().steps(), out_dir_.c_str());
+              T_, accum_, spec_.training().steps(), AbsolutePath(out_dir_).c_str());
   if (world_ > 1) {
     std::printf("data parallel: %d ranks (%s%s), global batch %lld sequences, %s, "
                 "buckets of %lld MiB, timeout %s\n",
@@ -297,6 +352,18 @@ void TrainingSession::PrintBanner() const {
 
 absl::StatusOr<RunResult> TrainingSession::Run() {
   const int steps = spec_.training().steps();
+  if (start_step_ >= steps) {
+    RunResult finished;
+    finished.steps_done = start_step_;
+    finished.already_finished = true;
+    if (!quiet_) {
+      std::printf("the run in %s is already finished: %s holds step %d of training.steps %d, "
+                  "nothing to train. To train longer, resume with a larger --steps and "
+                  "--allow_spec_change (the cosine schedule then stretches)\n",
+                  AbsolutePath(out_dir_).c_str(), resumed_from_.c_str(), start_step_, steps);
+    }
+    return finished;
+  }
   const int eval_every = spec_.eval().every_steps();
   const int ckpt_every = spec_.checkpoint().every_steps();
   const double tokens_per_step = static_cast<double>(global_batch_) * T_;
@@ -541,8 +608,8 @@ absl::Status TrainingSession::Checkpoint(int done) {
   }
   absl::Status saved;
   if (root_) {
-    const TrainState state{done, train_->position(), rng_.Serialize(), spec_text_, world_,
-                           global_batch_};
+    const TrainState state{done,   train_->position(), rng_.Serialize(), spec_text_,
+                           world_, global_batch_,      run_id_};
     saved = sinks_.WriteCheckpoint(CheckpointData{model_->params(), zero1_ ? *full_opt : *optimizer_,
                                                   state, CheckpointPath(out_dir_, done)});
   }

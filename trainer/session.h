@@ -53,10 +53,12 @@ class TrainingSession {
 
   // Setup.
   absl::Status PrepareOutDir();
+  absl::Status WriteJobSpecFile();
   absl::Status BuildModel();
   void BuildOptimizer();
   absl::Status OpenData();
   absl::Status Resume();
+  absl::Status CheckSpecAgainstCheckpoint(const std::string& path);
   absl::Status InitFresh();
   absl::Status CreateDeviceModel();
   absl::Status OpenSinks();
@@ -102,6 +104,8 @@ class TrainingSession {
   std::unique_ptr<DataLoader> train_, val_;
   Rng rng_;
   int start_step_ = 0;
+  std::string run_id_;       // kept across resumes; checkpoint rotation touches only its files
+  std::string resumed_from_;  // the checkpoint path, when resuming
   std::vector<int32_t> x_, y_;
 
   // On an accelerator the host model keeps the parameters for checkpoints; the device copy

@@ -19,6 +19,12 @@ struct RunOptions {
   // is a checkpoint path.
   std::string resume;
   bool quiet = false;  // no progress lines (tests)
+  // A fresh run refuses an out_dir that holds another run's checkpoints or metrics; with
+  // overwrite it deletes them first (never a file the job reads: init_from, the teacher).
+  bool overwrite = false;
+  // A resume whose job spec differs from the checkpoint's in a way that breaks a bit-identical
+  // resume (trainer/resume_check.h) is refused unless this is set; the differences are printed.
+  bool allow_spec_change = false;
   // The ranks of a data-parallel job (qtrain's main makes it from the job's distributed
   // section); null trains in this process alone, whatever distributed.backend says.
   DistributedContext* dist = nullptr;
@@ -33,6 +39,8 @@ struct RunResult {
   double final_train_loss = 0;
   double final_val_loss = 0;
   double tokens_per_s = 0;  // mean over the run, warm-up step excluded
+  // Resumed from a checkpoint at (or past) training.steps: nothing was trained.
+  bool already_finished = false;
 };
 
 // Runs the validated job to spec.training().steps() steps.

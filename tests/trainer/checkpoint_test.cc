@@ -83,6 +83,28 @@ TEST(Checkpoint, KeepLastDeletesOlder) {
   EXPECT_EQ(*LatestCheckpoint(dir), CheckpointPath(dir, 30));
 }
 
+TEST(Checkpoint, KeepLastRotatesOnlyTheSameRun) {
+  const std::string dir = FreshDir("ckpt_keep_runs");
+  ParamStore s = MakeStore();
+  AdamW opt({}, s.num_elements());
+  auto of_run = [](int step, const std::string& id) {
+    TrainState st = State(step);
+    st.run_id = id;
+    return st;
+  };
+  // Another run's later checkpoints, then this run's three saves with keep_last 2.
+  for (int step : {100, 200}) ASSERT_TRUE(SaveCheckpoint(dir, s, &opt, of_run(step, "other"), 0).ok());
+  for (int step : {10, 20, 30}) ASSERT_TRUE(SaveCheckpoint(dir, s, &opt, of_run(step, "mine"), 2).ok());
+  EXPECT_TRUE(fs::exists(CheckpointPath(dir, 100)));
+  EXPECT_TRUE(fs::exists(CheckpointPath(dir, 200)));
+  EXPECT_FALSE(fs::exists(CheckpointPath(dir, 10)));
+  EXPECT_TRUE(fs::exists(CheckpointPath(dir, 20)));
+  EXPECT_TRUE(fs::exists(CheckpointPath(dir, 30)));
+  EXPECT_EQ(LoadCheckpoint(CheckpointPath(dir, 30), &s, nullptr)->run_id, "mine");
+  EXPECT_EQ((*ReadCheckpointMetadata(CheckpointPath(dir, 100))).at("run_id"), "other");
+  EXPECT_NE(NewRunId(), NewRunId());
+}
+
 TEST(Checkpoint, CrashMidWriteLeavesPreviousUsable) {
   const std::string dir = FreshDir("ckpt_crash");
   ParamStore s = MakeStore();

@@ -305,3 +305,177 @@ TEST(Train, DistillationFromATeacherCheckpoint) {
 
 }  // namespace
 }  // namespace qtrain
+
+namespace qtrain {
+namespace {
+
+std::string ReadText(const std::string& path) { return *ReadFile(path); }
+
+// A fresh run must not destroy another run in its out_dir: it stops naming the directory and
+// the two ways on; --overwrite (RunOptions::overwrite) then starts afresh.
+TEST(OutDir, NewRunRefusesAnOutDirHoldingAnotherRun) {
+  JobSpec spec = TinyJob("taken");
+  RunOptions opt;
+  opt.quiet = true;
+  ASSERT_TRUE(RunTraining(spec, opt).ok());
+  const std::string metrics_before = ReadText(spec.out_dir() + "/metrics.jsonl");
+
+  absl::StatusOr<RunResult> r = RunTraining(spec, opt);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition);
+  const std::string msg(r.status().message());
+  EXPECT_NE(msg.find("out_dir " + spec.out_dir() + " already holds another run"), std::string::npos)
+      << msg;
+  EXPECT_NE(msg.find("step_00000008.safetensors"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("--resume=latest"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("--overwrite"), std::string::npos) << msg;
+  // Nothing of the first run was touched.
+  EXPECT_EQ(ReadText(spec.out_dir() + "/metrics.jsonl"), metrics_before);
+  EXPECT_TRUE(fs::exists(CheckpointPath(spec.out_dir(), 4)));
+  EXPECT_TRUE(fs::exists(CheckpointPath(spec.out_dir(), 8)));
+
+  // --overwrite would delete the checkpoint the job starts from: refused, nothing deleted.
+  JobSpec from_own = spec;
+  from_own.mutable_training()->set_init_from(CheckpointPath(spec.out_dir(), 8));
+  opt.overwrite = true;
+  r = RunTraining(from_own, opt);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("which this job reads (training.init_from"),
+            std::string::npos) << r.status();
+  EXPECT_TRUE(fs::exists(CheckpointPath(spec.out_dir(), 8)));
+
+  // A shorter run with --overwrite: the old run's later checkpoint is gone, so that
+  // --resume=latest cannot pick it up; metrics.jsonl holds the new run only.
+  spec.mutable_training()->set_steps(4);
+  spec.mutable_checkpoint()->set_every_steps(2);
+  ASSERT_TRUE(RunTraining(spec, opt).ok());
+  EXPECT_FALSE(fs::exists(CheckpointPath(spec.out_dir(), 8)));
+  EXPECT_EQ(*LatestCheckpoint(spec.out_dir()), CheckpointPath(spec.out_dir(), 4));
+  EXPECT_EQ(ReadMetrics(spec.out_dir()).size(), 4u);
+
+  // A run that died before its first checkpoint left metrics only: refused as well.
+  JobSpec died = TinyJob("died");
+  fs::create_directories(died.out_dir());
+  ASSERT_TRUE(WriteFileAtomically(died.out_dir() + "/metrics.jsonl", {"{\"step\":1}\n"}).ok());
+  opt.overwrite = false;
+  r = RunTraining(died, opt);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("its metrics.jsonl"), std::string::npos) << r.status();
+}
+
+// Rotation (keep_last) with checkpoints of two runs in one directory (as runs before this
+// check could leave them): only the saving run's own older files go. Before, the highest step
+// numbers were kept, so the old run's step 20 and 40 survived and the new run's own step-12
+// checkpoint was deleted as soon as it was written.
+TEST(OutDir, RotationTouchesOnlyTheCurrentRunsCheckpoints) {
+  JobSpec old_run = TinyJob("rotation_old");
+  old_run.mutable_training()->set_steps(40);
+  old_run.mutable_checkpoint()->set_every_steps(20);
+  RunOptions opt;
+  opt.quiet = true;
+  ASSERT_TRUE(RunTraining(old_run, opt).ok());  // checkpoints at steps 20 and 40
+
+  JobSpec new_run = TinyJob("rotation");
+  new_run.mutable_training()->set_steps(12);
+  ASSERT_TRUE(RunTraining(new_run, opt).ok());  // step 4 (rotated), 8, 12
+  fs::remove(CheckpointPath(new_run.out_dir(), 12));
+  new_run.mutable_checkpoint()->set_keep_last(1);
+  for (int step : {20, 40}) {
+    fs::copy_file(CheckpointPath(old_run.out_dir(), step), CheckpointPath(new_run.out_dir(), step));
+  }
+  opt.resume = CheckpointPath(new_run.out_dir(), 8);
+  absl::StatusOr<RunResult> r = RunTraining(new_run, opt);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(fs::exists(CheckpointPath(new_run.out_dir(), 20)));  // the old run's
+  EXPECT_TRUE(fs::exists(CheckpointPath(new_run.out_dir(), 40)));
+  EXPECT_TRUE(fs::exists(CheckpointPath(new_run.out_dir(), 12)));  // this run's newest
+  EXPECT_FALSE(fs::exists(CheckpointPath(new_run.out_dir(), 8)));
+}
+
+// A resume that fails (here: a model of another width) leaves job_spec.textproto as the run
+// wrote it.
+TEST(Resume, FailedResumeLeavesJobSpecFileAlone) {
+  JobSpec spec = TinyJob("spec_file");
+  RunOptions opt;
+  opt.quiet = true;
+  ASSERT_TRUE(RunTraining(spec, opt).ok());
+  const std::string file = spec.out_dir() + "/job_spec.textproto";
+  const std::string before = ReadText(file);
+  JobSpec wider = spec;
+  wider.mutable_model()->set_n_embd(64);
+  opt.resume = "latest";
+  for (bool allow : {false, true}) {
+    opt.allow_spec_change = allow;
+    absl::StatusOr<RunResult> r = RunTraining(wider, opt);
+    ASSERT_FALSE(r.ok());
+    // Refused by the spec check, or (allowed) by the tensor shapes.
+    EXPECT_NE(r.status().message().find(allow ? "has shape" : "model.n_embd: 32 -> 64"),
+              std::string::npos) << r.status();
+    EXPECT_EQ(ReadText(file), before);
+  }
+}
+
+// Changes that break a bit-identical resume are listed and refused unless allowed; cadence
+// changes (evaluation, logging, checkpoints) resume without the flag and stay bit-identical.
+TEST(Resume, ChangedSpecIsListedAndRefusedUnlessAllowed) {
+  JobSpec full = TinyJob("change_full");
+  RunOptions opt;
+  opt.quiet = true;
+  ASSERT_TRUE(RunTraining(full, opt).ok());
+  JobSpec part = TinyJob("change_part");
+  ASSERT_TRUE(RunTraining(part, opt).ok());
+  fs::remove(CheckpointPath(part.out_dir(), 8));
+  opt.resume = "latest";
+
+  JobSpec changed = part;
+  changed.mutable_optimizer()->set_lr(0.02f);
+  changed.mutable_training()->set_steps(12);
+  absl::StatusOr<RunResult> r = RunTraining(changed, opt);
+  ASSERT_FALSE(r.ok());
+  const std::string msg(r.status().message());
+  EXPECT_NE(msg.find("optimizer.lr: 0.01 -> 0.02"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("training.steps: 8 -> 12 (the cosine schedule"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("--allow_spec_change"), std::string::npos) << msg;
+  EXPECT_EQ(ReadMetrics(part.out_dir()).size(), 8u);  // the log was not truncated either
+
+  JobSpec cadence = part;
+  cadence.mutable_eval()->set_every_steps(2);
+  cadence.mutable_logging()->set_every_steps(3);
+  r = RunTraining(cadence, opt);
+  ASSERT_TRUE(r.ok()) << r.status();
+  std::vector<nlohmann::json> a = ReadMetrics(full.out_dir()), b = ReadMetrics(part.out_dir());
+  ASSERT_EQ(b.size(), 8u);
+  for (int i = 0; i < 8; ++i) EXPECT_EQ(a[i]["train_loss"], b[i]["train_loss"]) << i;
+  EXPECT_TRUE(b[5].contains("val_loss"));  // step 6: the new eval cadence
+  SafeTensors wa = *ReadSafeTensors(CheckpointPath(full.out_dir(), 8));
+  SafeTensors wb = *ReadSafeTensors(CheckpointPath(part.out_dir(), 8));
+  for (const auto& [tensor, t] : wa.tensors) EXPECT_TRUE(t.bytes == wb.tensors.at(tensor).bytes);
+
+  opt.allow_spec_change = true;
+  r = RunTraining(changed, opt);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->steps_done, 12);
+}
+
+// Resuming a run that already reached training.steps trains nothing and says so.
+TEST(Resume, FinishedRunSaysItIsFinished) {
+  JobSpec spec = TinyJob("finished");
+  RunOptions opt;
+  opt.quiet = true;
+  ASSERT_TRUE(RunTraining(spec, opt).ok());
+  const std::string metrics = ReadText(spec.out_dir() + "/metrics.jsonl");
+  opt.resume = "latest";
+  opt.quiet = false;
+  testing::internal::CaptureStdout();
+  absl::StatusOr<RunResult> r = RunTraining(spec, opt);
+  const std::string out = testing::internal::GetCapturedStdout();
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(r->already_finished);
+  EXPECT_EQ(r->steps_done, 8);
+  EXPECT_NE(out.find("is already finished"), std::string::npos) << out;
+  EXPECT_EQ(out.find("done: "), std::string::npos) << out;
+  EXPECT_EQ(ReadText(spec.out_dir() + "/metrics.jsonl"), metrics);
+}
+
+}  // namespace
+}  // namespace qtrain

@@ -41,7 +41,8 @@ run() {  # run NAME --steps=N: skipped when an earlier invocation finished it
     echo "== $1: done earlier"; return
   fi
   echo "== $1"
-  "$bin/trainer/qtrain" --job="$out/$1.textproto" --out_dir="$out/$1" "${@:2}" | grep -E "^(step .*val|done)"
+  # An earlier invocation that stopped part-way left a run there: start it afresh.
+  "$bin/trainer/qtrain" --job="$out/$1.textproto" --out_dir="$out/$1" --overwrite "${@:2}" | grep -E "^(step .*val|done)"
 }
 last_ckpt() { ls "$out/$1"/checkpoints/step_*.safetensors | tail -1; }
 
