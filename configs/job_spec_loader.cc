@@ -752,6 +752,29 @@ class PositionedErrors : public pb::io::ErrorCollector {
   std::vector<std::string> lines_;
 };
 
+// Offset of the first byte that cannot be in a text-format file (a NUL, a control character
+// other than whitespace, or invalid UTF-8), or -1.
+int64_t FirstBinaryByte(const std::string& text) {
+  const size_t n = text.size();
+  for (size_t i = 0; i < n;) {
+    const unsigned char c = static_cast<unsigned char>(text[i]);
+    if (c < 0x80) {
+      if ((c < 0x20 && c != '\t' && c != '\n' && c != '\r' && c != '\f' && c != '\v') ||
+          c == 0x7f)
+        return static_cast<int64_t>(i);
+      ++i;
+      continue;
+    }
+    const int len = c >= 0xf0 && c <= 0xf4 ? 4 : c >= 0xe0 ? 3 : c >= 0xc2 && c < 0xe0 ? 2 : 0;
+    if (len == 0 || (c >= 0xf5) || i + len > n) return static_cast<int64_t>(i);
+    for (int k = 1; k < len; ++k) {
+      if ((static_cast<unsigned char>(text[i + k]) & 0xc0) != 0x80) return static_cast<int64_t>(i);
+    }
+    i += len;
+  }
+  return -1;
+}
+
 }  // namespace
 
 void ApplyDefaults(JobSpec* spec) {
@@ -759,6 +782,7 @@ void ApplyDefaults(JobSpec* spec) {
   if (spec->out_dir().empty()) spec->set_out_dir(absl::StrCat("out/", spec->name()));
 
   ModelSpec* m = spec->mutable_model();
+  if (m->arch() == ARCH_UNSPECIFIED) m->set_arch(GPT2);
   if (m->vocab_size() == 0) m->set_vocab_size(kDefaultVocabSize);
   if (m->max_seq_len() == 0) m->set_max_seq_len(spec->training().seq_len());
   if (!m->has_init_std()) m->set_init_std(kDefaultInitStd);
@@ -797,6 +821,32 @@ void ApplyDefaults(JobSpec* spec) {
   if (spec->has_federated()) FillDefaults(spec->mutable_federated());
 }
 
+// Settings that nothing would read: a block of a precision no Linear uses, parameters of a
+// module that is off. Each is an error naming the first such field (never ignored silently).
+void CheckUnusedSettings(const JobSpec& spec, Errors* e) {
+  const PrecisionSpec& p = spec.precision();
+  const std::string linear = absl::StrCat(
+      "precision.linear is ", EnumName(LinearPrecision_descriptor(), p.linear()));
+  if (const std::string f = ChangedField(p.qat(), "precision.qat");
+      !f.empty() && !UsesPrecision(p, QAT))
+    e->Add(f, "is set but no Linear uses QAT (", linear,
+           " and no override chooses QAT), so it would be ignored: remove it or use QAT");
+  if (const std::string f = ChangedField(p.fp8(), "precision.fp8");
+      !f.empty() && !UsesPrecision(p, FP8))
+    e->Add(f, "is set but no Linear uses FP8 (", linear,
+           " and no override chooses FP8), so it would be ignored: remove it or use FP8");
+  if (!p.aux_lowrank().enabled()) {
+    if (const std::string f = ChangedField(p.aux_lowrank(), "precision.aux_lowrank"); !f.empty())
+      e->Add(f, "is set but precision.aux_lowrank.enabled is false (Phi is off), so it would be "
+                "ignored: add enabled: true or remove it");
+  }
+  if (!p.tweo().enabled()) {
+    if (const std::string f = ChangedField(p.tweo(), "precision.tweo"); !f.empty())
+      e->Add(f, "is set but precision.tweo.enabled is false (the TWEO loss is off), so it would "
+                "be ignored: add enabled: true or remove it");
+  }
+}
+
 absl::Status ValidateJobSpec(const JobSpec& spec) {
   Errors errors;
   CheckEnums(spec, "", &errors);
@@ -809,6 +859,7 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
   CheckDistributed(spec, &errors);
   CheckFederated(spec, &errors);
   CheckLora(spec, &errors);
+  CheckUnusedSettings(spec, &errors);
   if (!errors.empty()) return absl::InvalidArgumentError(errors.Joined());
   return RejectUnimplemented(spec);
 }
@@ -850,7 +901,14 @@ absl::Status RejectUnimplemented(const JobSpec& spec) {
   return absl::FailedPreconditionError(absl::StrJoin(lines, "\n"));
 }
 
-absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string& filename) {
+absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string& filename,
+                                     const std::vector<std::string>& overrides) {
+  if (const int64_t at = FirstBinaryByte(text); at >= 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        filename, ": not a text protobuf (byte ", at, " is 0x",
+        absl::Hex(static_cast<unsigned char>(text[at]), absl::kZeroPad2),
+        ", binary data); a job spec is a text-format JobSpec such as configs/tiny_cpu.textproto"));
+  }
   JobSpec spec;
   pb::TextFormat::Parser parser;
   PositionedErrors errors(text, filename);
@@ -860,13 +918,83 @@ absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string&
       return absl::InvalidArgumentError(absl::StrCat(filename, ": not a valid job spec"));
     return absl::InvalidArgumentError(errors.Joined());
   }
+  // Before the defaults, as if the file said so: a default derived from an overridden field
+  // (model.max_seq_len from training.seq_len, out_dir from name) follows it.
+  for (const std::string& assignment : overrides) {
+    absl::Status set = SetJobSpecField(&spec, assignment);
+    if (!set.ok()) return set;
+  }
   ApplyDefaults(&spec);
   absl::Status status = ValidateJobSpec(spec);
-  if (!status.ok()) return absl::Status(status.code(), PrefixLines(filename, status.message()));
+  if (!status.ok()) {
+    std::string message = PrefixLines(filename, status.message());
+    if (!overrides.empty()) {
+      absl::StrAppend(&message, "\n", filename, ": (values after the command line's overrides ",
+                      absl::StrJoin(overrides, ", "),
+                      "; --set=FIELD=VALUE changes any field, e.g. --set=schedule.warmup_steps=2)");
+    }
+    return absl::Status(status.code(), message);
+  }
   return spec;
 }
 
-absl::StatusOr<JobSpec> LoadJobSpec(const std::string& path) {
+absl::Status SetJobSpecField(JobSpec* spec, absl::string_view assignment) {
+  const size_t eq = assignment.find('=');
+  auto bad = [&](absl::string_view why) {
+    return absl::InvalidArgumentError(absl::StrCat("--set ", assignment, ": ", why));
+  };
+  if (eq == absl::string_view::npos || eq == 0) return bad("expected FIELD=VALUE, e.g. training.steps=100");
+  const std::string path(assignment.substr(0, eq));
+  const std::string value(assignment.substr(eq + 1));
+  pb::Message* m = spec;
+  const pb::FieldDescriptor* f = nullptr;
+  std::string walked;
+  for (absl::string_view part : absl::StrSplit(path, '.')) {
+    if (f != nullptr) {
+      if (f->cpp_type() != pb::FieldDescriptor::CPPTYPE_MESSAGE || f->is_repeated())
+        return bad(absl::StrCat(walked, " is not a message"));
+      m = m->GetReflection()->MutableMessage(m, f);
+    }
+    f = m->GetDescriptor()->FindFieldByName(std::string(part));
+    if (f == nullptr) {
+      std::vector<std::string> names;
+      for (int i = 0; i < m->GetDescriptor()->field_count(); ++i)
+        names.push_back(m->GetDescriptor()->field(i)->name());
+      return bad(absl::StrCat(walked.empty() ? "the job" : walked, " has no field '", part,
+                              "' (fields: ", absl::StrJoin(names, ", "), ")"));
+    }
+    walked = walked.empty() ? std::string(part) : absl::StrCat(walked, ".", part);
+  }
+  const pb::Reflection* r = m->GetReflection();
+  if (f->is_repeated()) return bad(absl::StrCat(path, " is a list; set it in the job file"));
+  if (f->cpp_type() == pb::FieldDescriptor::CPPTYPE_MESSAGE) {
+    // A whole block in text format replaces the block: --set='precision={linear: QAT ...}'.
+    pb::Message* sub = r->MutableMessage(m, f);
+    sub->Clear();
+    absl::string_view body = absl::StripAsciiWhitespace(value);
+    if (absl::StartsWith(body, "{") && absl::EndsWith(body, "}")) {
+      body = body.substr(1, body.size() - 2);  // --set='precision.qat={weight_bits: 4}'
+    }
+    if (!pb::TextFormat::ParseFromString(std::string(body), sub))
+      return bad(absl::StrCat("'", value, "' is not a text-format ", f->message_type()->name()));
+    return absl::OkStatus();
+  }
+  if (f->cpp_type() == pb::FieldDescriptor::CPPTYPE_STRING) {
+    r->SetString(m, f, value);  // as typed, without text-format quotes
+    return absl::OkStatus();
+  }
+  if (!pb::TextFormat::ParseFieldValueFromString(value, f, m)) {
+    return bad(absl::StrCat("'", value, "' is not a ",
+                            f->cpp_type() == pb::FieldDescriptor::CPPTYPE_ENUM
+                                ? f->enum_type()->name() + " value"
+                                : absl::StrCat(f->cpp_type_name(), " value"),
+                            " for ", path));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<JobSpec> LoadJobSpec(const std::string& path,
+                                    const std::vector<std::string>& overrides) {
   const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     const int err = errno;
@@ -895,7 +1023,7 @@ absl::StatusOr<JobSpec> LoadJobSpec(const std::string& path) {
     text.append(buf, static_cast<size_t>(n));
   }
   close(fd);
-  return ParseJobSpec(text, path);
+  return ParseJobSpec(text, path, overrides);
 }
 
 std::string JobSpecToText(const JobSpec& spec) {

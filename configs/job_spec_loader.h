@@ -5,9 +5,11 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "configs/job_spec.pb.h"
 
 namespace qtrain {
@@ -16,10 +18,21 @@ namespace qtrain {
 // Errors: NotFound (no such file, message names the path); InvalidArgument for syntax errors
 // and unknown fields ("path:line:col: message", 1-based) and for bad values ("path: field:
 // ..."); FailedPrecondition for settings of features that are not implemented yet.
-absl::StatusOr<JobSpec> LoadJobSpec(const std::string& path);
+// `overrides` ("training.steps=100", see SetJobSpecField) apply after parsing and before the
+// defaults and validation, as if the file said so. A file that is not text (NUL bytes, invalid
+// UTF-8) is InvalidArgument "path: not a text protobuf ...".
+absl::StatusOr<JobSpec> LoadJobSpec(const std::string& path,
+                                    const std::vector<std::string>& overrides = {});
 
 // As LoadJobSpec, from text already in memory; `filename` only labels the messages.
-absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string& filename);
+absl::StatusOr<JobSpec> ParseJobSpec(const std::string& text, const std::string& filename,
+                                     const std::vector<std::string>& overrides = {});
+
+// One command-line override "FIELD=VALUE": FIELD a dotted path ("schedule.warmup_steps"),
+// VALUE in text format for numbers, bools and enum names, as typed for strings, a text-format
+// block for a message field (which it replaces). Lists cannot be set. InvalidArgument naming
+// the field (and the fields there are) otherwise.
+absl::Status SetJobSpecField(JobSpec* spec, absl::string_view assignment);
 
 // Fills every zero / unset value that has a documented default (docs/job_spec.md). Idempotent;
 // values that are set, even to something invalid, are left for ValidateJobSpec to judge.

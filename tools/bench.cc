@@ -15,13 +15,13 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "configs/job_spec_loader.h"
 #include "google/protobuf/text_format.h"
 #include "ops/cuda/device.h"
 #include "ops/status_macros.h"
+#include "trainer/cli.h"
 #include "trainer/cuda/gpt_cuda.h"
 #include "trainer/cuda/gpt_cuda_kernels.h"
 #include "trainer/gpt.h"
@@ -262,7 +262,10 @@ absl::Status Main() {
 }  // namespace qtrain
 
 int main(int argc, char** argv) {
-  absl::ParseCommandLine(argc, argv);
+  qtrain::InitCommandLine(argc, argv,
+                          "bench --job=configs/gpt2_124m.textproto [--steps=30] [--warmup=5] "
+                          "[--batch_size=N] [--seq_len=N] [--autotune]",
+                          __FILE__);
   const absl::Status s = qtrain::Main();
   if (!s.ok()) {
     std::fprintf(stderr, "bench: %s\n", std::string(s.message()).c_str());

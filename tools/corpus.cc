@@ -153,6 +153,40 @@ absl::StatusOr<ShardTokenizer> Gpt2ShardTokenizer(const std::string& gpt2_dir, i
   return t;
 }
 
+namespace {
+
+// The shard naming scheme whose stale files a run removes.
+bool IsShardName(const std::string& name) {
+  return (absl::StartsWith(name, "train_") || absl::StartsWith(name, "val_") ||
+          absl::StartsWith(name, "mixed_")) &&
+         absl::EndsWith(name, ".bin");
+}
+
+// Nothing this run writes (shards, index.tsv) or removes (stale shards) may be one of its
+// inputs, also through a link: the input would be gone from where the user keeps it.
+absl::Status CheckInputsSurvive(const std::vector<SourceDocument>& docs, const std::string& out_dir,
+                                const std::map<std::string, std::vector<uint16_t>>& shards) {
+  std::vector<std::string> touched = {"index.tsv", "mixed_train.bin", "mixed_val.bin"};
+  for (const auto& entry : shards) touched.push_back(entry.first);
+  std::error_code ec;
+  for (fs::directory_iterator it(out_dir, ec), end; !ec && it != end; it.increment(ec)) {
+    if (IsShardName(it->path().filename().string())) touched.push_back(it->path().filename().string());
+  }
+  for (const std::string& name : touched) {
+    const std::string path = (fs::path(out_dir) / name).string();
+    for (const SourceDocument& d : docs) {
+      if (SameFile(path, d.name)) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "--out_dir ", out_dir, ": ", path, " is the input '", d.name,
+            "', which writing the shards would replace or remove; choose another --out_dir"));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<PrepareSummary> WriteSplitShards(const std::vector<SourceDocument>& docs,
                                                 const std::string& out_dir, int val_every,
                                                 const ShardTokenizer& tokenizer) {
@@ -174,6 +208,16 @@ absl::StatusOr<PrepareSummary> WriteSplitShards(const std::vector<SourceDocument
   }
   ASSIGN_OR_RETURN(std::vector<std::vector<uint16_t>> doc_tokens, tokenizer.encode(docs));
   const uint16_t eot = tokenizer.end_of_text;
+  for (size_t di = 0; di < docs.size(); ++di) {
+    // Its shard entry would be the end-of-text token alone: nothing to learn, and a shard of
+    // one token that every loader skips.
+    if (doc_tokens[di].empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "'", docs[di].name, "' holds no text (",
+          docs[di].text.empty() ? "an empty file" : "no tokens after tag stripping",
+          "): remove it from the input"));
+    }
+  }
 
   PrepareSummary summary;
   // Keyed by shard file name; documents keep their input order inside a shard.
@@ -196,6 +240,7 @@ absl::StatusOr<PrepareSummary> WriteSplitShards(const std::vector<SourceDocument
     (val ? g.val_tokens : g.train_tokens) += 1 + e.length;
   }
 
+  RETURN_IF_ERROR(CheckInputsSurvive(docs, out_dir, shards));
   for (const auto& [name, tokens] : shards) {
     RETURN_IF_ERROR(WriteShard((fs::path(out_dir) / name).string(), tokens));
     summary.shards_written.push_back(name);
@@ -238,9 +283,7 @@ absl::StatusOr<PrepareSummary> WriteSplitShards(const std::vector<SourceDocument
   std::vector<fs::path> stale;
   for (fs::directory_iterator it(out_dir, ec), end; !ec && it != end; it.increment(ec)) {
     const std::string name = it->path().filename().string();
-    if ((absl::StartsWith(name, "train_") || absl::StartsWith(name, "val_") ||
-         absl::StartsWith(name, "mixed_")) &&
-        absl::EndsWith(name, ".bin") && !written.count(name)) {
+    if (IsShardName(name) && !written.count(name)) {
       stale.push_back(it->path());
     }
   }

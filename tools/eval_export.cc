@@ -7,10 +7,10 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
 #include "configs/job_spec_loader.h"
 #include "ops/status_macros.h"
+#include "trainer/cli.h"
 #include "trainer/data_loader.h"
 #include "tools/gguf_gpt2.h"
 #include "trainer/export_reader.h"
@@ -66,12 +66,11 @@ absl::StatusOr<double> EvalExport(const std::string& path, std::string val_patte
 }  // namespace qtrain
 
 int main(int argc, char** argv) {
-  absl::ParseCommandLine(argc, argv);
+  std::vector<char*> rest = qtrain::InitCommandLine(
+      argc, argv, "eval_export --export_path=PATH [--val_pattern=GLOB] [--batches=N]", __FILE__);
+  if (rest.size() > 1) return qtrain::UsageError("eval_export", absl::StrCat("unexpected argument '", rest[1], "'"));
   const std::string path = absl::GetFlag(FLAGS_export_path);
-  if (path.empty()) {
-    std::fprintf(stderr, "eval_export: --export_path is required\n");
-    return 2;
-  }
+  if (path.empty()) return qtrain::UsageError("eval_export", "--export_path is required");
   absl::StatusOr<double> loss =
       qtrain::EvalExport(path, absl::GetFlag(FLAGS_val_pattern), absl::GetFlag(FLAGS_batches));
   if (!loss.ok()) {

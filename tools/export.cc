@@ -13,13 +13,14 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
 #include "configs/job_spec_loader.h"
 #include "ops/quant/pack.h"
 #include "ops/status_macros.h"
 #include "tools/gguf_gpt2.h"
 #include "tools/gpt2_tokenizer.h"
+#include "trainer/atomic_file.h"
+#include "trainer/cli.h"
 #include "trainer/hf_gpt2.h"
 #include "trainer/model_setup.h"
 #include "trainer/safetensors.h"
@@ -212,6 +213,10 @@ absl::Status ExportGguf(const std::string& ckpt, const std::string& out,
 
 absl::Status Export(const std::string& format, const std::string& ckpt, const std::string& out,
                     const std::string& gpt2_dir) {
+  // Every write is an atomic rename over `out` (or into it, for hf): never onto the input.
+  RETURN_IF_ERROR(CheckNotOverwritingInput(out, "--out", ckpt, "--checkpoint"));
+  RETURN_IF_ERROR(
+      CheckNotOverwritingInput(out + "/model.safetensors", "--out", ckpt, "--checkpoint"));
   if (format == "qtrain") return ExportQtrain(ckpt, out);
   if (format == "hf") return ExportHf(ckpt, out, gpt2_dir);
   if (format == "gguf") return ExportGguf(ckpt, out, gpt2_dir);
@@ -223,12 +228,16 @@ absl::Status Export(const std::string& format, const std::string& ckpt, const st
 }  // namespace qtrain
 
 int main(int argc, char** argv) {
-  absl::ParseCommandLine(argc, argv);
-  const std::string ckpt = absl::GetFlag(FLAGS_checkpoint), out = absl::GetFlag(FLAGS_out);
-  if (ckpt.empty() || out.empty()) {
-    std::fprintf(stderr, "export: --checkpoint and --out are required\n");
-    return 2;
+  std::vector<char*> rest = qtrain::InitCommandLine(
+      argc, argv,
+      "export --checkpoint=out/JOB/checkpoints/step_N.safetensors --out=PATH "
+      "[--format=qtrain|hf|gguf]",
+      __FILE__);
+  if (rest.size() > 1) {
+    return qtrain::UsageError("export", absl::StrCat("unexpected argument '", rest[1], "'"));
   }
+  const std::string ckpt = absl::GetFlag(FLAGS_checkpoint), out = absl::GetFlag(FLAGS_out);
+  if (ckpt.empty() || out.empty()) return qtrain::UsageError("export", "--checkpoint and --out are required");
   absl::Status s = qtrain::Export(absl::GetFlag(FLAGS_format), ckpt, out,
                                   absl::GetFlag(FLAGS_gpt2_dir));
   if (!s.ok()) {

@@ -6,9 +6,9 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
 #include "absl/strings/str_format.h"
 #include "distributed/federated/client_data.h"
+#include "trainer/cli.h"
 
 ABSL_FLAG(std::string, data_dir, "data/brown", "folder with index.tsv and the genre shards");
 ABSL_FLAG(std::vector<std::string>, genres, {}, "genre letters to deal out, e.g. h,j,k,l");
@@ -18,7 +18,10 @@ ABSL_FLAG(uint64_t, seed, 0, "seed of the Dirichlet draws and document shuffles"
 ABSL_FLAG(std::string, out_dir, "", "where client_<k>_train.bin and clients.tsv go");
 
 int main(int argc, char** argv) {
-  absl::ParseCommandLine(argc, argv);
+  qtrain::InitCommandLine(argc, argv,
+                          "federated_split --genres=h,j,k,l --out_dir=DIR [--data_dir=data/brown] "
+                          "[--clients=N] [--alpha=A] [--seed=S]",
+                          __FILE__);
   qtrain::federated::SplitOptions o;
   o.data_dir = absl::GetFlag(FLAGS_data_dir);
   o.genres = absl::GetFlag(FLAGS_genres);

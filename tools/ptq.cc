@@ -7,11 +7,11 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
 #include "configs/job_spec_loader.h"
 #include "ops/status_macros.h"
 #include "trainer/checkpoint.h"
+#include "trainer/cli.h"
 #include "trainer/data_loader.h"
 #include "trainer/model_setup.h"
 
@@ -25,8 +25,23 @@ ABSL_FLAG(std::string, val_pattern, "", "override the job's data.val_pattern");
 namespace qtrain {
 namespace {
 
+// PTQ starts from full-precision weights. A QAT checkpoint's latent weights were trained for its
+// own quantizers (and carry their steps): quantizing them afresh would measure nothing useful.
+absl::Status RequireFullPrecision(const JobSpec& spec, const std::string& ckpt) {
+  const PrecisionSpec& p = spec.precision();
+  bool qat = p.linear() == QAT;
+  for (const LayerOverride& o : p.overrides()) qat = qat || o.precision() == QAT;
+  if (!qat) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat(
+      ckpt, " is a QAT checkpoint (precision.linear ", LinearPrecision_Name(p.linear()), ", ",
+      p.qat().weight_bits(), "-bit weights, ", p.qat().act_bits(), "-bit activations): PTQ "
+      "quantizes a full-precision checkpoint. Its own quantized model is evaluated with "
+      "//tools:export --checkpoint=", ckpt, " --out=X then //tools:eval_export --export_path=X"));
+}
+
 absl::Status Ptq(const std::string& ckpt) {
   ASSIGN_OR_RETURN(JobSpec spec, JobSpecFromCheckpoint(ckpt));
+  RETURN_IF_ERROR(RequireFullPrecision(spec, ckpt));
   if (!absl::GetFlag(FLAGS_train_pattern).empty()) {
     spec.mutable_data()->set_train_pattern(absl::GetFlag(FLAGS_train_pattern));
   }
@@ -95,12 +110,14 @@ absl::Status Ptq(const std::string& ckpt) {
 }  // namespace qtrain
 
 int main(int argc, char** argv) {
-  absl::ParseCommandLine(argc, argv);
+  std::vector<char*> rest = qtrain::InitCommandLine(
+      argc, argv,
+      "ptq --checkpoint=PATH [--bits=8|4] [--calib_batches=N] [--batches=N] "
+      "[--train_pattern=GLOB] [--val_pattern=GLOB]",
+      __FILE__);
+  if (rest.size() > 1) return qtrain::UsageError("ptq", absl::StrCat("unexpected argument '", rest[1], "'"));
   const std::string ckpt = absl::GetFlag(FLAGS_checkpoint);
-  if (ckpt.empty()) {
-    std::fprintf(stderr, "ptq: --checkpoint is required\n");
-    return 2;
-  }
+  if (ckpt.empty()) return qtrain::UsageError("ptq", "--checkpoint is required");
   absl::Status s = qtrain::Ptq(ckpt);
   if (!s.ok()) {
     std::fprintf(stderr, "ptq: %s\n", std::string(s.message()).c_str());

@@ -3,15 +3,16 @@
 // or through the parameter service with --coordinator (trainer/service_run.h).
 #include <cstdio>
 #include <memory>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "configs/job_spec_loader.h"
 #include "distributed/distributed_context.h"
+#include "trainer/cli.h"
 #include "trainer/service_run.h"
 #include "trainer/sinks.h"
 #include "trainer/trainer.h"
@@ -19,8 +20,14 @@
 ABSL_FLAG(std::string, job, "",
           "path of the job spec (text protobuf), e.g. configs/tiny_cpu.textproto, or ps://JOB "
           "for a job registered with the parameter service at --coordinator");
-ABSL_FLAG(int, steps, -1, "override training.steps");
-ABSL_FLAG(std::string, out_dir, "", "override out_dir (checkpoints, metrics.jsonl)");
+ABSL_FLAG(std::optional<int>, steps, std::nullopt,
+          "override training.steps (the same as --set=training.steps=N)");
+ABSL_FLAG(std::string, out_dir, "",
+          "override out_dir (checkpoints, metrics.jsonl; the same as --set=out_dir=DIR)");
+ABSL_FLAG(std::vector<std::string>, set, {},
+          "override any job field before validation, comma-separated FIELD=VALUE, e.g. "
+          "--set=schedule.warmup_steps=5,optimizer.lr=1e-3 (strings as typed, enums by name, a "
+          "block as '{...}' in text format)");
 ABSL_FLAG(std::string, resume, "",
           "resume: 'latest' (newest checkpoint in out_dir), a checkpoint path, or "
           "ps://JOB/latest (ps://JOB/STEP) from the parameter service");
@@ -32,6 +39,13 @@ ABSL_FLAG(std::string, backend, "",
           "override distributed.backend: 'mpi' (what the launch/ scripts pass, so any job file "
           "runs data-parallel) or 'none'");
 ABSL_FLAG(bool, quiet, false, "no progress lines");
+ABSL_FLAG(bool, overwrite, false,
+          "start afresh in an out_dir that holds another run: delete its checkpoints and "
+          "metrics.jsonl first (without it such an out_dir is refused)");
+ABSL_FLAG(bool, allow_spec_change, false,
+          "resume even though the job differs from the checkpoint's in a way that breaks a "
+          "bit-identical resume (learning rate, schedule, --steps, precision, ...); the "
+          "differences are printed either way");
 ABSL_FLAG(std::string, coordinator, "",
           "host:port of a qtrain_ps: set distributed.coordinator (ranks meet through the service, "
           "no MPI) and where --job=ps://JOB is fetched from");
@@ -42,13 +56,6 @@ ABSL_FLAG(int, rank, -1, "with --coordinator: this process's rank (default: the 
           "$QTRAIN_RANK, or the service assigns one)");
 ABSL_FLAG(int, world_size, 0, "with --coordinator: the number of ranks (default: the launcher's "
           "or $QTRAIN_WORLD_SIZE)");
-ABSL_FLAG(bool, overwrite, false,
-          "start afresh in an out_dir that holds another run: delete its checkpoints and "
-          "metrics.jsonl first (without it such an out_dir is refused)");
-ABSL_FLAG(bool, allow_spec_change, false,
-          "resume even though the job differs from the checkpoint's in a way that breaks a "
-          "bit-identical resume (learning rate, schedule, --steps, precision, ...); the "
-          "differences are printed either way");
 
 namespace {
 
@@ -61,23 +68,34 @@ std::string Prefix(const qtrain::DistributedContext* dist) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
-      "qtrain --job=PATH [--steps=N] [--out_dir=DIR] [--resume=latest|PATH] [--global_batch=N] "
-      "[--backend=mpi]");
-  absl::ParseCommandLine(argc, argv);
+  std::vector<char*> rest = qtrain::InitCommandLine(
+      argc, argv,
+      "qtrain --job=PATH|ps://JOB [--steps=N] [--out_dir=DIR] [--set=FIELD=VALUE,...] "
+      "[--resume=latest|PATH] [--overwrite] [--allow_spec_change] [--global_batch=N] "
+      "[--backend=mpi] [--coordinator=HOST:PORT]",
+      __FILE__);
+  if (rest.size() > 1) {
+    return qtrain::UsageError("qtrain", absl::StrCat("unexpected argument '", rest[1], "'"));
+  }
   const std::string job = absl::GetFlag(FLAGS_job);
   if (job.empty()) {
-    std::fprintf(stderr, "qtrain: --job is required (e.g. --job=configs/tiny_cpu.textproto)\n");
-    return 2;
+    return qtrain::UsageError("qtrain", "--job is required (e.g. --job=configs/tiny_cpu.textproto)");
   }
+  // Overrides go in before defaults and validation, as if the job file said so.
+  std::vector<std::string> overrides;
+  if (const std::optional<int> steps = absl::GetFlag(FLAGS_steps); steps.has_value()) {
+    overrides.push_back(absl::StrCat("training.steps=", *steps));
+  }
+  if (!absl::GetFlag(FLAGS_out_dir).empty()) {
+    overrides.push_back(absl::StrCat("out_dir=", absl::GetFlag(FLAGS_out_dir)));
+  }
+  for (const std::string& s : absl::GetFlag(FLAGS_set)) overrides.push_back(s);
   const std::string coordinator = absl::GetFlag(FLAGS_coordinator);
-  absl::StatusOr<qtrain::JobSpec> spec = qtrain::LoadJobForRun(job, coordinator);
+  absl::StatusOr<qtrain::JobSpec> spec = qtrain::LoadJobForRun(job, coordinator, overrides);
   if (!spec.ok()) {
     std::fprintf(stderr, "qtrain: %s\n", std::string(spec.status().message()).c_str());
     return 1;
   }
-  if (absl::GetFlag(FLAGS_steps) >= 0) spec->mutable_training()->set_steps(absl::GetFlag(FLAGS_steps));
-  if (!absl::GetFlag(FLAGS_out_dir).empty()) spec->set_out_dir(absl::GetFlag(FLAGS_out_dir));
   if (const std::string backend = absl::GetFlag(FLAGS_backend); !backend.empty()) {
     if (backend == "mpi") {
       spec->mutable_distributed()->set_backend(qtrain::DistributedSpec::MPI);

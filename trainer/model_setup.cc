@@ -1,7 +1,11 @@
 // ModelConfigFromSpec, Teacher, AddModelMetrics.
 #include "trainer/model_setup.h"
 
+#include <algorithm>
+#include <fstream>
+
 #include "absl/strings/match.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_cat.h"
 #include "ops/status_macros.h"
 #include "configs/job_spec_loader.h"
@@ -27,6 +31,71 @@ absl::StatusOr<GptConfig> ModelConfigFromSpec(const JobSpec& spec) {
   gc.tweo.p = t.p();
   gc.tweo.eps = t.eps();
   return gc;
+}
+
+HostMemoryEstimate EstimateHostMemory(const JobSpec& spec) {
+  const ModelSpec& m = spec.model();
+  const double C = m.n_embd(), L = m.n_layer(), NH = m.n_head();
+  const double V = std::max(m.vocab_size(), m.padded_vocab_size());
+  const double B = spec.training().batch_size(), T = spec.training().seq_len();
+  HostMemoryEstimate e;
+  const double params = V * C + static_cast<double>(m.max_seq_len()) * C +
+                        L * (12 * C * C + 13 * C) + 2 * C;
+  e.parameters = static_cast<int64_t>(std::min(params, 9e18));
+  e.parameter_bytes = params * 16;  // weights, gradients, Adam m and v, fp32
+  if (spec.device() != CUDA) {
+    // Per block: 16 (N, C) tensors and the (B, NH, T, T) attention; then the backward's
+    // scratch, the logits' probabilities and the final layernorm (trainer/gpt.cc Allocate).
+    const double N = B * T, att = B * NH * T * T;
+    e.activation_bytes = 4 * (L * (16 * N * C + att) + 18 * N * C + att + N * V);
+  }
+  return e;
+}
+
+namespace {
+std::string Bytes(double b) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
+  int u = 0;
+  while (b >= 1024 && u < 6) {
+    b /= 1024;
+    ++u;
+  }
+  return absl::StrFormat("%.1f %s", b, units[u]);
+}
+}  // namespace
+
+std::string DescribeHostMemory(const HostMemoryEstimate& e, const JobSpec& spec) {
+  std::string text = absl::StrFormat(
+      "about %s of host memory (%.4gM parameters: %s for fp32 weights, gradients and AdamW "
+      "moments", Bytes(e.total()), e.parameters / 1e6, Bytes(e.parameter_bytes));
+  if (e.activation_bytes > 0) {
+    absl::StrAppend(&text, absl::StrFormat(", plus %s of activations for batch_size %d x "
+                                           "seq_len %d", Bytes(e.activation_bytes),
+                                           spec.training().batch_size(),
+                                           spec.training().seq_len()));
+  }
+  return text + ")";
+}
+
+absl::Status CheckHostMemory(const JobSpec& spec) {
+  std::ifstream meminfo("/proc/meminfo");
+  std::string key;
+  double kib = -1;
+  while (meminfo >> key) {
+    if (key == "MemAvailable:") {
+      meminfo >> kib;
+      break;
+    }
+    meminfo.ignore(1 << 10, '\n');
+  }
+  if (kib <= 0) return absl::OkStatus();
+  const HostMemoryEstimate e = EstimateHostMemory(spec);
+  const double available = kib * 1024;
+  if (e.total() <= available) return absl::OkStatus();
+  return absl::ResourceExhaustedError(absl::StrCat(
+      "the model of job '", spec.name(), "' needs ", DescribeHostMemory(e, spec),
+      "; this machine has ", Bytes(available), " available. Make model.n_embd, model.n_layer "
+      "or model.vocab_size smaller (or training.batch_size / seq_len for the activations)"));
 }
 
 GradDtype GradDtypeFromSpec(const TrainingSpec& training) {
@@ -75,7 +144,18 @@ absl::StatusOr<double> Teacher::Loss(const Gpt* student, const int32_t* inputs, 
   return loss;
 }
 
+absl::Status CheckEvalBatches(const DataLoader& val, int batches, const std::string& setting) {
+  if (batches <= val.steps_per_epoch()) return absl::OkStatus();
+  const std::vector<std::string>& shards = val.shard_paths();
+  return absl::FailedPreconditionError(absl::StrCat(
+      setting, ": ", batches, " batches of ", val.world_size(), " x ", val.B(), " x ", val.T(),
+      " tokens, but the val split (", shards.size() == 1 ? shards[0] : absl::StrCat(shards.size(), " shards"),
+      ", ", val.total_tokens(), " tokens) holds only ", val.steps_per_epoch(),
+      ": lower ", setting, " to ", val.steps_per_epoch(), " or use a larger val split"));
+}
+
 absl::StatusOr<double> EvaluateLoss(const BatchLossFn& loss_of, DataLoader* val, int batches) {
+  RETURN_IF_ERROR(CheckEvalBatches(*val, batches, "evaluation batches"));
   val->Reset();
   const int B = val->B(), T = val->T();
   std::vector<int32_t> x(static_cast<size_t>(B) * T), y(static_cast<size_t>(B) * T);

@@ -20,6 +20,23 @@ namespace qtrain {
 
 absl::StatusOr<GptConfig> ModelConfigFromSpec(const JobSpec& spec);
 
+// Host memory a run of `spec` will allocate, estimated from the shapes: fp32 weights,
+// gradients and AdamW moments (16 bytes per parameter), plus the CPU model's activations and
+// their gradients for one micro-batch (none for a device run, whose activations live on the
+// GPU).
+struct HostMemoryEstimate {
+  int64_t parameters = 0;
+  double parameter_bytes = 0;
+  double activation_bytes = 0;
+  double total() const { return parameter_bytes + activation_bytes; }
+};
+HostMemoryEstimate EstimateHostMemory(const JobSpec& spec);
+// "about 3.1 TiB of host memory (195.7G parameters: ..., plus ... of activations ...)".
+std::string DescribeHostMemory(const HostMemoryEstimate& estimate, const JobSpec& spec);
+// ResourceExhausted before anything is allocated when the estimate exceeds the memory this
+// machine has available (/proc/meminfo MemAvailable); OK when that cannot be read.
+absl::Status CheckHostMemory(const JobSpec& spec);
+
 // The device model's share of the training block: the gradient type to create it with, then
 // the settings of the created model (training.deterministic, training.lm_head_chunks).
 GradDtype GradDtypeFromSpec(const TrainingSpec& training);
@@ -51,6 +68,10 @@ class Teacher {
 using BatchLossFn =
     std::function<absl::StatusOr<double>(const int32_t*, const int32_t*, int, int)>;
 absl::StatusOr<double> EvaluateLoss(const BatchLossFn& loss_of, DataLoader* val, int batches);
+
+// FailedPrecondition when `val` holds fewer than `batches` distinct batches (an evaluation
+// would count some twice), naming `setting` (e.g. "eval.batches") and the val shards.
+absl::Status CheckEvalBatches(const DataLoader& val, int batches, const std::string& setting);
 absl::StatusOr<double> EvaluateLoss(Gpt* model, DataLoader* val, int batches);
 
 // The job spec a checkpoint or export carries in its metadata ("job_spec"), validated.

@@ -35,8 +35,9 @@ std::string ServiceAddress(const JobSpec& spec) {
                                                     : spec.parameter_service().address();
 }
 
-absl::StatusOr<JobSpec> LoadJobForRun(const std::string& job, const std::string& address_flag) {
-  if (!absl::StartsWith(job, kServiceScheme)) return LoadJobSpec(job);
+absl::StatusOr<JobSpec> LoadJobForRun(const std::string& job, const std::string& address_flag,
+                                      const std::vector<std::string>& overrides) {
+  if (!absl::StartsWith(job, kServiceScheme)) return LoadJobSpec(job, overrides);
   const std::string job_id = job.substr(std::string(kServiceScheme).size());
   std::string address = address_flag;
   if (address.empty()) {
@@ -50,7 +51,7 @@ absl::StatusOr<JobSpec> LoadJobForRun(const std::string& job, const std::string&
   ASSIGN_OR_RETURN(std::shared_ptr<ps::PsClient> client, ClientFor(JobSpec(), address));
   // GetJobSpec checks the text against the SHA-256 the service recorded.
   ASSIGN_OR_RETURN(ps::GetJobSpecResponse got, client->GetJobSpec(job_id));
-  return ParseJobSpec(got.spec_text(), job);
+  return ParseJobSpec(got.spec_text(), job, overrides);
 }
 
 absl::StatusOr<std::unique_ptr<DistributedContext>> CreateRunContext(const JobSpec& spec,

@@ -20,7 +20,9 @@ inline constexpr char kServiceScheme[] = "ps://";
 
 // `job` is a file, or ps://JOB: the spec registered as JOB on the service at `address`
 // (--coordinator, else $QTRAIN_PS_ADDRESS), checked against its SHA-256 and validated.
-absl::StatusOr<JobSpec> LoadJobForRun(const std::string& job, const std::string& address);
+// `overrides` (--set, --steps, --out_dir) apply before defaults and validation (LoadJobSpec).
+absl::StatusOr<JobSpec> LoadJobForRun(const std::string& job, const std::string& address,
+                                      const std::vector<std::string>& overrides = {});
 
 // The job's context: through the service when it has distributed.coordinator (rank and world
 // size from the flags, else the launcher), else DistributedContext::Create (MPI or one

@@ -147,6 +147,8 @@ absl::Status TrainingSession::BuildModel() {
   T_ = ts.seq_len();
   accum_ = ts.grad_accum();
   ASSIGN_OR_RETURN(gc_, ModelConfigFromSpec(spec_));
+  // Refused with what the model needs, before std::bad_alloc would end the process.
+  RETURN_IF_AGREED_ERROR(dist_->AllOk(CheckHostMemory(spec_), "checking host memory"));
   ASSIGN_OR_RETURN(model_, Gpt::Create(gc_));
   model_->InitWeights(spec_.seed(), spec_.model().init_std());
   if (!ts.init_from().empty() && options_.resume.empty()) {
@@ -191,6 +193,9 @@ absl::Status TrainingSession::OpenData() {
   RETURN_IF_AGREED_ERROR(dist_->AllOk(val.status(), "opening validation data"));
   train_ = *std::move(train);
   val_ = *std::move(val);
+  // Every rank has the same shards and counts: one agreed error.
+  RETURN_IF_AGREED_ERROR(dist_->AllOk(CheckEvalBatches(*val_, spec_.eval().batches(), "eval.batches"),
+                                      "checking the val split"));
   rng_ = Rng(spec_.seed() ^ 0x5eedull);
   x_.resize(static_cast<size_t>(B_) * T_);
   y_.resize(static_cast<size_t>(B_) * T_);

@@ -15,6 +15,7 @@
 #include "google/protobuf/text_format.h"
 #include "google/protobuf/util/message_differencer.h"
 #include "gtest/gtest.h"
+#include "trainer/atomic_file.h"
 
 namespace qtrain {
 namespace {
@@ -869,6 +870,11 @@ TEST(Validate, LegalCornerValuesPass) {
   EXPECT_TRUE(ValidateJobSpec(spec).ok()) << ValidateJobSpec(spec);
   spec.mutable_model()->set_vocab_size(2);
   EXPECT_TRUE(ValidateJobSpec(spec).ok()) << ValidateJobSpec(spec);
+  // Phi's rank corners, with Phi on (a rank without it would be an unused setting).
+  spec.mutable_precision()->set_linear(QAT);
+  spec.mutable_precision()->mutable_qat()->set_weight_bits(4);
+  spec.mutable_precision()->mutable_aux_lowrank()->set_enabled(true);
+  spec.mutable_precision()->mutable_aux_lowrank()->set_decay_period(1);
   spec.mutable_precision()->mutable_aux_lowrank()->set_rank(1);
   EXPECT_TRUE(ValidateJobSpec(spec).ok()) << ValidateJobSpec(spec);
   spec.mutable_precision()->mutable_aux_lowrank()->set_rank(128);
@@ -1043,6 +1049,120 @@ TEST(Hash, StableAndSensitiveToEveryChange) {
     changes[i](&changed);
     EXPECT_NE(JobSpecHash(changed), h) << "change " << i;
   }
+}
+
+}  // namespace
+}  // namespace qtrain
+
+namespace qtrain {
+namespace {
+
+using ::testing::HasSubstr;
+
+// Settings nothing would read are errors naming the field; writing out a default is not a
+// setting.
+TEST(Strict, UnusedSettingsAreRejectedNamingTheField) {
+  struct Case {
+    const char* precision;
+    const char* expect;  // "" = loads
+  } cases[] = {
+      {"linear: FP8 qat { weight_bits: 4 }",
+       "precision.qat.weight_bits: is set but no Linear uses QAT (precision.linear is FP8"},
+      {"qat { act_bits: 8 }", "precision.qat.act_bits: is set but no Linear uses QAT"},
+      {"linear: QAT qat { weight_bits: 4 } fp8 { margin: 1 }",
+       "precision.fp8.margin: is set but no Linear uses FP8 (precision.linear is QAT"},
+      {"tweo { lambda: 0.1 }", "precision.tweo.lambda: is set but precision.tweo.enabled is false"},
+      {"aux_lowrank { rank: 8 decay_period: 4 }",
+       "precision.aux_lowrank.rank: is set but precision.aux_lowrank.enabled is false"},
+      // Spelled-out defaults, and settings that are used.
+      {"fp8 { amax_history_len: 16 } tweo { tau: 3 } aux_lowrank { rank: 32 }", ""},
+      {"linear: FULL overrides { match: \"block.0.*\" precision: QAT } qat { weight_bits: 4 }", ""},
+      {"tweo { enabled: true lambda: 0.1 }", ""},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.precision);
+    absl::StatusOr<JobSpec> spec =
+        ParseJobSpec(absl::StrCat(kBase, "precision { ", c.precision, " }"), "j.textproto");
+    if (*c.expect == '\0') {
+      EXPECT_TRUE(spec.ok()) << spec.status();
+    } else {
+      ASSERT_FALSE(spec.ok());
+      EXPECT_EQ(spec.status().code(), absl::StatusCode::kInvalidArgument);
+      EXPECT_THAT(std::string(spec.status().message()),
+                  HasSubstr(absl::StrCat("j.textproto: ", c.expect)));
+    }
+  }
+}
+
+TEST(Strict, BinaryFileIsNotATextProtobuf) {
+  const char* tmp = std::getenv("TEST_TMPDIR");
+  const std::string path = absl::StrCat(tmp ? tmp : "/tmp", "/binary.textproto");
+  JobSpec spec = Base();
+  ASSERT_TRUE(WriteFileAtomically(path, {spec.SerializeAsString()}).ok());
+  absl::StatusOr<JobSpec> loaded = LoadJobSpec(path);
+  ASSERT_FALSE(loaded.ok());
+  const std::string msg(loaded.status().message());
+  EXPECT_THAT(msg, HasSubstr(path + ": not a text protobuf (byte 1 is 0x04, binary data)"));
+  for (char c : msg) EXPECT_TRUE(c == '\n' || (c >= 0x20 && c < 0x7f)) << "raw byte in: " << msg;
+  // Invalid UTF-8 after valid text, and a NUL.
+  for (const std::string& text : {std::string("name: \"x\"\n\xff\xfe"), std::string("na\0me", 5)}) {
+    absl::StatusOr<JobSpec> s = ParseJobSpec(text, "t.textproto");
+    ASSERT_FALSE(s.ok());
+    EXPECT_THAT(std::string(s.status().message()), HasSubstr("t.textproto: not a text protobuf"));
+  }
+}
+
+// --set FIELD=VALUE (and qtrain's --steps) apply before defaults and validation.
+TEST(Overrides, SetFieldIsSeenByValidation) {
+  absl::StatusOr<JobSpec> s = LoadJobSpec("configs/tiny_cpu.textproto", {"training.steps=10"});
+  ASSERT_FALSE(s.ok());
+  EXPECT_THAT(std::string(s.status().message()),
+              HasSubstr("schedule.warmup_steps: must be < training.steps 10, got 50"));
+  EXPECT_THAT(std::string(s.status().message()),
+              HasSubstr("overrides training.steps=10; --set=FIELD=VALUE changes any field"));
+  s = LoadJobSpec("configs/tiny_cpu.textproto",
+                  {"training.steps=10", "schedule.warmup_steps=2", "data.val_pattern=v/*.bin",
+                   "precision.linear=QAT", "precision.qat={weight_bits: 4}", "name=renamed"});
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_EQ(s->training().steps(), 10);
+  EXPECT_EQ(s->schedule().warmup_steps(), 2);
+  EXPECT_EQ(s->data().val_pattern(), "v/*.bin");
+  EXPECT_EQ(s->precision().qat().weight_bits(), 4);
+  EXPECT_EQ(s->out_dir(), "out/renamed");  // the default follows the overridden name
+  s = LoadJobSpec("configs/tiny_cpu.textproto", {"training.steps=-3"});
+  ASSERT_FALSE(s.ok());
+  EXPECT_THAT(std::string(s.status().message()), HasSubstr("training.steps: must be > 0, got -3"));
+
+  JobSpec spec;
+  absl::Status e = SetJobSpecField(&spec, "training.stepz=5");
+  EXPECT_THAT(std::string(e.message()),
+              HasSubstr("--set training.stepz=5: training has no field 'stepz' (fields: steps,"));
+  EXPECT_THAT(std::string(SetJobSpecField(&spec, "training.steps=abc").message()),
+              HasSubstr("'abc' is not a int32 value for training.steps"));
+  EXPECT_THAT(std::string(SetJobSpecField(&spec, "precision.linear=FP9").message()),
+              HasSubstr("'FP9' is not a LinearPrecision value"));
+  EXPECT_THAT(std::string(SetJobSpecField(&spec, "steps").message()), HasSubstr("FIELD=VALUE"));
+  EXPECT_THAT(std::string(SetJobSpecField(&spec, "precision.overrides=x").message()),
+              HasSubstr("is a list"));
+}
+
+TEST(Model, ArchIsTheArchitectureSeam) {
+  absl::StatusOr<JobSpec> s = ParseJobSpec(kBase, "a.textproto");
+  ASSERT_TRUE(s.ok());
+  EXPECT_EQ(s->model().arch(), GPT2);  // the default
+  EXPECT_THAT(JobSpecToText(*s), HasSubstr("arch: GPT2"));
+  auto with_arch = [](const char* arch) {
+    return absl::StrCat("name: \"a\" model { arch: ", arch, " n_layer: 2 n_embd: 128 n_head: 4 } ",
+                        "optimizer { lr: 1e-3 } training { steps: 100 batch_size: 4 seq_len: 64 }");
+  };
+  s = ParseJobSpec(with_arch("GPT2"), "a.textproto");
+  EXPECT_TRUE(s.ok()) << s.status();
+  s = ParseJobSpec(with_arch("7"), "a.textproto");
+  ASSERT_FALSE(s.ok());
+  EXPECT_THAT(std::string(s.status().message()), HasSubstr("model.arch: unknown ModelArch value 7"));
+  s = ParseJobSpec(with_arch("LLAMA"), "a.textproto");
+  ASSERT_FALSE(s.ok());
+  EXPECT_THAT(std::string(s.status().message()), HasSubstr("LLAMA"));
 }
 
 }  // namespace

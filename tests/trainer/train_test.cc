@@ -17,6 +17,7 @@
 #include "trainer/rng.h"
 #include "trainer/safetensors.h"
 #include "trainer/shard.h"
+#include "trainer/model_setup.h"
 #include "trainer/sinks.h"
 
 namespace qtrain {
@@ -475,6 +476,51 @@ TEST(Resume, FinishedRunSaysItIsFinished) {
   EXPECT_NE(out.find("is already finished"), std::string::npos) << out;
   EXPECT_EQ(out.find("done: "), std::string::npos) << out;
   EXPECT_EQ(ReadText(spec.out_dir() + "/metrics.jsonl"), metrics);
+}
+
+}  // namespace
+}  // namespace qtrain
+
+namespace qtrain {
+namespace {
+
+// More evaluation batches than the val split holds would count batches twice: refused before
+// training starts, naming the field and the split.
+TEST(Settings, MoreEvalBatchesThanTheValSplitHoldsIsRefused) {
+  JobSpec spec = TinyJob("eval_batches");
+  spec.mutable_eval()->set_batches(1000);  // the val shard holds 40000 tokens: 312 batches of 4 x 32
+  RunOptions opt;
+  opt.quiet = true;
+  absl::StatusOr<RunResult> r = RunTraining(spec, opt);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(r.status().message().find("eval.batches: 1000 batches of 1 x 4 x 32 tokens, but the "
+                                      "val split ("),
+            std::string::npos) << r.status();
+  EXPECT_NE(r.status().message().find("holds only 312: lower eval.batches to 312"),
+            std::string::npos) << r.status();
+  EXPECT_FALSE(fs::exists(spec.out_dir() + "/metrics.jsonl"));
+}
+
+// A model this machine cannot hold ends with what it needs, before any allocation (not
+// std::bad_alloc and SIGABRT).
+TEST(Settings, ImpossibleModelSizeNamesTheMemoryItNeeds) {
+  JobSpec spec = TinyJob("huge");
+  spec.mutable_model()->set_n_embd(1 << 16);
+  spec.mutable_model()->set_n_layer(48);
+  RunOptions opt;
+  opt.quiet = true;
+  absl::StatusOr<RunResult> r = RunTraining(spec, opt);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted) << r.status();
+  const std::string msg(r.status().message());
+  EXPECT_NE(msg.find("the model of job 'huge' needs about 36.0 TiB of host memory (2.474e+06M "
+                     "parameters"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("available. Make model.n_embd"), std::string::npos) << msg;
+  // The estimate of a model that fits is in the right range: the tiny job's 0.03M parameters.
+  HostMemoryEstimate e = EstimateHostMemory(TinyJob("small"));
+  EXPECT_GT(e.parameters, 25000);
+  EXPECT_LT(e.parameters, 40000);
 }
 
 }  // namespace
