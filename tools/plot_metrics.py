@@ -2,7 +2,9 @@
 """Plots qtrain's metrics.jsonl as an SVG (standard library only).
 
 Usage: tools/plot_metrics.py out/tiny_cpu/metrics.jsonl [--keys train_loss,val_loss] [-o plot.svg]
-One panel per key, x = step. Several files may be given to overlay runs.
+One panel per key, x = step. Several files may be given to overlay runs. A key "<prefix>.max"
+that a row lacks is the maximum over the row's keys "<prefix>.<i>" (e.g. peak_act.max: the peak
+block output of the step).
 """
 import argparse
 import json
@@ -54,6 +56,17 @@ def panel(out, x0, y0, w, h, key, series, colors):
         out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{d}"/>')
 
 
+def value(row, key):
+    v = row.get(key)
+    if isinstance(v, (int, float)):
+        return float(v)
+    if key.endswith(".max"):
+        prefix = key[:-3]
+        vals = [x for k, x in row.items() if k.startswith(prefix) and k[len(prefix):].isdigit()]
+        return float(max(vals)) if vals else None
+    return None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="+")
@@ -62,12 +75,13 @@ def main():
     args = ap.parse_args()
     runs = [(os.path.dirname(p) or p, load(p)) for p in args.files]
     keys = [k for k in args.keys.split(",") if k]
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
+              "#7f7f7f", "#bcbd22", "#17becf"]
     w, h = 520, 220
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h * len(keys) + 20 * len(runs)}" font-family="sans-serif">']
     for i, key in enumerate(keys):
-        series = [(name, [(r["step"], r[key]) for r in rows
-                          if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])])
+        series = [(name, [(r["step"], v) for r in rows
+                          for v in [value(r, key)] if v is not None and math.isfinite(v)])
                   for name, rows in runs]
         panel(out, 0, i * h, w, h, key, series, colors)
     for j, (name, _) in enumerate(runs):

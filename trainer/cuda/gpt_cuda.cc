@@ -331,9 +331,16 @@ absl::Status CudaGpt::EnsureActivations(int B, int T) {
   const int64_t wide = N * 4 * C;
 
   // Two passes over the same carving: count, then assign.
+  // A layer whose fc writes mlp.proj's FP8 codes from its epilogue keeps no BF16 GELU output;
+  // its MLP backward writes dGELU into one buffer that such layers share.
+  bool any_fp8_gelu = false;
+  for (Block& b : blocks_) any_fp8_gelu |= b.fc().WritesFp8GeluFor(b.mlp_proj());
   auto carve = [&](Carver& k) {
     acts_.assign(L, LayerActs{});
-    for (LayerActs& a : acts_) {
+    bf16* shared_gelu = any_fp8_gelu ? k.Take<bf16>(N * 4 * C) : nullptr;
+    for (int l = 0; l < L; ++l) {
+      LayerActs& a = acts_[l];
+      Block& blk = blocks_[l];
       a.ln1_mean = k.Take<float>(N);
       a.ln1_rstd = k.Take<float>(N);
       a.qkv = k.Take<bf16>(N * 3 * C);
@@ -343,7 +350,8 @@ absl::Status CudaGpt::EnsureActivations(int B, int T) {
       a.ln2_mean = k.Take<float>(N);
       a.ln2_rstd = k.Take<float>(N);
       a.fch = k.Take<bf16>(N * 4 * C);
-      a.fch_gelu = k.Take<bf16>(N * 4 * C);
+      a.fch_gelu = blk.fc().WritesFp8GeluFor(blk.mlp_proj()) ? shared_gelu
+                                                              : k.Take<bf16>(N * 4 * C);
       a.res3 = k.Take<bf16>(N * C);
     }
     inputs_ = k.Take<int32_t>(N);

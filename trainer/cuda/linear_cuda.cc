@@ -234,9 +234,10 @@ void CudaLinear::CarveActivations(Carver& k, int64_t N) {
   x8_t_valid_ = false;
   if (opt_.mode == LinearMode::kFp8) {
     x8_ = k.Take<uint8_t>(N * in_);
-    // The transposed copy is kept where the producer writes it in the same pass (a cast of a
-    // tensor, the block quantizer); a layernorm's codes are transposed in backward instead.
-    const bool keep_t = recipe_ == Fp8Recipe::kBlock || source_ != LinearInputSource::kLayernorm;
+    // The block quantizer writes the column-tiled transpose in the same pass: kept. The
+    // per-tensor codes are transposed in backward into shared scratch instead (1 byte read and
+    // written per element, against keeping N * in bytes per layer).
+    const bool keep_t = recipe_ == Fp8Recipe::kBlock;
     x8_t_ = keep_t ? k.Take<uint8_t>(N * in_) : nullptr;
     if (recipe_ == Fp8Recipe::kBlock) {
       x_sinv_ = k.Take<float>(ops::fp8_num_blocks(in_) * N);
@@ -454,7 +455,7 @@ absl::Status CudaLinear::Forward(const LinearContext& c, bf16* out, bool trainin
       o.type = ops::Fp8OutType::kBf16;
       // FP8 -> FP8: the GELU output cast in the epilogue with the consumer's (delayed) scale;
       // cuBLASLt has no FP8 output with block scales.
-      const bool fp8_out = gelu && !block && gelu_consumer->TakesFp8GeluEpilogue();
+      const bool fp8_out = gelu && WritesFp8GeluFor(*gelu_consumer);
       if (fp8_out) fused = false;
       if (fused || fp8_out) {
         mo.act = ops::Activation::kGelu;

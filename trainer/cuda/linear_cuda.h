@@ -270,6 +270,16 @@ class CudaLinear {
   // consumer (its input is the plain BF16 GELU output), or write FP8 codes for it directly.
   bool TakesPlainGelu() const;
   bool TakesFp8GeluEpilogue() const;
+ public:
+  // Whether this Linear's forward writes `consumer`'s FP8 codes straight from its GELU epilogue
+  // (FP8 -> FP8 with per-tensor scales): the BF16 GELU output then never exists, and the model
+  // need not keep a buffer for it.
+  bool WritesFp8GeluFor(const CudaLinear& consumer) const {
+    return opt_.mode == LinearMode::kFp8 && recipe_ != Fp8Recipe::kBlock &&
+           consumer.TakesFp8GeluEpilogue();
+  }
+
+ private:
   // The FP8 operand of this Linear's saved input for wgrad (x^T, (in, N)).
   absl::StatusOr<const uint8_t*> InputTransposed(const LinearContext& c);
 
