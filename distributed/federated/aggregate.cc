@@ -160,21 +160,25 @@ absl::StatusOr<AggregateStats> Aggregate(Aggregation a, const AdapterLayout& lay
     p.push_back(static_cast<double>(u.samples) / static_cast<double>(stats.samples));
   }
 
-  // FedAvg-LoRA's reference: the weighted mean of the clients' products, before averaging.
-  std::vector<RowMatD> mean_product;
+  // FedAvg-LoRA's reference, the weighted mean of the clients' products sum_k p_k B_k A_k, is
+  // never formed: with the average's factors as term 0 (coefficient 1) and the clients as terms
+  // k (coefficient -p_k), ||sum_j c_j B_j A_j||^2 = sum_ij c_i c_j tr((B_i^T B_j)(A_j A_i^T)),
+  // r x r products only. The clients' factors are kept here; the average's come after it.
+  struct Factors {
+    RowMatD b, a;
+  };
+  std::vector<std::vector<Factors>> clients_factors;  // [module][client]
   const bool discrepancy = a == Aggregation::kFedAvgLora && options.measure_discrepancy;
   if (discrepancy) {
     for (const AdapterLayout::Module& m : layout.modules) {
-      RowMatD sum = RowMatD::Zero(m.out, m.in);
       const RowMatD b0 = ToDouble(adapter->data() + m.b_offset, m.out, m.rank);
       const RowMatD a0 = ToDouble(adapter->data() + m.a_offset, m.rank, m.in);
-      for (size_t k = 0; k < updates.size(); ++k) {
-        const float* d = updates[k].delta.data();
-        const RowMatD bk = b0 + ToDouble(d + m.b_offset, m.out, m.rank);
-        const RowMatD ak = a0 + ToDouble(d + m.a_offset, m.rank, m.in);
-        sum.noalias() += p[k] * (bk * ak);
+      std::vector<Factors> f;
+      for (const ClientUpdate& u : updates) {
+        f.push_back({b0 + ToDouble(u.delta.data() + m.b_offset, m.out, m.rank),
+                     a0 + ToDouble(u.delta.data() + m.a_offset, m.rank, m.in)});
       }
-      mean_product.push_back(std::move(sum));
+      clients_factors.push_back(std::move(f));
     }
   }
 
@@ -190,14 +194,31 @@ absl::StatusOr<AggregateStats> Aggregate(Aggregation a, const AdapterLayout& lay
 
   if (discrepancy) {
     double diff2 = 0, ref2 = 0;
-    for (size_t i = 0; i < layout.modules.size(); ++i) {
-      const AdapterLayout::Module& m = layout.modules[i];
-      const RowMatD avg = ToDouble(w + m.b_offset, m.out, m.rank) *
-                          ToDouble(w + m.a_offset, m.rank, m.in);
-      diff2 += (avg - mean_product[i]).squaredNorm();
-      ref2 += mean_product[i].squaredNorm();
+    const size_t K = updates.size();
+    for (size_t mi = 0; mi < layout.modules.size(); ++mi) {
+      const AdapterLayout::Module& m = layout.modules[mi];
+      std::vector<const RowMatD*> bs, as;
+      std::vector<double> c;
+      const RowMatD b_avg = ToDouble(w + m.b_offset, m.out, m.rank);
+      const RowMatD a_avg = ToDouble(w + m.a_offset, m.rank, m.in);
+      bs.push_back(&b_avg);
+      as.push_back(&a_avg);
+      c.push_back(1.0);
+      for (size_t k = 0; k < K; ++k) {
+        bs.push_back(&clients_factors[mi][k].b);
+        as.push_back(&clients_factors[mi][k].a);
+        c.push_back(-p[k]);
+      }
+      for (size_t i = 0; i <= K; ++i) {
+        for (size_t j = 0; j <= K; ++j) {
+          const double t = ((*bs[i]).transpose() * (*bs[j]) * ((*as[j]) * (*as[i]).transpose()))
+                               .trace();
+          diff2 += c[i] * c[j] * t;
+          if (i > 0 && j > 0) ref2 += c[i] * c[j] * t;
+        }
+      }
     }
-    stats.discrepancy = ref2 > 0 ? std::sqrt(diff2 / ref2) : 0.0;
+    stats.discrepancy = ref2 > 0 ? std::sqrt(std::max(0.0, diff2) / ref2) : 0.0;
   }
   if (a == Aggregation::kFedSvd) {
     for (const AdapterLayout::Module& m : layout.modules) {

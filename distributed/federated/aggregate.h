@@ -50,7 +50,7 @@ struct ClientUpdate {
 };
 
 struct AggregateOptions {
-  // FedAvg-LoRA: measure the discrepancy (one (out x in) product per client and module).
+  // FedAvg-LoRA: measure the discrepancy (from r x r Gram matrices: cheap).
   bool measure_discrepancy = true;
   // FedSVD: measure product_change from the stored float factors (two (out x in) products per
   // module; the rule does not need them).

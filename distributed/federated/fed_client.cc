@@ -3,6 +3,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
@@ -265,7 +266,14 @@ class Client {
     current_client_ = -1;
     Log(absl::StrFormat("client %d round %d: loss %.4f over %d steps (%d sequences)%s, %.1f s, "
                         "update v%d %s", c, t.round() + 1, r.mean_loss, cfg.steps, r.sequences,
-                        cfg.dp_clip > 0 ? absl::StrFormat(", epsilon %.3f", epsilon) : "",
+                        cfg.dp_clip > 0
+                            ? absl::StrFormat(", epsilon %.3f, sigma %.3f, %d/%d clipped, "
+                                              "per-sample norm mean %.3g max %.3g",
+                                              epsilon, cfg.dp_noise, r.clip.clipped,
+                                              r.clip.samples,
+                                              r.clip.sum_norm / std::max(1, r.clip.samples),
+                                              r.clip.max_norm)
+                            : "",
                         r.seconds, version,
                         sr.accepted() ? "accepted" : "not taken: " + sr.message()));
     return absl::OkStatus();

@@ -144,10 +144,18 @@ absl::Status Federation::Init() {
   std::error_code ec;
   std::filesystem::create_directories(spec_.out_dir(), ec);
   if (ec) return absl::InternalError(absl::StrCat("cannot create ", spec_.out_dir()));
+  // A fresh federation starts its log afresh; a resumed one drops rows past its checkpoint.
+  if (version == 0) std::filesystem::remove(spec_.out_dir() + "/rounds.jsonl", ec);
   ASSIGN_OR_RETURN(rounds_log_, JsonlMetricsSink::Open(spec_.out_dir() + "/rounds.jsonl",
                                                        static_cast<int>(round)));
   sinks_.Add(rounds_log_.get());
   if (options_.extra_sink != nullptr) sinks_.Add(options_.extra_sink);
+  if (version == 0) {
+    // Round 0: the base itself (B = 0), the reference every round is measured against.
+    ASSIGN_OR_RETURN(double val, Evaluate(adapter));
+    RETURN_IF_ERROR(sinks_.WriteMetrics(0, {{"val_loss", val}}));
+    Log(absl::StrFormat("round 0 (the base): val loss %.4f", val));
+  }
   Log(absl::StrCat(AggregationName(aggregation_), ", ", spec_.federated().rounds(), " rounds of ",
                    spec_.federated().clients(), " clients, adapter ", layout_.size, " floats (",
                    layout_.modules.size(), " Linears, rank ", spec_.lora().rank(), "), base ",

@@ -60,7 +60,9 @@ grep -Eq "client 1 round [45]: .* accepted" "$work/restarted.log" || fail "the r
 
 python3 - "$work/out_fault/rounds.jsonl" <<'PY' || fail "rounds.jsonl"
 import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
+all_rows = [json.loads(l) for l in open(sys.argv[1])]
+assert all_rows[0]["step"] == 0 and "val_loss" in all_rows[0], all_rows[0]  # the base
+rows = all_rows[1:]
 assert [r["step"] for r in rows] == [1, 2, 3, 4, 5], rows
 assert rows[0]["clients_answered"] == 4 and rows[0]["clients_dropped"] == 0, rows[0]
 assert rows[1]["clients_answered"] == 3 and rows[1]["clients_dropped"] == 1, rows[1]

@@ -23,7 +23,9 @@ grep -q "reconnecting" "$work/a.log" || fail "client a never saw the outage"
 
 python3 - "$work/out_restart/rounds.jsonl" "$work/ps/tensors" <<'PY' || fail "rounds.jsonl / checkpoint"
 import glob, json, os, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
+all_rows = [json.loads(l) for l in open(sys.argv[1])]
+assert all_rows[0]["step"] == 0 and "val_loss" in all_rows[0], all_rows[0]  # the base
+rows = all_rows[1:]
 assert [r["step"] for r in rows] == [1, 2, 3, 4, 5], [r["step"] for r in rows]
 assert all(r["clients_answered"] == 2 for r in rows), rows
 # The last committed version (a safetensors file; the metadata in its header) says round 5.

@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Reproduces the federated section of docs/experiments.md on the CPU (2 cores: about an hour):
+#  - a base model of the default job's shape trained on a held-out genre mix (Brown a-g), and a
+#    W4 QAT base from it;
+#  - federated LoRA (r = 8, every block Linear) on the other 8 genres, one genre per client,
+#    half of them sampled per round, through qtrain_ps and 2 pooled client processes
+#    (launch/federated_sim.sh): FedSVD, FFA-LoRA and FedAvg-LoRA, without DP and with DP-SGD at
+#    epsilon 6 (delta 1e-5), on each base: 12 federations, server val loss every round;
+#  - the server's aggregation time and bytes per client per round at the GPT-2 124M shape.
+# Then tools/experiments/federated_summary.py writes the table and docs/figures/federated_*.svg.
+# Usage: tools/experiments/federated_experiments.sh [OUT_DIR]   (default out/fed_experiments)
+# Environment: ROUNDS (15), LOCAL_STEPS (8), BASE_STEPS (400), QAT_STEPS (150), PROCS (2),
+# RUNS (a subset, e.g. "fp_nodp_FEDSVD fp_dp_FFA_LORA"), QTRAIN_DATA_DIR (data/brown).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+out=${1:-out/fed_experiments}
+mkdir -p "$out"
+out="$(cd "$out" && pwd)"
+data=${QTRAIN_DATA_DIR:-$PWD/data/brown}
+rounds=${ROUNDS:-15}
+local_steps=${LOCAL_STEPS:-8}
+base_steps=${BASE_STEPS:-400}
+qat_steps=${QAT_STEPS:-150}
+procs=${PROCS:-2}
+export OMP_NUM_THREADS=1  # one thread per client process; the processes share the cores
+if [[ -z "${SKIP_BUILD:-}" ]]; then
+  bazel build //trainer:qtrain //distributed/ps:qtrain_ps //distributed/federated:qtrain_fed_client \
+    //tools:fed_agg_bench >"$out/build.log" 2>&1 || { echo "build failed: see $out/build.log" >&2; exit 1; }
+fi
+bin=$PWD/bazel-bin
+
+# Validation data of the clients' genres, interleaved 256 tokens at a time so that the first
+# eval batches cover all eight genres.
+genres=(h j k l m n p r)
+python3 - "$data" "$out/val_clients.bin" "${genres[@]}" <<'PY'
+import struct, sys
+data, dest, genres = sys.argv[1], sys.argv[2], sys.argv[3:]
+def read(p):
+    b = open(p, "rb").read()
+    n = struct.unpack("<256i", b[:1024])[2]
+    return list(struct.unpack(f"<{n}H", b[1024:1024 + 2 * n]))
+shards = [read(f"{data}/val_{g}.bin") for g in genres]
+out, i = [], 0
+while any(i < len(s) for s in shards):
+    for s in shards:
+        out.extend(s[i:i + 256])
+    i += 256
+hdr = [0] * 256
+hdr[0], hdr[1], hdr[2] = 20240520, 1, len(out)
+open(dest, "wb").write(struct.pack("<256i", *hdr) + struct.pack(f"<{len(out)}H", *out))
+PY
+
+model='model { n_layer: 4 n_embd: 128 n_head: 4 max_seq_len: 128 }'
+# 1. The bases: full precision on genres a-g, then W4 (per-channel LSQ, weights only) from it.
+if [[ ! -f "$out/base_fp/checkpoints/step_$(printf %08d "$base_steps").safetensors" ]]; then
+  cat >"$out/base_fp.textproto" <<JOB
+name: "base_fp" seed: 1337 out_dir: "$out/base_fp"
+$model
+data { train_pattern: "$data/train_[abcdefg].bin" val_pattern: "$data/val_[abcdefg].bin" }
+optimizer { lr: 3e-3 }
+schedule { warmup_steps: 30 }
+training { steps: $base_steps batch_size: 16 seq_len: 128 }
+eval { every_steps: 100 batches: 8 }
+checkpoint { every_steps: 0 keep_last: 1 }
+logging { every_steps: 50 }
+JOB
+  "$bin/trainer/qtrain" --job="$out/base_fp.textproto" >"$out/base_fp.log" 2>&1
+fi
+base_fp="$out/base_fp/checkpoints/step_$(printf %08d "$base_steps").safetensors"
+qat='precision { linear: QAT qat { weight_bits: 4 } }'
+if [[ ! -f "$out/base_w4/checkpoints/step_$(printf %08d "$qat_steps").safetensors" ]]; then
+  cat >"$out/base_w4.textproto" <<JOB
+name: "base_w4" seed: 1337 out_dir: "$out/base_w4"
+$model
+$qat
+data { train_pattern: "$data/train_[abcdefg].bin" val_pattern: "$data/val_[abcdefg].bin" }
+optimizer { lr: 1e-3 }
+schedule { warmup_steps: 10 }
+training { steps: $qat_steps batch_size: 16 seq_len: 128 init_from: "$base_fp" }
+eval { every_steps: 50 batches: 8 }
+checkpoint { every_steps: 0 keep_last: 1 }
+logging { every_steps: 50 }
+JOB
+  "$bin/trainer/qtrain" --job="$out/base_w4.textproto" >"$out/base_w4.log" 2>&1
+fi
+base_w4="$out/base_w4/checkpoints/step_$(printf %08d "$qat_steps").safetensors"
+
+# 2. The federations.
+run() {  # run BASE(fp|w4) DP(nodp|dp) AGGREGATION
+  local name="$1_$2_$3" base precision="" dp=""
+  if [[ -n "${RUNS:-}" && " $RUNS " != *" $name "* ]]; then return; fi
+  if [[ -f "$out/runs/$name/rounds.jsonl" ]] &&
+     (($(wc -l <"$out/runs/$name/rounds.jsonl") >= rounds)); then return; fi
+  if [[ $1 == fp ]]; then base=$base_fp; else base=$base_w4; precision=$qat; fi
+  if [[ $2 == dp ]]; then dp="dp_clip: 0.5 dp_epsilon: 6 dp_delta: 1e-5"; fi
+  rm -rf "$out/runs/$name" "$out/sim/$name"
+  mkdir -p "$out/runs" "$out/sim"
+  cat >"$out/runs/$name.textproto" <<JOB
+name: "$name" seed: 7 out_dir: "$out/runs/$name"
+$model
+$precision
+data { train_pattern: "unused" val_pattern: "$out/val_clients.bin"
+       genres: "h" genres: "j" genres: "k" genres: "l" genres: "m" genres: "n" genres: "p" genres: "r" }
+optimizer { lr: 2e-3 }
+training { batch_size: 16 seq_len: 128 }
+eval { batches: 16 }
+lora { rank: 8 alpha: 16 base: "$base" }
+federated { aggregation: $3 rounds: $rounds clients: 8 local_steps: $local_steps
+            client_fraction: 0.5 min_clients: 2 client_train_pattern: "$data/train_{genre}.bin"
+            eval_every_rounds: 1 $dp }
+JOB
+  echo "federated_experiments: $name"
+  local t0=$SECONDS
+  JOB="$out/runs/$name.textproto" PROCS=$procs WORK="$out/sim/$name" \
+    PS_BIN="$bin/distributed/ps/qtrain_ps" CLIENT_BIN="$bin/distributed/federated/qtrain_fed_client" \
+    launch/federated_sim.sh >"$out/runs/$name.log" 2>&1 ||
+    { echo "federated_experiments: $name failed: see $out/runs/$name.log" >&2; return 1; }
+  echo "federated_experiments: $name done in $((SECONDS - t0)) s"
+}
+for b in fp w4; do
+  for d in nodp dp; do
+    for a in FEDSVD FFA_LORA FEDAVG_LORA; do run "$b" "$d" "$a"; done
+  done
+done
+
+# 3. Aggregation at the GPT-2 124M shape (r = 8, all four Linears of 12 blocks, 4 clients).
+"$bin/tools/fed_agg_bench" --n_layer=12 --n_embd=768 --rank=8 --clients=4 --repeats=5 \
+  >"$out/agg_bench.json"
+
+python3 tools/experiments/federated_summary.py "$out"
