@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "configs/job_spec_loader.h"
 #include "gmock/gmock.h"
@@ -87,6 +88,18 @@ TEST(ShippedJobs, GpuJobsLoadWithTheirShapes) {
     EXPECT_EQ(spec->training().seq_len(), 1024);
     EXPECT_EQ(spec->training().batch_size(), job.batch_size);
   }
+}
+
+TEST(ShippedJobs, FederatedJobsLoad) {
+  absl::StatusOr<JobSpec> base = LoadJobSpec("configs/federated_base.textproto");
+  ASSERT_TRUE(base.ok()) << base.status();
+  absl::StatusOr<JobSpec> fed = LoadJobSpec("configs/federated_brown.textproto");
+  ASSERT_TRUE(fed.ok()) << fed.status();
+  EXPECT_EQ(fed->federated().clients(), fed->data().genres_size());
+  EXPECT_EQ(fed->lora().base(), absl::StrCat("out/federated_base/checkpoints/step_",
+                                             absl::StrFormat("%08d", base->training().steps()),
+                                             ".safetensors"));
+  EXPECT_EQ(fed->model().n_embd(), base->model().n_embd());
 }
 
 TEST(ShippedJobs, TestdataMinimalLoads) {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Reproduces the federated section of docs/experiments.md on the CPU (2 cores: about an hour):
-#  - a base model of the default job's shape trained on a held-out genre mix (Brown a-g), and a
-#    W4 QAT base from it;
+# Reproduces the federated section of docs/experiments.md on the CPU (2 cores: about an hour when the machine is idle):
+#  - a small base model (SHAPE below) trained on a held-out genre mix (Brown a-g), and a W4 QAT
+#    base from it;
 #  - federated LoRA (r = 8, every block Linear) on the other 8 genres, one genre per client,
 #    half of them sampled per round, through qtrain_ps and 2 pooled client processes
 #    (launch/federated_sim.sh): FedSVD, FFA-LoRA and FedAvg-LoRA, without DP and with DP-SGD at
@@ -9,7 +9,7 @@
 #  - the server's aggregation time and bytes per client per round at the GPT-2 124M shape.
 # Then tools/experiments/federated_summary.py writes the table and docs/figures/federated_*.svg.
 # Usage: tools/experiments/federated_experiments.sh [OUT_DIR]   (default out/fed_experiments)
-# Environment: ROUNDS (15), LOCAL_STEPS (8), BASE_STEPS (400), QAT_STEPS (150), PROCS (2),
+# Environment: SHAPE (small | tiny), ROUNDS (12), LOCAL_STEPS (6), BASE_STEPS (300), QAT_STEPS (100), EVAL_BATCHES (8), PROCS (2),
 # RUNS (a subset, e.g. "fp_nodp_FEDSVD fp_dp_FFA_LORA"), QTRAIN_DATA_DIR (data/brown).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -17,12 +17,14 @@ out=${1:-out/fed_experiments}
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 data=${QTRAIN_DATA_DIR:-$PWD/data/brown}
-rounds=${ROUNDS:-15}
-local_steps=${LOCAL_STEPS:-8}
-base_steps=${BASE_STEPS:-400}
-qat_steps=${QAT_STEPS:-150}
+rounds=${ROUNDS:-12}
+local_steps=${LOCAL_STEPS:-6}
+base_steps=${BASE_STEPS:-300}
+qat_steps=${QAT_STEPS:-100}
+eval_batches=${EVAL_BATCHES:-8}
 procs=${PROCS:-2}
-export OMP_NUM_THREADS=1  # one thread per client process; the processes share the cores
+# Two threads for the bases; one per client process in the federations (PROCS processes).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 if [[ -z "${SKIP_BUILD:-}" ]]; then
   bazel build //trainer:qtrain //distributed/ps:qtrain_ps //distributed/federated:qtrain_fed_client \
     //tools:fed_agg_bench >"$out/build.log" 2>&1 || { echo "build failed: see $out/build.log" >&2; exit 1; }
@@ -50,7 +52,15 @@ hdr[0], hdr[1], hdr[2] = 20240520, 1, len(out)
 open(dest, "wb").write(struct.pack("<256i", *hdr) + struct.pack(f"<{len(out)}H", *out))
 PY
 
-model='model { n_layer: 4 n_embd: 128 n_head: 4 max_seq_len: 128 }'
+# The model: SHAPE=small (default: 2 blocks, d = 64, T = 64, what a shared 2-core machine runs
+# in an hour) or SHAPE=tiny (the default job's 4 blocks, d = 128, T = 128: about 8x the time).
+if [[ ${SHAPE:-small} == tiny ]]; then
+  model='model { n_layer: 4 n_embd: 128 n_head: 4 max_seq_len: 128 }'
+  T=128
+else
+  model='model { n_layer: 2 n_embd: 64 n_head: 2 max_seq_len: 64 }'
+  T=64
+fi
 # 1. The bases: full precision on genres a-g, then W4 (per-channel LSQ, weights only) from it.
 if [[ ! -f "$out/base_fp/checkpoints/step_$(printf %08d "$base_steps").safetensors" ]]; then
   cat >"$out/base_fp.textproto" <<JOB
@@ -59,7 +69,7 @@ $model
 data { train_pattern: "$data/train_[abcdefg].bin" val_pattern: "$data/val_[abcdefg].bin" }
 optimizer { lr: 3e-3 }
 schedule { warmup_steps: 30 }
-training { steps: $base_steps batch_size: 16 seq_len: 128 }
+training { steps: $base_steps batch_size: 16 seq_len: $T }
 eval { every_steps: 100 batches: 8 }
 checkpoint { every_steps: 0 keep_last: 1 }
 logging { every_steps: 50 }
@@ -76,7 +86,7 @@ $qat
 data { train_pattern: "$data/train_[abcdefg].bin" val_pattern: "$data/val_[abcdefg].bin" }
 optimizer { lr: 1e-3 }
 schedule { warmup_steps: 10 }
-training { steps: $qat_steps batch_size: 16 seq_len: 128 init_from: "$base_fp" }
+training { steps: $qat_steps batch_size: 16 seq_len: $T init_from: "$base_fp" }
 eval { every_steps: 50 batches: 8 }
 checkpoint { every_steps: 0 keep_last: 1 }
 logging { every_steps: 50 }
@@ -86,6 +96,7 @@ fi
 base_w4="$out/base_w4/checkpoints/step_$(printf %08d "$qat_steps").safetensors"
 
 # 2. The federations.
+export OMP_NUM_THREADS=1
 run() {  # run BASE(fp|w4) DP(nodp|dp) AGGREGATION
   local name="$1_$2_$3" base precision="" dp=""
   if [[ -n "${RUNS:-}" && " $RUNS " != *" $name "* ]]; then return; fi
@@ -102,8 +113,8 @@ $precision
 data { train_pattern: "unused" val_pattern: "$out/val_clients.bin"
        genres: "h" genres: "j" genres: "k" genres: "l" genres: "m" genres: "n" genres: "p" genres: "r" }
 optimizer { lr: 2e-3 }
-training { batch_size: 16 seq_len: 128 }
-eval { batches: 16 }
+training { batch_size: 16 seq_len: $T }
+eval { batches: $eval_batches }
 lora { rank: 8 alpha: 16 base: "$base" }
 federated { aggregation: $3 rounds: $rounds clients: 8 local_steps: $local_steps
             client_fraction: 0.5 min_clients: 2 client_train_pattern: "$data/train_{genre}.bin"
