@@ -9,7 +9,7 @@
 #  - the server's aggregation time and bytes per client per round at the GPT-2 124M shape.
 # Then tools/experiments/federated_summary.py writes the table and docs/figures/federated_*.svg.
 # Usage: tools/experiments/federated_experiments.sh [OUT_DIR]   (default out/fed_experiments)
-# Environment: SHAPE (small | tiny), ROUNDS (12), LOCAL_STEPS (6), BASE_STEPS (300), QAT_STEPS (100), EVAL_BATCHES (8), PROCS (2),
+# Environment: SHAPE (small | tiny), ROUNDS (12), LOCAL_STEPS (10), LR (1e-2, local AdamW), BASE_STEPS (300), QAT_STEPS (100), EVAL_BATCHES (8), PROCS (2),
 # RUNS (a subset, e.g. "fp_nodp_FEDSVD fp_dp_FFA_LORA"), QTRAIN_DATA_DIR (data/brown).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -18,7 +18,8 @@ mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 data=${QTRAIN_DATA_DIR:-$PWD/data/brown}
 rounds=${ROUNDS:-12}
-local_steps=${LOCAL_STEPS:-6}
+local_steps=${LOCAL_STEPS:-10}
+lr=${LR:-1e-2}
 base_steps=${BASE_STEPS:-300}
 qat_steps=${QAT_STEPS:-100}
 eval_batches=${EVAL_BATCHES:-8}
@@ -112,7 +113,7 @@ $model
 $precision
 data { train_pattern: "unused" val_pattern: "$out/val_clients.bin"
        genres: "h" genres: "j" genres: "k" genres: "l" genres: "m" genres: "n" genres: "p" genres: "r" }
-optimizer { lr: 2e-3 }
+optimizer { lr: $lr }
 training { batch_size: 16 seq_len: $T }
 eval { batches: $eval_batches }
 lora { rank: 8 alpha: 16 base: "$base" }
