@@ -246,9 +246,9 @@ absl::StatusOr<CheckpointInfo> PsClient::UploadCheckpoint(const std::string& job
         bool ok = writer->Write(msg);
         Sha256 sha;
         int64_t offset = 0;
+        msg.Clear();
+        Chunk* c = msg.mutable_chunk();  // reused: its buffer keeps its capacity
         while (ok && offset < size) {
-          msg.Clear();
-          Chunk* c = msg.mutable_chunk();
           const int64_t n = std::min(options_.chunk_bytes, size - offset);
           std::string* data = c->mutable_data();
           data->resize(n);

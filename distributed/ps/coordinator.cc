@@ -187,6 +187,7 @@ absl::StatusOr<RegisterWorkerResponse> Coordinator::Register(const RegisterWorke
     w.info = req;
     w.info.set_rank(rank);
     w.worker_id = RandomId();
+    a.rank_of[w.worker_id] = rank;
     w.last_heartbeat = absl::Now();
     w.timeout = timeout;
     resp.set_worker_id(w.worker_id);
@@ -205,10 +206,9 @@ Coordinator::Worker* Coordinator::FindWorker(const std::string& job_id,
   auto it = jobs_.find(job_id);
   if (it == jobs_.end() || !it->second.attempt) return nullptr;
   *job = &it->second;
-  for (auto& [rank, w] : it->second.attempt->workers) {
-    if (w.worker_id == worker_id) return &w;
-  }
-  return nullptr;
+  Attempt& a = *it->second.attempt;
+  auto r = a.rank_of.find(worker_id);
+  return r == a.rank_of.end() ? nullptr : &a.workers.at(r->second);
 }
 
 absl::StatusOr<HeartbeatResponse> Coordinator::Heartbeat(const HeartbeatRequest& req) {

@@ -94,6 +94,7 @@ class Coordinator {
     int world_size = 0;
     JobState state = WAITING;
     std::map<int, Worker> workers;  // by rank
+    std::map<std::string, int> rank_of;  // worker id -> rank
     std::map<int, Waiter> waiters;  // by rank
     std::string bootstrap;          // rank 0's blob
     bool bootstrap_set = false;

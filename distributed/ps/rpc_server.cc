@@ -3,6 +3,7 @@
 #include "distributed/ps/rpc_server.h"
 
 #include <algorithm>
+#include <deque>
 #include <mutex>
 
 #include "absl/strings/str_cat.h"
@@ -211,11 +212,16 @@ class Call : public grpc::ServerGenericBidiReactor {
       if (std::shared_ptr<WakeState> w = weak.lock()) w->Wake();
     };
     wake_state_->call = this;
+    if (entry_->client_stream) {
+      absl::MutexLock lock(&stream_mu_);
+      reading_ = true;
+    }
     Read();
   }
 
   void OnReadDone(bool ok) override {
     MarkActivity(false);
+    if (entry_->client_stream) return StreamReadDone(ok);
     if (!ok) {
       if (ctx_->IsCancelled()) return Cancelled();
       return Run([this] { return logic_->OnHalfClose(); });
@@ -323,7 +329,79 @@ class Call : public grpc::ServerGenericBidiReactor {
 
   void Cancelled() {
     logic_->OnCancel();
+    finished_.store(true);
     Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the call was cancelled"));
+  }
+
+  // Client streams read ahead: while the logic works on one message (on the pool: hashing,
+  // writing), up to kReadAhead more are received, so the transfer is not a ping-pong of one
+  // chunk at a time. Memory stays bounded by kReadAhead messages per stream.
+  static constexpr size_t kReadAhead = 4;
+
+  void StreamReadDone(bool ok) {
+    bool read_more = false, work = false;
+    {
+      absl::MutexLock lock(&stream_mu_);
+      if (finished_.load()) return;
+      reading_ = false;
+      if (ok) {
+        inbox_.push_back(std::move(read_buf_));
+        read_buf_ = grpc::ByteBuffer();
+        if (inbox_.size() < kReadAhead) read_more = reading_ = true;
+      } else {
+        eof_ = true;
+      }
+      if (!working_) work = working_ = true;
+    }
+    if (read_more) Read();
+    if (!work) return;
+    if (entry_->options.blocking == Blocking::kYes) {
+      server_->pool()->Post([this] { Work(); });
+    } else {
+      Work();
+    }
+  }
+
+  void Work() {
+    for (;;) {
+      grpc::ByteBuffer msg;
+      bool have = false, eof = false, read_more = false;
+      {
+        absl::MutexLock lock(&stream_mu_);
+        if (!inbox_.empty()) {
+          msg = std::move(inbox_.front());
+          inbox_.pop_front();
+          have = true;
+          if (!reading_ && !eof_ && inbox_.size() < kReadAhead) read_more = reading_ = true;
+        } else if (eof_) {
+          eof = true;
+        } else {
+          working_ = false;
+          return;
+        }
+      }
+      if (read_more) Read();
+      if (cancelled_.load() || (eof && ctx_->IsCancelled())) {
+        if (finished_.exchange(true)) return;
+        logic_->OnCancel();
+        Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the call was cancelled"));
+        return;
+      }
+      internal::Step step = have ? logic_->OnMessage(&msg) : logic_->OnHalfClose();
+      if (have && step.kind == internal::Step::kRead) continue;
+      // An error, or the end: a read may still be outstanding; it completes (not ok) after
+      // the Finish and is ignored.
+      finished_.store(true);
+      if (step.kind == internal::Step::kWriteAndFinish) {
+        write_buf_ = std::move(step.bytes);
+        StartWriteAndFinish(&write_buf_, grpc::WriteOptions(), step.status);
+      } else {
+        Finish(step.kind == internal::Step::kFinish
+                   ? step.status
+                   : grpc::Status(grpc::StatusCode::INTERNAL, "unexpected step"));
+      }
+      return;
+    }
   }
 
   void Apply(internal::Step step) {
@@ -379,6 +457,13 @@ class Call : public grpc::ServerGenericBidiReactor {
   std::shared_ptr<WakeState> wake_state_ = std::make_shared<WakeState>();
   std::atomic<bool> cancelled_{false};
   grpc::ByteBuffer read_buf_, write_buf_;
+  // Client streams only (read-ahead).
+  absl::Mutex stream_mu_;
+  std::deque<grpc::ByteBuffer> inbox_ ABSL_GUARDED_BY(stream_mu_);
+  bool reading_ ABSL_GUARDED_BY(stream_mu_) = false;
+  bool working_ ABSL_GUARDED_BY(stream_mu_) = false;
+  bool eof_ ABSL_GUARDED_BY(stream_mu_) = false;
+  std::atomic<bool> finished_{false};
 };
 
 class RpcServer::Generic : public grpc::CallbackGenericService {
@@ -420,6 +505,8 @@ absl::Status RpcServer::Start() {
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
   builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 5000);
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  // Bulk streams: let a client have several 1 MiB chunks in flight before the window update.
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 8 << 20);
   server_ = builder.BuildAndStart();
   if (server_ == nullptr || port_ == 0) {
     server_.reset();
