@@ -131,6 +131,7 @@ TEST_F(TrainingTest, KilledRankIsDetectedAndNamedWithinTheTimeout) {
   env.push_back("STOP_GRACE_S=2");
   for (const int signal : {SIGKILL, SIGSTOP}) {
     SCOPED_TRACE(signal == SIGKILL ? "killed" : "hung");
+    fs::remove_all(job.out_dir);  // a fresh run each time
     Child launch(Runfile("launch/ps_local.sh"),
                  absl::StrCat(TmpDir(), "/killed_rank_", signal, ".log"), env);
     ASSERT_TRUE(launch.WaitForOutput("step     3/", 60)) << launch.Output();
