@@ -274,12 +274,6 @@ bool UsesPrecision(const PrecisionSpec& p, LinearPrecision which) {
   return false;
 }
 
-// A QAT Linear with quantized activations: on CUDA its layernorm's backward goes through the
-// activation quantizer, where the TWEO term is not fused yet.
-bool UsesQuantizedActivations(const PrecisionSpec& p) {
-  return UsesPrecision(p, QAT) && p.qat().act_bits() != 0;
-}
-
 // "*" or "block.<i>.<part>"; returns the problem, or "" when `match` is legal.
 std::string CheckOverrideMatch(const std::string& match, int n_layer) {
   if (match == "*") return "";
@@ -878,9 +872,6 @@ absl::Status RejectUnimplemented(const JobSpec& spec) {
   // clang-format off
   if (spec.device() == CUDA) {
     const PrecisionSpec& p = spec.precision();
-    if (p.tweo().enabled() && UsesQuantizedActivations(p))
-      reject("precision.tweo.enabled",
-             "TWEO together with QAT activation quantizers (qat.act_bits) on CUDA");
     if (!p.distill().teacher_checkpoint().empty())
       reject("precision.distill.teacher_checkpoint", "distillation on CUDA");
     if (spec.optimizer().zero1()) reject("optimizer.zero1", "ZeRO-1 on CUDA");

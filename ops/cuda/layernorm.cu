@@ -11,6 +11,7 @@
 #include "ops/cuda/cuda_utils.cuh"
 #include "ops/cuda/fp8_utils.cuh"
 #include "ops/cuda/layernorm_cuda.h"
+#include "ops/cuda/tweo_grad.cuh"
 #include "ops/status_macros.h"
 
 namespace qtrain::ops {
@@ -305,12 +306,7 @@ __device__ __forceinline__ void BwdStats(float& dnorm_sum, float& dnorm_norm_sum
 
 // Output pass over one chunk: dx += (w dy - mean(w dy) - xhat mean(w dy xhat)) rstd (fp32, the
 // caller rounds once), the dweight/dbias terms xhat dy and dy, and (kOut) the forward output.
-// The TWEO outlier loss's gradient at input value x (TweoGradTerm, layernorm_cuda.h).
-__device__ __forceinline__ float TweoGrad(float x, const TweoGradTerm& t) {
-  const float u = __fmul_rn(fabsf(x), t.inv);
-  const float g = t.p == 4.f ? __fmul_rn(__fmul_rn(u, u), u) : powf(u, t.p - 1.f);
-  return x > 0.f ? __fmul_rn(t.a, g) : (x < 0.f ? -__fmul_rn(t.a, g) : 0.f);
-}
+using cu::TweoGrad;
 
 template <int kPer, bool kOut>
 __device__ __forceinline__ void BwdChunk(float* dx, float* dw, float* db, float* y, const float* x,

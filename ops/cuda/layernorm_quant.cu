@@ -12,6 +12,7 @@
 #include "ops/cuda/cuda_utils.cuh"
 #include "ops/cuda/layernorm_quant_cuda.h"
 #include "ops/cuda/lsq_common.cuh"
+#include "ops/cuda/tweo_grad.cuh"
 #include "ops/status_macros.h"
 
 namespace qtrain::ops {
@@ -284,7 +285,8 @@ __global__ void __launch_bounds__(kThreads)
                                     const nv_bf16* __restrict__ weight,
                                     const nv_bf16* __restrict__ bias,
                                     const float* __restrict__ mean,
-                                    const float* __restrict__ rstd, int N, int C, AQ aq) {
+                                    const float* __restrict__ rstd, int N, int C, AQ aq,
+                                    TweoGradTerm tweo) {
   using R = Row<kVec>;
   constexpr int kPer = R::kPer;
   extern __shared__ float smem[];  // per warp: dweight[C], dbias[C]
@@ -350,6 +352,7 @@ __global__ void __launch_bounds__(kThreads)
         }
         const float centered = __fsub_rn(__fmul_rn(w[k], dy), dnorm_mean);
         dx[k] = __fmaf_rn(__fmaf_rn(-xhat, dnorm_norm_mean, centered), s, dx[k]);
+        if (tweo.a != 0.f) dx[k] = __fadd_rn(dx[k], cu::TweoGrad(x[k], tweo));
         tw[k] = __fmul_rn(xhat, dy);
         tb[k] = dy;
         if (kOut) {
@@ -399,7 +402,8 @@ absl::Status LayernormBackwardQuant(bf16* dinp, G* dweight, G* dbias, G* dstep, 
                                     const bf16* bias, const float* mean, const float* rstd,
                                     int N, int C, const ActQuant& q, void* workspace,
                                     int64_t workspace_bytes, cudaStream_t stream,
-                                    GradWrite dparams, bf16* out_recompute) {
+                                    GradWrite dparams, bf16* out_recompute,
+                                    const TweoGradTerm& tweo) {
   const char* op = "layernorm_backward_quant_cuda";
   RETURN_IF_ERROR(ValidateActQuant(op, q, N, C, out_recompute != nullptr));
   QT_CHECK_ARG(dinp != nullptr && dweight != nullptr && dbias != nullptr && dout != nullptr &&
@@ -441,7 +445,7 @@ absl::Status LayernormBackwardQuant(bf16* dinp, G* dweight, G* dbias, G* dstep, 
     }
     kernel<<<plan.blocks, plan.warps * 32, plan.smem_bytes, stream>>>(
         step_partials, partial, cu::Nv(dinp), o, cu::Nv(dout), cu::Nv(inp), cu::Nv(weight),
-        cu::Nv(bias), mean, rstd, N, C, aq);
+        cu::Nv(bias), mean, rstd, N, C, aq, tweo);
     CUDA_RETURN_IF_ERROR(cudaGetLastError());
     return absl::OkStatus();
   };
@@ -525,10 +529,10 @@ absl::Status layernorm_backward_quant_cuda(bf16* dinp, float* dweight, float* db
                                            const float* rstd, int N, int C, const ActQuant& q,
                                            void* workspace, int64_t workspace_bytes,
                                            cudaStream_t stream, GradWrite dparams,
-                                           bf16* out_recompute) {
+                                           bf16* out_recompute, const TweoGradTerm& tweo) {
   return LayernormBackwardQuant(dinp, dweight, dbias, dstep, doffset, dout, inp, weight, bias,
                                 mean, rstd, N, C, q, workspace, workspace_bytes, stream, dparams,
-                                out_recompute);
+                                out_recompute, tweo);
 }
 
 absl::Status layernorm_backward_quant_cuda(bf16* dinp, bf16* dweight, bf16* dbias, bf16* dstep,
@@ -537,11 +541,12 @@ absl::Status layernorm_backward_quant_cuda(bf16* dinp, bf16* dweight, bf16* dbia
                                            const float* mean, const float* rstd, int N, int C,
                                            const ActQuant& q, void* workspace,
                                            int64_t workspace_bytes, cudaStream_t stream,
-                                           GradWrite dparams, bf16* out_recompute) {
+                                           GradWrite dparams, bf16* out_recompute,
+                                           const TweoGradTerm& tweo) {
   auto nv = [](bf16* p) { return p != nullptr ? cu::Nv(p) : nullptr; };
   return LayernormBackwardQuant(dinp, nv(dweight), nv(dbias), nv(dstep), nv(doffset), dout, inp,
                                 weight, bias, mean, rstd, N, C, q, workspace, workspace_bytes,
-                                stream, dparams, out_recompute);
+                                stream, dparams, out_recompute, tweo);
 }
 
 }  // namespace qtrain::ops

@@ -13,6 +13,7 @@
 #include "absl/status/status.h"
 #include "ops/cuda/bf16.h"
 #include "ops/cuda/grad_write.h"
+#include "ops/cuda/layernorm_cuda.h"
 #include "ops/cuda/lsq_cuda.h"
 
 typedef struct CUstream_st* cudaStream_t;
@@ -52,6 +53,8 @@ int64_t layernorm_backward_quant_cuda_workspace_bytes(int N, int C, const ActQua
 //   out_recompute (N, C), optional: the forward's quantized output bf16(Q(v)) bit for bit
 //     (kPerToken needs q.token_scales as the forward wrote them), for the weight-gradient GEMM,
 //     so that the model need not keep it.
+//   tweo: the TWEO outlier loss's gradient at inp (layernorm_cuda.h's TweoGradTerm), added to
+//     dinp when inp is a block output.
 // mean, rstd as the forward saved them; q as the forward used it (step clamped by it).
 absl::Status layernorm_backward_quant_cuda(bf16* dinp, float* dweight, float* dbias,
                                            float* dstep, float* doffset, const bf16* dout,
@@ -61,7 +64,8 @@ absl::Status layernorm_backward_quant_cuda(bf16* dinp, float* dweight, float* db
                                            void* workspace, int64_t workspace_bytes,
                                            cudaStream_t stream,
                                            GradWrite dparams = GradWrite::kAccumulate,
-                                           bf16* out_recompute = nullptr);
+                                           bf16* out_recompute = nullptr,
+                                           const TweoGradTerm& tweo = {});
 // BF16 parameter gradients: every sum in fp32/double, rounded once to BF16 when written.
 absl::Status layernorm_backward_quant_cuda(bf16* dinp, bf16* dweight, bf16* dbias, bf16* dstep,
                                            bf16* doffset, const bf16* dout, const bf16* inp,
@@ -70,7 +74,8 @@ absl::Status layernorm_backward_quant_cuda(bf16* dinp, bf16* dweight, bf16* dbia
                                            const ActQuant& q, void* workspace,
                                            int64_t workspace_bytes, cudaStream_t stream,
                                            GradWrite dparams = GradWrite::kAccumulate,
-                                           bf16* out_recompute = nullptr);
+                                           bf16* out_recompute = nullptr,
+                                           const TweoGradTerm& tweo = {});
 
 }  // namespace qtrain::ops
 

@@ -911,15 +911,6 @@ struct UnimplementedCase {
 
 std::vector<UnimplementedCase> UnimplementedCases() {
   return {
-      {"cuda tweo with quantized activations",
-       [](JobSpec* s) {
-         s->set_device(CUDA);
-         s->mutable_precision()->mutable_tweo()->set_enabled(true);
-         s->mutable_precision()->set_linear(QAT);
-         s->mutable_precision()->mutable_qat()->set_weight_bits(4);
-         s->mutable_precision()->mutable_qat()->set_act_bits(4);
-       },
-       "precision.tweo.enabled"},
       {"cpu bf16 gradients",
        [](JobSpec* s) {
          s->set_device(CPU);

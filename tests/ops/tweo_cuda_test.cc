@@ -9,6 +9,7 @@
 
 #include "gtest/gtest.h"
 #include "ops/cuda/layernorm_cuda.h"
+#include "ops/cuda/layernorm_quant_cuda.h"
 #include "ops/layernorm.h"
 #include "ops/tweo.h"
 #include "tests/ops/cuda_test_util.h"
@@ -100,6 +101,25 @@ TEST(TweoCudaTest, LayernormBackwardAddsTheTweoGradient) {
     DeviceArray<unsigned char> ws(wsb);
     const TweoGradTerm term = TweoGradTerm::Make(scale, 3.0, 4.0, 1e-6, n);
     ASSERT_NE(term.a, 0.f);
+    // Each element's value is ~dx0 + tweo + ln, rounded once: tolerance from its terms.
+    std::vector<double> atol(n);
+    for (int64_t i = 0; i < n; ++i) atol[i] = 1e-3 + 2 * kBf16Eps * std::abs(dx_ref[i]);
+    {
+      // The quantizing layernorm backward (QAT's) adds the same term; without a quantizer it is
+      // the plain layernorm backward.
+      const ActQuant none;
+      const int64_t qb = layernorm_backward_quant_cuda_workspace_bytes(sh.N, sh.C, none);
+      DeviceArray<unsigned char> qws(qb);
+      DeviceArray<bf16> d_dx(dx0.bits);
+      QT_ASSERT_OK(layernorm_backward_quant_cuda(
+          d_dx.get(), d_dw.get(), d_db.get(), static_cast<float*>(nullptr),
+          static_cast<float*>(nullptr), d_dy.get(), d_x.get(), d_w.get(), d_b.get(),
+          d_mean.get(), d_rstd.get(), sh.N, sh.C, none, qws.get(), qb, stream.get(),
+          GradWrite::kOverwrite, nullptr, term));
+      QT_ASSERT_OK(stream.Sync());
+      testing::ExpectNear(Bf16ToFloat(d_dx.ToHost("quant dinp")), dx_ref, 0, 0,
+                          "quantizing backward's dinp with TWEO", &atol);
+    }
     std::vector<bf16> plain;
     for (bool with : {false, true}) {
       DeviceArray<bf16> d_dx(dx0.bits);
@@ -114,9 +134,6 @@ TEST(TweoCudaTest, LayernormBackwardAddsTheTweoGradient) {
         plain = got;
         continue;
       }
-      // Each element's value is ~dx0 + tweo + ln, rounded once: tolerance from its terms.
-      std::vector<double> atol(n);
-      for (int64_t i = 0; i < n; ++i) atol[i] = 1e-3 + 2 * kBf16Eps * std::abs(dx_ref[i]);
       testing::ExpectNear(Bf16ToFloat(got), dx_ref, 0, 0, "dinp with TWEO", &atol);
       int differ = 0;
       for (int64_t i = 0; i < n; ++i) differ += got[i].bits != plain[i].bits;

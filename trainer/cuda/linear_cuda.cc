@@ -616,16 +616,11 @@ absl::Status CudaLinear::InputBackwardLayernorm(const LinearContext& c, G* grads
   const int N = c.N;
   const ops::ActQuant q = ActQuantFor(c, false);
   if (opt_.mode == LinearMode::kQat && q.mode != ops::ActQuantMode::kNone) {
-    if (ln.tweo.a != 0.f) {
-      return absl::UnimplementedError(absl::StrCat(
-          name_, ": the TWEO term in a layernorm backward through an activation quantizer "
-                 "(QAT with act_bits and TWEO on CUDA) is not implemented"));
-    }
     const bool tensor = q.mode == ops::ActQuantMode::kPerTensor;
     return ops::layernorm_backward_quant_cuda(
         ln.dinp, ln.dweight, ln.dbias, tensor ? grads + xs_ : nullptr,
         tensor && xz_ >= 0 ? grads + xz_ : nullptr, ln.dout, ln.inp, ln.weight, ln.bias, ln.mean,
-        ln.rstd, N, ln.C, q, c.q_ws, c.q_ws_bytes, c.stream, ln.gw, c.ln);
+        ln.rstd, N, ln.C, q, c.q_ws, c.q_ws_bytes, c.stream, ln.gw, c.ln, ln.tweo);
   }
   // BF16 and weight-only QAT read the layernorm's output again in wgrad: recompute it (FP8 keeps
   // its codes instead).
