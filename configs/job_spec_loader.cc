@@ -871,14 +871,7 @@ absl::Status RejectUnimplemented(const JobSpec& spec) {
   };
   // clang-format off
   if (spec.device() == CUDA) {
-    const PrecisionSpec& p = spec.precision();
-    if (!p.distill().teacher_checkpoint().empty())
-      reject("precision.distill.teacher_checkpoint", "distillation on CUDA");
     if (spec.optimizer().zero1()) reject("optimizer.zero1", "ZeRO-1 on CUDA");
-    if (p.qat().fp16_scales()) reject("precision.qat.fp16_scales", "fp16 weight steps on CUDA");
-    if (spec.model().padded_vocab_size() != 0 &&
-        spec.model().padded_vocab_size() != spec.model().vocab_size())
-      reject("model.padded_vocab_size", "a padded vocabulary (padded_vocab_size != vocab_size) on CUDA");
   } else {
     if (spec.training().grad_dtype() == GRAD_BF16)
       reject("training.grad_dtype", "BF16 gradients on the CPU trainer (device CPU)");

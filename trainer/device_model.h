@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "ops/distill.h"
 #include "trainer/gpt.h"
 #include "trainer/optimizer.h"
 #include "trainer/param_store.h"
@@ -95,6 +96,15 @@ class DeviceModel {
   // replica keeps the same scales; null (count 0) when no FP8 Linear uses the history.
   virtual float* device_fp8_amax(int64_t* count) = 0;
 
+  // precision.distill: `teacher`, a frozen full-precision model of the same kind (the teacher
+  // checkpoint's weights uploaded, same n_embd and vocabulary), runs in every training Forward
+  // on the same tokens; the LM head then adds weight * d distill / d logits of the chosen loss
+  // (ops/distill.h) to the gradient, its logits compared chunk by chunk with the student's so
+  // that full logits of both never exist. Evaluations (backward_scale 0) stay plain
+  // cross-entropy. distill_loss(): the mean distillation loss of the last training Forward.
+  virtual absl::Status SetTeacher(std::unique_ptr<DeviceModel> teacher, ops::DistillLoss loss,
+                                  float weight) = 0;
+  virtual double distill_loss() const = 0;
   // training.deterministic: bit-identical reruns and resumes, at some speed (on CUDA the
   // attention backward then avoids cuDNN's atomic dq accumulation).
   virtual void set_deterministic(bool on) = 0;

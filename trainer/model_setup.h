@@ -55,6 +55,11 @@ class Teacher {
   absl::StatusOr<double> Loss(const Gpt* student, const int32_t* inputs, int B, int T,
                               float scale);
   const float* dlogits() const { return dlogits_.data(); }
+  // For a device teacher (DeviceModel::SetTeacher): the loaded model and the loss settings.
+  const GptConfig& config() const { return model_->config(); }
+  const ParamStore& params() const { return model_->params(); }
+  ops::DistillLoss loss() const { return loss_; }
+  float weight() const { return weight_; }
 
  private:
   std::unique_ptr<Gpt> model_;

@@ -308,6 +308,14 @@ absl::Status TrainingSession::CreateDeviceModel() {
   dev_ = *std::move(made);
   RETURN_IF_ERROR(ConfigureDeviceModel(ts, dev_.get()));
   RETURN_IF_ERROR(dev_->Upload(model_->params(), &*optimizer_));
+  if (teacher_) {
+    // The frozen teacher on the device beside the student (its host copy stays the loader).
+    absl::StatusOr<std::unique_ptr<DeviceModel>> teacher =
+        CreateCudaModel(teacher_->config(), teacher_->params(), GradDtype::kBf16);
+    RETURN_IF_AGREED_ERROR(dist_->AllOk(teacher.status(), "creating the CUDA teacher"));
+    RETURN_IF_ERROR((*teacher)->Upload(teacher_->params(), nullptr));
+    RETURN_IF_ERROR(dev_->SetTeacher(*std::move(teacher), teacher_->loss(), teacher_->weight()));
+  }
   if (options_.resume.empty()) RETURN_IF_ERROR(dev_->InitPhi());
   if (nccl_) {
     // The gradient buffer stays where it is for the model's life (no ZeroGrads is pending yet,
@@ -395,6 +403,7 @@ absl::StatusOr<RunResult> TrainingSession::Run() {
     if (dev_) {
       // The device computes block statistics on the steps it logs (IsLogStep).
       if (IsLogStep(step)) RETURN_IF_ERROR(AddDeviceMetrics(&row));
+      if (teacher_) row.push_back({"distill_loss", s.distill});
     } else {
       AddModelMetrics(*model_, spec_, s.tweo, s.distill, teacher_ != nullptr, &row);
     }
@@ -528,6 +537,7 @@ absl::Status TrainingSession::DeviceMicroStep(bool last_micro, StepStats* s) {
     RETURN_IF_ERROR(nccl_->Synchronize());
   }
   s->loss += l / accum_;
+  if (teacher_) s->distill += dev_->distill_loss() / accum_;
   return absl::OkStatus();
 }
 

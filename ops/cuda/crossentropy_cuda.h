@@ -10,6 +10,7 @@
 #include "absl/status/status.h"
 #include "ops/cuda/bf16.h"
 #include "ops/cuda/matmul_cuda.h"
+#include "ops/distill.h"
 
 typedef struct CUstream_st* cudaStream_t;
 
@@ -42,6 +43,29 @@ absl::Status lm_head_crossentropy_backward_cuda(MatmulContext& ctx, bf16* dx, fl
                                                 GradWrite dwte_write = GradWrite::kAccumulate,
                                                 GradWrite dx_write = GradWrite::kAccumulate);
 
+// What the chunked LM head does beyond the plain cross-entropy (each optional).
+struct LmHeadExtras {
+  // model.padded_vocab_size: wte has table_rows >= V rows (llm.c pads GPT-2's 50257 to 50304,
+  // a multiple of 64 that keeps cuBLASLt on its fast kernels); the GEMMs run over all of them,
+  // the logits rows are table_rows wide, and the padded columns take no part in the softmax:
+  // their dlogits are 0, so their rows of dwte get a zero gradient (the CPU model never reads
+  // them). 0: V.
+  int table_rows = 0;
+  // precision.distill: a frozen teacher's final hidden states teacher_x (N, C) and embedding
+  // teacher_wte (table_rows, C). Per chunk, its logits go into teacher_logits (chunk_rows,
+  // table_rows), so full logits of teacher and student never coexist; distill_losses[n] gets
+  // row n's distillation loss (ops/distill.h: KL(p_t || p_s) or (1/V) sum (s - t)^2),
+  // mean_distill (may be null) their mean, and dlogits gains
+  // dloss / N * distill_weight * d distill / d s.
+  const bf16* teacher_x = nullptr;
+  const bf16* teacher_wte = nullptr;
+  bf16* teacher_logits = nullptr;
+  DistillLoss distill = DistillLoss::kKl;
+  float distill_weight = 0.f;
+  float* distill_losses = nullptr;
+  double* mean_distill = nullptr;
+};
+
 // The LM head and its cross-entropy, forward and (when dx or dwte is non-null) backward, over
 // chunks of chunk_rows rows, so that the logits of only one chunk exist at a time: `logits`
 // holds (min(chunk_rows, N), V). Per chunk: logits = x @ wte^T, the chunk's losses and, in
@@ -56,7 +80,8 @@ absl::Status lm_head_crossentropy_chunked_cuda(MatmulContext& ctx, float* losses
                                                const bf16* wte, const int32_t* targets, int N,
                                                int C, int V, float dloss, cudaStream_t stream,
                                                GradWrite dwte_write = GradWrite::kAccumulate,
-                                               GradWrite dx_write = GradWrite::kAccumulate);
+                                               GradWrite dx_write = GradWrite::kAccumulate,
+                                               const LmHeadExtras& extras = {});
 // The same with BF16 gradients (training.grad_dtype).
 absl::Status lm_head_crossentropy_chunked_cuda(MatmulContext& ctx, float* losses,
                                                double* mean_loss, bf16* logits, int chunk_rows,
@@ -64,7 +89,8 @@ absl::Status lm_head_crossentropy_chunked_cuda(MatmulContext& ctx, float* losses
                                                const bf16* wte, const int32_t* targets, int N,
                                                int C, int V, float dloss, cudaStream_t stream,
                                                GradWrite dwte_write = GradWrite::kAccumulate,
-                                               GradWrite dx_write = GradWrite::kAccumulate);
+                                               GradWrite dx_write = GradWrite::kAccumulate,
+                                               const LmHeadExtras& extras = {});
 
 }  // namespace qtrain::ops
 

@@ -276,6 +276,7 @@ struct QatCase {
   QuantGranularity wgran, agran;
   int group;
   bool wasym, phi, int8;
+  bool fp16 = false;  // qat.fp16_scales (GGUF's fp16 block scales)
 };
 
 std::vector<QatCase> QatCases() {
@@ -287,6 +288,9 @@ std::vector<QatCase> QatCases() {
       {"W8A8_token", 8, 8, PER_CHANNEL, PER_TOKEN, 0, false, false, false},
       {"W8A8_int8", 8, 8, PER_CHANNEL, PER_TOKEN, 0, false, false, true},
       {"W4A8_int8_tensor", 4, 8, PER_CHANNEL, PER_TENSOR, 0, false, false, true},
+      {"W4A4_group32_fp16_scales", 4, 4, PER_GROUP, PER_TENSOR, 32, false, false, false, true},
+      {"W4A16_group32_asym_fp16_phi", 4, 0, PER_GROUP, GRANULARITY_UNSPECIFIED, 32, true, true,
+       false, true},
   };
 }
 
@@ -301,6 +305,7 @@ PrecisionSpec QatSpecOf(const QatCase& q) {
   s->set_act_granularity(q.agran);
   s->set_weight_asymmetric(q.wasym);
   s->set_int8_forward(q.int8);
+  s->set_fp16_scales(q.fp16);
   if (q.phi) {
     p.mutable_aux_lowrank()->set_enabled(true);
     p.mutable_aux_lowrank()->set_rank(8);

@@ -10,6 +10,7 @@
 
 #include "gtest/gtest.h"
 #include "ops/crossentropy.h"
+#include "ops/distill.h"
 #include "tests/ops/cuda_test_util.h"
 #include "tests/ops/grad_check.h"
 
@@ -272,6 +273,131 @@ TEST(CrossentropyCudaTest, ChunkedLmHeadMatchesWholeBatch) {
       nullptr);
   EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(bad.message().find("chunk_rows"), absl::string_view::npos) << bad;
+}
+
+// A padded table (model.padded_vocab_size) and distillation against a frozen teacher
+// (LmHeadExtras) in the chunked head, against a float64 reference built from the CPU ops
+// (ops/distill.h for the distillation term): the padded columns take no part in the softmax,
+// their rows of dwte get exactly zero (poisoned first), the per-row and mean losses, dx and
+// dwte; KL and MSE; uneven chunks.
+TEST(CrossentropyCudaTest, PaddedTableAndDistillationMatchFloat64) {
+  QT_SKIP_WITHOUT_GPU();
+  testing::TestStream stream;
+  absl::StatusOr<std::unique_ptr<MatmulContext>> ctx = MatmulContext::Create();
+  ASSERT_TRUE(ctx.ok()) << ctx.status();
+  const int N = 96, C = 64, V = 517, Vt = 576;
+  const int64_t nx = static_cast<int64_t>(N) * C, nw = static_cast<int64_t>(Vt) * C;
+  const auto x = RandomBf16(nx, 31, -2, 2), wte = RandomBf16(nw, 32, -0.3, 0.3);
+  const auto tx = RandomBf16(nx, 33, -2, 2), twte = RandomBf16(nw, 34, -0.3, 0.3);
+  const std::vector<int32_t> targets = ops::testing::RandomTokens(N, V, 35);
+  DeviceArray<bf16> d_x(x.bits), d_wte(wte.bits), d_tx(tx.bits), d_twte(twte.bits);
+  DeviceArray<int32_t> d_targets(targets);
+  // Logits of the first V rows in float64 from the BF16 inputs.
+  auto logits_of = [&](const std::vector<float>& a, const std::vector<float>& w) {
+    std::vector<double> z(static_cast<size_t>(N) * V);
+    for (int n = 0; n < N; ++n) {
+      for (int v = 0; v < V; ++v) {
+        double acc = 0;
+        for (int c = 0; c < C; ++c) acc += static_cast<double>(a[n * C + c]) * w[v * C + c];
+        z[static_cast<size_t>(n) * V + v] = acc;
+      }
+    }
+    return z;
+  };
+  const std::vector<double> zs = logits_of(x.values, wte.values);
+  const std::vector<double> zt = logits_of(tx.values, twte.values);
+  const float dloss = 0.5f, weight = 0.7f;
+  for (const bool distill : {false, true}) {
+    for (const DistillLoss kind : {DistillLoss::kKl, DistillLoss::kMse}) {
+      if (!distill && kind == DistillLoss::kMse) continue;
+      SCOPED_TRACE(::testing::Message() << "distill=" << distill
+                                        << " kind=" << (kind == DistillLoss::kKl ? "KL" : "MSE"));
+      // Reference: cross-entropy per row, the distillation term by ops/distill.h, their
+      // dlogits, then dx and dwte.
+      std::vector<double> loss_ref(N), dz(static_cast<size_t>(N) * V, 0.0);
+      double ce_mean = 0;
+      for (int n = 0; n < N; ++n) {
+        const double* row = zs.data() + static_cast<size_t>(n) * V;
+        double m = row[0];
+        for (int v = 1; v < V; ++v) m = std::max(m, row[v]);
+        double sum = 0;
+        for (int v = 0; v < V; ++v) sum += std::exp(row[v] - m);
+        loss_ref[n] = std::log(sum) - (row[targets[n]] - m);
+        ce_mean += loss_ref[n] / N;
+        for (int v = 0; v < V; ++v) {
+          dz[static_cast<size_t>(n) * V + v] =
+              dloss / N * (std::exp(row[v] - m) / sum - (v == targets[n] ? 1.0 : 0.0));
+        }
+      }
+      double distill_ref = 0;
+      if (distill) {
+        distill_ref = distill_forward(zs.data(), zt.data(), N, V, kind);
+        distill_backward(dz.data(), zs.data(), zt.data(), N, V, kind,
+                         static_cast<double>(dloss) * weight);
+      }
+      std::vector<double> dx_ref(nx, 0.0), dwte_ref(nw, 0.0);
+      for (int n = 0; n < N; ++n) {
+        for (int v = 0; v < V; ++v) {
+          const double g = dz[static_cast<size_t>(n) * V + v];
+          for (int c = 0; c < C; ++c) {
+            dx_ref[n * C + c] += g * wte.values[v * C + c];
+            dwte_ref[v * C + c] += g * x.values[n * C + c];
+          }
+        }
+      }
+      for (int chunk : {N, 40}) {
+        SCOPED_TRACE(::testing::Message() << "chunk_rows=" << chunk);
+        DeviceArray<bf16> c_logits(static_cast<int64_t>(chunk) * Vt),
+            t_logits(static_cast<int64_t>(chunk) * Vt), c_dx(nx);
+        DeviceArray<float> c_losses(N), c_dwte(std::vector<float>(nw, NAN)), d_losses(N);
+        DeviceArray<double> c_mean(1), d_mean(1);
+        LmHeadExtras extras;
+        extras.table_rows = Vt;
+        if (distill) {
+          extras.teacher_x = d_tx.get();
+          extras.teacher_wte = d_twte.get();
+          extras.teacher_logits = t_logits.get();
+          extras.distill = kind;
+          extras.distill_weight = weight;
+          extras.distill_losses = d_losses.get();
+          extras.mean_distill = d_mean.get();
+        }
+        QT_ASSERT_OK(lm_head_crossentropy_chunked_cuda(
+            **ctx, c_losses.get(), c_mean.get(), c_logits.get(), chunk, c_dx.get(), c_dwte.get(),
+            d_x.get(), d_wte.get(), d_targets.get(), N, C, V, dloss, stream.get(),
+            GradWrite::kOverwrite, GradWrite::kOverwrite, extras));
+        QT_ASSERT_OK(stream.Sync());
+        // BF16 logits: a loss moves by about 2^-9 |logit| (|logit| < ~4 here).
+        testing::ExpectNear(c_losses.ToHost("losses"), loss_ref, 2e-2, 1e-2, "losses");
+        EXPECT_NEAR(c_mean.ToHost("mean")[0], ce_mean, 1e-2);
+        if (distill) {
+          const double got = d_mean.ToHost("mean distill")[0];
+          std::printf("distill %s: mean %.6f, reference %.6f\n",
+                      kind == DistillLoss::kKl ? "KL" : "MSE", got, distill_ref);
+          EXPECT_NEAR(got, distill_ref, 2e-2 * std::max(1.0, std::abs(distill_ref)));
+          EXPECT_GT(std::abs(distill_ref), 1e-3) << "a distillation term too small to test";
+        }
+        const std::vector<float> dx = Bf16ToFloat(c_dx.ToHost("dx"));
+        const std::vector<float> dwte = c_dwte.ToHost("dwte");
+        std::vector<float> dx_r(dx_ref.begin(), dx_ref.end()), dw_r(dwte_ref.begin(), dwte_ref.end());
+        EXPECT_LT(testing::RelL2(dx, dx_r), 3e-2) << "dx";
+        EXPECT_LT(testing::RelL2(dwte, dw_r), 3e-2) << "dwte";
+        for (int64_t i = static_cast<int64_t>(V) * C; i < nw; ++i) {
+          ASSERT_EQ(dwte[i], 0.0f) << "padded row " << i / C << " of dwte";
+        }
+      }
+    }
+  }
+  // A table smaller than the vocabulary is refused.
+  LmHeadExtras bad;
+  bad.table_rows = V - 1;
+  float f = 0;
+  bf16 b{};
+  int32_t t = 0;
+  const absl::Status s = lm_head_crossentropy_chunked_cuda(
+      **ctx, &f, nullptr, &b, 1, nullptr, static_cast<float*>(nullptr), &b, &b, &t, 1, 1, V, 1.f,
+      nullptr, GradWrite::kAccumulate, GradWrite::kAccumulate, bad);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
 }
 
 }  // namespace

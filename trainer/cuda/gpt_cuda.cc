@@ -92,7 +92,9 @@ absl::Status CudaGpt::Init(const ParamStore& layout) {
   };
   std::vector<ops::Fp8TensorSpec> fp8_specs;
   int fp8_history = ops::DelayedScaler::kDefaultHistoryLen;
-  ASSIGN_OR_RETURN(wte_, expect("wte", {c.vocab_size, C}));
+  // model.padded_vocab_size: wte has table_rows() rows; the LM head's GEMMs run over all of
+  // them, its softmax over the first vocab_size (ops::LmHeadExtras::table_rows).
+  ASSIGN_OR_RETURN(wte_, expect("wte", {c.table_rows(), C}));
   ASSIGN_OR_RETURN(wpe_, expect("wpe", {c.max_seq_len, C}));
   for (int l = 0; l < c.n_layer; ++l) {
     const std::string p = absl::StrCat("block.", l, ".");
@@ -216,7 +218,7 @@ absl::Status CudaGpt::Init(const ParamStore& layout) {
   v_ = static_cast<float*>(p);
   ASSIGN_OR_RETURN(p, Alloc(n * 2));
   params_bf16_ = static_cast<bf16*>(p);
-  ASSIGN_OR_RETURN(p, Alloc(2 * sizeof(double)));
+  ASSIGN_OR_RETURN(p, Alloc(3 * sizeof(double)));
   scalars_ = static_cast<double*>(p);
   ASSIGN_OR_RETURN(p, Alloc(sizeof(float)));
   clip_factor_ = static_cast<float*>(p);
@@ -279,6 +281,7 @@ CudaGpt::~CudaGpt() {
   for (cudaEvent_t e : ready_events_) {
     if (e != nullptr) (void)ops::DestroyEvent(e);
   }
+  if (teacher_done_ != nullptr) (void)ops::DestroyEvent(teacher_done_);
   (void)FreeActivations();
   for (void* p : allocations_) (void)ops::DeviceFree(p);
   matmul_.reset();
@@ -315,7 +318,7 @@ absl::Status CudaGpt::EnsureActivations(int B, int T) {
   if (B == B_ && T == T_) return absl::OkStatus();
   RETURN_IF_ERROR(FreeActivations());
   const GptConfig& c = config_;
-  const int64_t N = static_cast<int64_t>(B) * T, C = c.n_embd, V = c.vocab_size,
+  const int64_t N = static_cast<int64_t>(B) * T, C = c.n_embd, Vt = c.table_rows(),
                 NH = c.n_head, L = c.n_layer;
   ASSIGN_OR_RETURN(const int64_t enc_ws, ops::encoder_backward_cuda_workspace_bytes(B, T, c.vocab_size));
   const int n = static_cast<int>(N);
@@ -361,8 +364,10 @@ absl::Status CudaGpt::EnsureActivations(int B, int T) {
     lnf_ = k.Take<bf16>(N * C);
     lnf_mean_ = k.Take<float>(N);
     lnf_rstd_ = k.Take<float>(N);
-    logits_ = k.Take<bf16>(static_cast<int64_t>(logits_rows) * V);
+    logits_ = k.Take<bf16>(static_cast<int64_t>(logits_rows) * Vt);
     losses_ = k.Take<float>(N);
+    teacher_logits_ = teacher_ ? k.Take<bf16>(static_cast<int64_t>(logits_rows) * Vt) : nullptr;
+    distill_losses_ = teacher_ ? k.Take<float>(N) : nullptr;
     dres_ = k.Take<bf16>(N * C);
     dln_ = k.Take<bf16>(N * C);
     datty_ = k.Take<bf16>(N * C);
@@ -616,6 +621,7 @@ absl::Status CudaGpt::DownloadGrads(std::vector<float>* grads) {
 void CudaGpt::set_deterministic(bool on) {
   deterministic_ = on;
   matmul_->set_autotune(autotune_ && !deterministic_);
+  if (teacher_) teacher_->set_deterministic(on);
 }
 
 void CudaGpt::set_autotune(bool on) {
@@ -682,6 +688,12 @@ absl::StatusOr<double> CudaGpt::Forward(const int32_t* inputs, const int32_t* ta
   // Quantizer state advances (FP8 amaxes recorded, first-batch activation steps) only in a
   // training forward.
   const bool training = targets != nullptr && backward_scale > 0.f;
+  if (teacher_ && training) {
+    // The teacher's forward on its own stream, beside this one; the LM head waits for it.
+    RETURN_IF_ERROR(teacher_->Forward(inputs, nullptr, B, T, 0.f).status());
+    RETURN_IF_ERROR(ops::RecordEvent(teacher_done_, teacher_->stream_));
+    RETURN_IF_ERROR(Mark("(teacher forward queued)"));
+  }
   for (int l = 0; l < c.n_layer; ++l) {
     Block& b = blocks_[l];
     LayerActs& a = acts_[l];
@@ -749,6 +761,10 @@ absl::StatusOr<double> CudaGpt::Forward(const int32_t* inputs, const int32_t* ta
   RETURN_IF_ERROR(OnGrads([&](auto* g) { return LmHead(g, backward_scale); }));
   double loss = 0;
   RETURN_IF_ERROR(gpu::CopyToHostAsync(&loss, &scalars_[0], sizeof(double), stream_));
+  const bool distilled = teacher_ && backward_scale > 0.f;
+  if (distilled) {
+    RETURN_IF_ERROR(gpu::CopyToHostAsync(&distill_host_, &scalars_[2], sizeof(double), stream_));
+  }
   if (stats) {
     RETURN_IF_ERROR(gpu::CopyToHostAsync(stats_host_.data(), stats_dev_,
                                          stats_host_.size() * sizeof(double), stream_));
@@ -769,11 +785,59 @@ absl::Status CudaGpt::LmHead(G* grads, float backward_scale) {
   const int N = B_ * T_, C = config_.n_embd, V = config_.vocab_size;
   // Training: dln_ receives d lnf (written over), wte's gradient its LM-head term.
   const bool train = backward_scale > 0.f;
+  ops::LmHeadExtras extras;
+  extras.table_rows = config_.table_rows();
+  const bool distill = teacher_ && train;
+  if (distill) {
+    RETURN_IF_ERROR(ops::StreamWaitEvent(stream_, teacher_done_));
+    extras.teacher_x = teacher_->lnf_;
+    extras.teacher_wte = teacher_->W(teacher_->wte_);
+    extras.teacher_logits = teacher_logits_;
+    extras.distill = distill_kind_;
+    extras.distill_weight = distill_weight_;
+    extras.distill_losses = distill_losses_;
+    extras.mean_distill = &scalars_[2];
+  }
   RETURN_IF_ERROR(ops::lm_head_crossentropy_chunked_cuda(
       *matmul_, losses_, &scalars_[0], logits_, logits_rows_, train ? dln_ : nullptr,
       train ? grads + wte_ : nullptr, lnf_, W(wte_), targets_, N, C, V,
-      train ? backward_scale : 1.f, stream_, backward_gw_, ops::GradWrite::kOverwrite));
+      train ? backward_scale : 1.f, stream_, backward_gw_, ops::GradWrite::kOverwrite, extras));
+  if (distill) return Mark("fwd+bwd lm_head+crossentropy+distill (teacher's logits)");
   return Mark(train ? "fwd+bwd lm_head+crossentropy" : "fwd lm_head+crossentropy");
+}
+
+absl::Status CudaGpt::SetTeacher(std::unique_ptr<DeviceModel> teacher, ops::DistillLoss loss,
+                                 float weight) {
+  auto* t = dynamic_cast<CudaGpt*>(teacher.get());
+  if (t == nullptr) {
+    return absl::InvalidArgumentError("CudaGpt::SetTeacher: the teacher must be a CUDA model");
+  }
+  const GptConfig& a = config_;
+  const GptConfig& b = t->config_;
+  if (a.n_embd != b.n_embd || a.vocab_size != b.vocab_size || a.table_rows() != b.table_rows() ||
+      a.max_seq_len != b.max_seq_len) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "precision.distill.teacher_checkpoint: the teacher (n_embd ", b.n_embd, ", vocab ",
+        b.vocab_size, "/", b.table_rows(), ", max_seq_len ", b.max_seq_len,
+        ") does not fit the student (n_embd ", a.n_embd, ", vocab ", a.vocab_size, "/",
+        a.table_rows(), ", max_seq_len ", a.max_seq_len, ")"));
+  }
+  if (!(weight >= 0.f) || !std::isfinite(weight)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("precision.distill.weight must be finite and >= 0, got ", weight));
+  }
+  if (teacher_done_ == nullptr) {
+    ASSIGN_OR_RETURN(teacher_done_, ops::CreateEvent());
+  }
+  RETURN_IF_ERROR(FreeActivations());  // the next batch carves the teacher's logits too
+  t->set_deterministic(deterministic_);
+  t->set_block_stats(false);
+  RETURN_IF_ERROR(t->set_lm_head_chunks(lm_head_chunks_));
+  teacher.release();
+  teacher_.reset(t);
+  distill_kind_ = loss;
+  distill_weight_ = weight;
+  return absl::OkStatus();
 }
 
 absl::Status CudaGpt::Backward(float loss_scale) {
@@ -950,10 +1014,11 @@ absl::Status CudaGpt::InitPhi() {
     if (rmax == 0) continue;
     const int OC = lin->out_features(), C = lin->in_features();
     // Phi starts as the best rank-r approximation of the quantization error W - Q(W).
-    RETURN_IF_ERROR(ops::lsq_weight_forward_cuda(
-        nullptr, nullptr, phi_ws_, P(lin->weight_offset()), P(lin->w_scale_offset()),
-        lin->w_zero_offset() >= 0 ? P(lin->w_zero_offset()) : nullptr, nullptr, OC, C,
-        lin->weight_lsq_config(), stream_));
+    RETURN_IF_ERROR(lin->RoundStepsFp16(lc, stream_));
+    RETURN_IF_ERROR(ops::lsq_weight_forward_cuda(nullptr, nullptr, phi_ws_,
+                                                 P(lin->weight_offset()), lin->WSteps(lc),
+                                                 lin->WZeros(lc), nullptr, OC, C,
+                                                 lin->weight_lsq_config(), stream_));
     RETURN_IF_ERROR(ops::phi_factorize_cuda(*phi_ctx_, P(lin->phi_l_offset()),
                                             P(lin->phi_r_offset()), phi_ws_, OC, C, rmax, rmax,
                                             stream_));
@@ -1149,7 +1214,7 @@ absl::Status CudaGpt::Synchronize() {
 
 absl::StatusOr<std::vector<float>> CudaGpt::Logits(const std::vector<int>& rows) {
   if (B_ == 0) return absl::FailedPreconditionError("CudaGpt::Logits: no Forward yet");
-  const int N = B_ * T_, C = config_.n_embd, V = config_.vocab_size;
+  const int N = B_ * T_, C = config_.n_embd, V = config_.vocab_size, Vt = config_.table_rows();
   for (int r : rows) {
     if (r < 0 || r >= N) {
       return absl::InvalidArgumentError(
@@ -1164,7 +1229,7 @@ absl::StatusOr<std::vector<float>> CudaGpt::Logits(const std::vector<int>& rows)
   out.reserve(rows.size() * static_cast<size_t>(V));
   for (int r : rows) {
     RETURN_IF_ERROR(ops::matmul_forward_cuda(*matmul_, logits_, lnf_ + static_cast<int64_t>(r) * C,
-                                             W(wte_), nullptr, 1, C, V, stream_));
+                                             W(wte_), nullptr, 1, C, Vt, stream_));
     RETURN_IF_ERROR(gpu::CopyToHostAsync(row.data(), logits_, static_cast<int64_t>(V) * 2,
                                          stream_));
     RETURN_IF_ERROR(ops::SynchronizeStream(stream_));

@@ -92,6 +92,9 @@ class CudaGpt : public DeviceModel {
   // H100, docs/benchmarks.md); never on in deterministic mode.
   void set_autotune(bool on);
   absl::Status set_lm_head_chunks(int chunks) override;
+  absl::Status SetTeacher(std::unique_ptr<DeviceModel> teacher, ops::DistillLoss loss,
+                          float weight) override;
+  double distill_loss() const override { return distill_host_; }
   // The GEMM context, e.g. for MatmulContext::set_gelu_fusion (on by default: on the H100
   // cuBLASLt's GELU epilogues beat plain GEMMs plus our GELU kernels, docs/benchmarks.md) or
   // the autotuning report.
@@ -236,7 +239,7 @@ class CudaGpt : public DeviceModel {
   float *params_ = nullptr, *m_ = nullptr, *v_ = nullptr;
   void* grads_ = nullptr;  // grad_dtype_
   ops::bf16* params_bf16_ = nullptr;
-  double* scalars_ = nullptr;  // [0] mean loss, [1] sum of squares
+  double* scalars_ = nullptr;  // [0] mean loss, [1] sum of squares, [2] mean distillation loss
   float* clip_factor_ = nullptr;
   float clip_host_ = 1.0f;  // source of the clip factor's copy (outlives the call)
   void* norm_ws_ = nullptr;
@@ -284,6 +287,17 @@ class CudaGpt : public DeviceModel {
   double* stats_dev_ = nullptr;
   std::vector<double> stats_host_;
   void* stats_ws_ = nullptr;
+
+  // Distillation (SetTeacher): the teacher runs its forward on its own stream; teacher_done_
+  // (on that stream) tells this model's LM head that the teacher's final hidden states are
+  // there. Per batch: teacher_logits_ (one LM-head chunk) and the per-row distillation losses.
+  std::unique_ptr<CudaGpt> teacher_;
+  ops::DistillLoss distill_kind_ = ops::DistillLoss::kKl;
+  float distill_weight_ = 0.f;
+  cudaEvent_t teacher_done_ = nullptr;
+  ops::bf16* teacher_logits_ = nullptr;
+  float* distill_losses_ = nullptr;
+  double distill_host_ = 0;
 
   // Profiling.
   bool profiling_ = false;

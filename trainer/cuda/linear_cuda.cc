@@ -108,6 +108,7 @@ absl::StatusOr<CudaLinear> CudaLinear::Create(const std::string& name, int in_fe
     case LinearMode::kQat: {
       const QatOptions& q = options.qat;
       ASSIGN_OR_RETURN(l.ws_, Offset(layout, name + ".w_scale", {}));
+      l.n_steps_ = layout.info(*layout.Find(name + ".w_scale")).size;
       ASSIGN_OR_RETURN(l.wz_, Offset(layout, name + ".w_zero", {}, /*optional=*/true));
       if (q.weight_asymmetric != (l.wz_ >= 0)) {
         return absl::InvalidArgumentError(absl::StrCat(
@@ -224,6 +225,14 @@ absl::Status CudaLinear::AllocateState(const DeviceAllocFn& alloc) {
     if (int8_) {
       ASSIGN_OR_RETURN(void* p, alloc(nw));
       w_i8_ = static_cast<int8_t*>(p);
+    }
+    if (opt_.qat.fp16_scales) {
+      ASSIGN_OR_RETURN(void* p, alloc(n_steps_ * 4));
+      ws16_ = static_cast<float*>(p);
+      if (wz_ >= 0) {
+        ASSIGN_OR_RETURN(p, alloc(n_steps_ * 4));
+        wz16_ = static_cast<float*>(p);
+      }
     }
   }
   return absl::OkStatus();
@@ -432,7 +441,7 @@ absl::Status CudaLinear::Forward(const LinearContext& c, bf16* out, bool trainin
         RETURN_IF_ERROR(ops::matmul_int8_forward_cuda(
             *c.int8, gelu ? pre_act : out, c.x_i8, per_token ? token_scales_ : c.params + xs_,
             per_token ? ops::Int8ActScale::kPerToken : ops::Int8ActScale::kPerTensor, w_i8_,
-            c.params + ws_, Bias(c), N, in_, out_, c.stream));
+            WSteps(c), Bias(c), N, in_, out_, c.stream));
       } else {
         RETURN_IF_ERROR(ops::matmul_forward_cuda(
             *c.mm, gelu && !fused ? pre_act : out, x, Weight(c), Bias(c), N, in_, out_, c.stream,
@@ -666,10 +675,17 @@ absl::Status CudaLinear::FinishGradients(const LinearContext& c, G* grads, cudaS
     }
   }
   return ops::lsq_weight_backward_cuda(dw, grads + ws_, wz_ >= 0 ? grads + wz_ : nullptr,
-                                       c.params + w_, c.params + ws_,
-                                       wz_ >= 0 ? c.params + wz_ : nullptr, out_, in_,
+                                       c.params + w_, WSteps(c), WZeros(c), out_, in_,
                                        weight_lsq_config(), c.aux_ws, c.aux_ws_bytes, stream,
                                        GradWrite::kOverwrite);
+}
+
+absl::Status CudaLinear::RoundStepsFp16(const LinearContext& c, cudaStream_t stream) {
+  if (ws16_ == nullptr) return absl::OkStatus();
+  // The forward (and the step gradients) use the steps GGUF can store; the fp32 parameters keep
+  // learning (straight-through), as Linear::ClampSteps.
+  return ops::lsq_fp16_steps_cuda(ws16_, wz16_, c.params + ws_,
+                                  wz_ >= 0 ? c.params + wz_ : nullptr, n_steps_, stream);
 }
 
 bool CudaLinear::adamw_writes_fp8() const {
@@ -717,9 +733,10 @@ absl::Status CudaLinear::PrepareWeights(const LinearContext& c, cudaStream_t str
       }
       // The INT8 forward reads codes only while W_eff is on the grid (Phi gone).
       int8_t* codes = int8_ && phi_rank_ == 0 ? w_i8_ : nullptr;
+      RETURN_IF_ERROR(RoundStepsFp16(c, stream));
       return ops::lsq_weight_forward_cuda(c.params_bf16 + w_, codes, nullptr, c.params + w_,
-                                          c.params + ws_, wz_ >= 0 ? c.params + wz_ : nullptr,
-                                          phi_add, out_, in_, weight_lsq_config(), stream);
+                                          WSteps(c), WZeros(c), phi_add, out_, in_,
+                                          weight_lsq_config(), stream);
     }
   }
   return absl::InternalError("unknown Linear mode");

@@ -245,6 +245,16 @@ class CudaLinear {
   int64_t x_zero_offset() const { return xz_; }
   ops::LsqConfig weight_lsq_config() const;
   bool int8_forward() const { return int8_; }
+  // The weight steps / zero points the quantizer uses: the parameters, or their fp16 roundings
+  // under qat.fp16_scales (as of the last RoundStepsFp16). WZeros is null for symmetric weights.
+  float* WSteps(const LinearContext& c) const { return ws16_ ? ws16_ : c.params + ws_; }
+  const float* WZeros(const LinearContext& c) const {
+    if (wz_ < 0) return nullptr;
+    return wz16_ ? wz16_ : c.params + wz_;
+  }
+  // qat.fp16_scales: clamps the learned steps and forms their fp16 roundings from the current
+  // parameters (Linear::ClampSteps); a no-op otherwise. PrepareWeights calls it.
+  absl::Status RoundStepsFp16(const LinearContext& c, cudaStream_t stream);
 
  private:
   CudaLinear() = default;
@@ -302,6 +312,8 @@ class CudaLinear {
   int rmax_ = 0, phi_rank_ = 0;
   float* gamma_ = nullptr;          // (rmax) device
   int8_t* w_i8_ = nullptr;          // (out, in) int8 codes of Q(W) (INT8 forward)
+  int64_t n_steps_ = 0;             // weight steps (per channel or group)
+  float *ws16_ = nullptr, *wz16_ = nullptr;  // qat.fp16_scales: fp16-rounded steps, zeros
   float* token_scales_ = nullptr;   // per batch (N): per-token activation scales
   bool act_init_ = true;
   bool int8_ = false;
