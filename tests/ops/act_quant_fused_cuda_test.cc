@@ -113,6 +113,10 @@ QRef CpuQuant(const QCase& c, const QState& st, const std::vector<float>& v, int
               int64_t C) {
   QRef r;
   const int64_t n = N * C;
+  if (c.mode == ActQuantMode::kNone) {  // no quantizer: the plain output
+    r.out = v;
+    return r;
+  }
   r.out.resize(n);
   r.codes.resize(n);
   if (c.mode == ActQuantMode::kPerToken) {

@@ -212,15 +212,16 @@ std::vector<uint8_t> CheckRun(Fp8MatmulContext& ctx, const HostOperand& hx,
   if (run.backend == Fp8GemmBackend::kCublasLt) EXPECT_EQ(ctx.cublaslt_calls(), lt_before + 1);
   if (run.backend == Fp8GemmBackend::kOwnKernel) EXPECT_EQ(ctx.own_kernel_calls(), own_before + 1);
   // Hopper's FP8 tensor cores keep partial sums at reduced precision (about 14 bits per
-  // DeepSeek-V3). Measured on the H200 with cuBLAS 13.1 (2026-12-02, K <= 1000): fast
-  // accumulation within 2^-9.5 of the sum of |terms|, split (promoted) and block-scaled
-  // accumulation within 2^-15. Our kernel accumulates every mma in fp32.
+  // DeepSeek-V3). Measured on the H200 with cuBLAS 13.1 (K <= 1000): fast accumulation within
+  // 2^-9.3 of the sum of |terms| (block-scaled operands too: cuBLASLt honours fast accumulation
+  // there as well), split (promoted) accumulation within 2^-12.7 (2026-12-02, second machine;
+  // 2^-15 on the first). Our kernel accumulates every mma in fp32. Wrong scales or codes would
+  // be off by O(1) of the result, far outside these bounds.
   const bool own = run.backend == Fp8GemmBackend::kOwnKernel ||
                    (run.backend == Fp8GemmBackend::kAuto && ctx.own_kernel_calls() > own_before);
-  const bool fast = run.acc == Fp8Accumulation::kFast && hx.layout == Fp8ScaleLayout::kPerTensor &&
-                    hw.layout == Fp8ScaleLayout::kPerTensor && !own;
+  const bool fast = run.acc == Fp8Accumulation::kFast && !own;
   const double acc_eps =
-      own ? std::ldexp(1.0, -16) : (fast ? std::ldexp(1.0, -8) : std::ldexp(1.0, -13));
+      own ? std::ldexp(1.0, -16) : (fast ? std::ldexp(1.0, -8) : std::ldexp(1.0, -12));
   std::vector<double> atol(n), got(n), expect(n);
   double gelu_slope = run.gelu ? 1.2 : 1.0;  // |gelu'| <= 1.13
   for (int64_t i = 0; i < n; ++i) {
