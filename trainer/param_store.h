@@ -1,5 +1,6 @@
 // Named tensors over one contiguous fp32 buffer each for parameters, gradients and the two
-// AdamW moments (llm.c's layout: one allocation, one all-reduce, one optimizer pass).
+// AdamW moments (llm.c's layout: one allocation, one all-reduce, one optimizer pass), each
+// tensor 8-element aligned in it.
 #ifndef QTRAIN_TRAINER_PARAM_STORE_H_
 #define QTRAIN_TRAINER_PARAM_STORE_H_
 
@@ -21,6 +22,10 @@ struct ParamInfo {
 
 class ParamStore {
  public:
+  // Tensor offsets are multiples of this (elements); the flat buffers may hold zero gaps
+  // between tensors (num_elements() counts them).
+  static constexpr int64_t kAlignElements = 8;
+
   // Adds a tensor; returns its index. Call all Adds before Finalize.
   int Add(const std::string& name, std::vector<int64_t> shape, bool decay);
   // Allocates the buffers (zeroed). Without grads the tensors are frozen: there is no gradient
