@@ -6,13 +6,16 @@ outliers: GPT-2 124M shape on the Brown byte shards, identical data and steps, B
 qat: QAT from the outliers experiment's BF16 checkpoint (training.init_from) at W4A4, W3A4 and
   W2A16 (weights per group), each with and without Phi, beside a BF16 continuation of the same
   steps.
+qat_kd: the same QAT runs with distillation from that BF16 checkpoint as the frozen teacher
+  (precision.distill, KL on logits, weight 1), with and without Phi.
+base: only the BF16 run of the outliers experiment (the checkpoint qat and qat_kd start from).
 
 Each run is qtrain (from a bundle) on a job made from configs/gpt2_124m.textproto; metrics.jsonl
 of every run land in OUT/<experiment>/<run>/ and one summary JSON line per run is printed (and
 written to OUT/summary.jsonl). tools/experiments/plot_gpu_experiments.py draws the figures.
 
 Usage: gpu_experiments.py --qtrain DIST/qtrain --data DIR [--out OUT] [--steps 800]
-       [--qat_steps 300] [--only outliers,qat]
+       [--qat_steps 300] [--only outliers,qat,qat_kd | base,qat_kd]
 """
 import argparse
 import json
@@ -53,6 +56,10 @@ QAT = [
     ("w2a16_g64", "linear: QAT qat { weight_bits: 2 weight_granularity: PER_GROUP group_size: 64 }"),
     ("w2a16_g64_phi", "linear: QAT qat { weight_bits: 2 weight_granularity: PER_GROUP group_size: 64 } " + PHI),
 ]
+
+
+KD = " distill { teacher_checkpoint: \"%T\" loss: KL weight: 1 }"
+QAT_KD = [(name + "_kd", prec + KD) for name, prec in QAT if name != "bf16_continue"]
 
 
 def job(name, precision, steps, out_dir, init_from=None, warmup=100, lr=6e-4):
@@ -97,7 +104,10 @@ def run(experiment, name, precision, steps, init_from=None, lr=6e-4, warmup=100)
                "val_loss": vals[-1] if vals else None, "val_curve": vals,
                "max_peak_act": max(peaks) if peaks else None,
                "final_peak_act": peaks[-1] if peaks else None,
-               "tokens_per_s": sorted(tok)[len(tok) // 2]}
+               "tokens_per_s": sorted(tok)[len(tok) // 2],
+               "grad_norm_median": sorted(r["grad_norm"] for r in rows)[len(rows) // 2] if rows else None,
+               "final_distill_loss": next((r["distill_loss"] for r in reversed(rows)
+                                           if "distill_loss" in r), None)}
     print(json.dumps(summary), flush=True)
     with open(os.path.join(args.out, "summary.jsonl"), "a") as f:
         f.write(json.dumps(summary) + "\n")
@@ -108,17 +118,19 @@ def run(experiment, name, precision, steps, init_from=None, lr=6e-4, warmup=100)
 
 only = args.only.split(",")
 base_ckpt = None
-if "outliers" in only:
-    for name, prec in OUTLIERS:
+if "outliers" in only or "base" in only:
+    for name, prec in OUTLIERS if "outliers" in only else OUTLIERS[:1]:
         d = run("outliers", name, prec, args.steps)
         if name == "bf16":
             ck = sorted(f for f in os.listdir(os.path.join(d, "checkpoints")) if f.endswith(".safetensors")) \
                 if os.path.isdir(os.path.join(d, "checkpoints")) else []
             if ck:
                 base_ckpt = os.path.join(d, "checkpoints", ck[-1])
-if "qat" in only:
+for experiment, runs in (("qat", QAT), ("qat_kd", QAT_KD)):
+    if experiment not in only:
+        continue
     if base_ckpt is None:
-        sys.exit("qat: no BF16 checkpoint from the outliers experiment")
-    for name, prec in QAT:
-        run("qat", name, prec.replace("%d", str(max(1, args.qat_steps // 6))) if "%d" in prec else prec,
-            args.qat_steps, init_from=base_ckpt, lr=2e-4, warmup=20)
+        sys.exit(experiment + ": no BF16 checkpoint from the outliers (or base) experiment")
+    for name, prec in runs:
+        prec = prec.replace("%d", str(max(1, args.qat_steps // 6))).replace("%T", base_ckpt)
+        run(experiment, name, prec, args.qat_steps, init_from=base_ckpt, lr=2e-4, warmup=20)
