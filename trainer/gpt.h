@@ -116,7 +116,7 @@ class Gpt {
   };
 
   GptConfig config_;
-  ParamStore store_;
+  ParamStore store_{ParamStore::kAlignElements};
   ParamStore lora_store_;
   float* per_sample_ = nullptr;
   // Frozen base: gradients of layernorm parameters land here and are dropped.

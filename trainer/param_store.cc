@@ -14,12 +14,13 @@ int ParamStore::Add(const std::string& name, std::vector<int64_t> shape, bool de
   info.size = 1;
   for (int64_t d : shape) info.size *= d;
   info.shape = std::move(shape);
-  // Every tensor starts at a multiple of kAlignElements, so that its BF16 copy is 16-byte and
-  // its fp32 master 32-byte aligned wherever the tensor before it ended: a one-element tensor
-  // (a learned activation step) would otherwise shift every later weight by 2 bytes in BF16, and
-  // cuBLASLt then falls back to its alignment-1 kernels (the W4A4 step ran 2.5x slower). The
-  // gaps stay zero: no tensor owns them, the optimizer skips them, sums see zeros.
-  total_ = (total_ + kAlignElements - 1) / kAlignElements * kAlignElements;
+  // In an aligned store every tensor starts at a multiple of align_, so that its BF16 copy is
+  // 16-byte and its fp32 master 32-byte aligned wherever the tensor before it ended: a
+  // one-element tensor (a learned activation step) would otherwise shift every later weight by
+  // 2 bytes in BF16, and cuBLASLt then falls back to its alignment-1 kernels (the W4A4 step ran
+  // 2.5x slower). The gaps stay zero: no tensor owns them, the optimizer skips them, sums see
+  // zeros.
+  total_ = (total_ + align_ - 1) / align_ * align_;
   info.offset = total_;
   info.decay = decay;
   total_ += info.size;

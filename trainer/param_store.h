@@ -1,6 +1,5 @@
 // Named tensors over one contiguous fp32 buffer each for parameters, gradients and the two
-// AdamW moments (llm.c's layout: one allocation, one all-reduce, one optimizer pass), each
-// tensor 8-element aligned in it.
+// AdamW moments (llm.c's layout: one allocation, one all-reduce, one optimizer pass).
 #ifndef QTRAIN_TRAINER_PARAM_STORE_H_
 #define QTRAIN_TRAINER_PARAM_STORE_H_
 
@@ -22,9 +21,13 @@ struct ParamInfo {
 
 class ParamStore {
  public:
-  // Tensor offsets are multiples of this (elements); the flat buffers may hold zero gaps
-  // between tensors (num_elements() counts them).
+  // A model's store: tensor offsets are multiples of kAlignElements, so that every BF16 device
+  // copy of a tensor is 16-byte aligned (cuBLASLt and the vector kernels need it; see
+  // ParamStore::Add). The flat buffers then hold zero gaps between tensors that no tensor owns
+  // (num_elements() counts them). Stores whose flat buffer is itself a wire format (LoRA
+  // adapters) stay packed (align 1, the default).
   static constexpr int64_t kAlignElements = 8;
+  explicit ParamStore(int64_t align_elements = 1) : align_(align_elements) {}
 
   // Adds a tensor; returns its index. Call all Adds before Finalize.
   int Add(const std::string& name, std::vector<int64_t> shape, bool decay);
@@ -65,6 +68,7 @@ class ParamStore {
   std::vector<std::vector<float>> buffers_;
   std::vector<ParamInfo> infos_;
   int64_t total_ = 0;
+  int64_t align_ = 1;
   std::vector<float> params_, grads_;
 };
 
