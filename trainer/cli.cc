@@ -12,6 +12,7 @@
 #include "absl/flags/usage.h"
 #include "absl/flags/usage_config.h"
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 
 namespace qtrain {
 
@@ -35,6 +36,60 @@ std::vector<char*> InitCommandLine(int argc, char** argv, absl::string_view usag
     }
   }
   return rest;
+}
+
+namespace {
+
+// Splits at commas outside quotes and brackets; empty pieces are dropped.
+void SplitTopLevel(absl::string_view v, std::vector<std::string>* out) {
+  int depth = 0;
+  char quote = 0;
+  std::string piece;
+  for (size_t i = 0; i < v.size(); ++i) {
+    const char c = v[i];
+    if (quote != 0) {
+      if (c == '\\' && i + 1 < v.size()) {
+        piece += c;
+        piece += v[++i];
+        continue;
+      }
+      if (c == quote) quote = 0;
+    } else if (c == '"' || c == '\'') {
+      quote = c;
+    } else if (c == '{' || c == '[' || c == '<') {
+      ++depth;
+    } else if ((c == '}' || c == ']' || c == '>') && depth > 0) {
+      --depth;
+    } else if (c == ',' && depth == 0) {
+      if (!piece.empty()) out->push_back(piece);
+      piece.clear();
+      continue;
+    }
+    piece += c;
+  }
+  if (!piece.empty()) out->push_back(piece);
+}
+
+}  // namespace
+
+std::vector<std::string> RepeatedFlagValues(int argc, char** argv, absl::string_view name) {
+  std::vector<std::string> values;
+  const std::string dashes1 = absl::StrCat("-", name), dashes2 = absl::StrCat("--", name);
+  for (int i = 1; i < argc; ++i) {
+    const absl::string_view a = argv[i];
+    if (a == "--") break;
+    if (a == dashes1 || a == dashes2) {
+      if (i + 1 < argc) SplitTopLevel(argv[++i], &values);
+      continue;
+    }
+    for (const std::string& prefix : {dashes2 + "=", dashes1 + "="}) {
+      if (absl::StartsWith(a, prefix)) {
+        SplitTopLevel(a.substr(prefix.size()), &values);
+        break;
+      }
+    }
+  }
+  return values;
 }
 
 int UsageError(absl::string_view program, absl::string_view problem) {

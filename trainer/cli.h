@@ -19,6 +19,13 @@ namespace qtrain {
 std::vector<char*> InitCommandLine(int argc, char** argv, absl::string_view usage,
                                    absl::string_view main_file);
 
+// Every value of a flag that may be given several times (`--set=a=1 --set=b=2`), in order:
+// abseil keeps only the last occurrence, so the values are read from argv (before
+// InitCommandLine). Forms: --name=V, -name=V, --name V, -name V; stops at "--". Each value is
+// split at its top-level commas (outside quotes and {}/[]/<> blocks), so `--set=a=1,b=2` is two
+// values and a text-format block such as `precision={linear: QAT, qat {weight_bits: 4}}` one.
+std::vector<std::string> RepeatedFlagValues(int argc, char** argv, absl::string_view name);
+
 // "<program>: <problem>" and the usage message on stderr; returns 2 for main to exit with.
 int UsageError(absl::string_view program, absl::string_view problem);
 

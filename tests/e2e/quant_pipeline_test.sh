@@ -4,10 +4,7 @@
 # loss from the export equals the fake-quant model's; W8A8 PTQ of the full-precision run;
 # clear errors for bad input.
 set -euo pipefail
-if [[ -z "${QTRAIN_DATA_DIR:-}" || ! -d "${QTRAIN_DATA_DIR}" ]]; then
-  echo "FAIL: QTRAIN_DATA_DIR is not a folder ('${QTRAIN_DATA_DIR:-}'); run through tools/test.sh" >&2
-  exit 1
-fi
+source tests/data_dir.sh  # QTRAIN_DATA_DIR: tools/test.sh's, else the source tree's data/brown
 tmp="${TEST_TMPDIR:-/tmp}/quant_pipeline"
 rm -rf "$tmp"
 mkdir -p "$tmp"

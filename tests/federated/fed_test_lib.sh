@@ -8,10 +8,7 @@ ws="$TEST_SRCDIR/${TEST_WORKSPACE:-qtrain}"
 QTRAIN="$ws/trainer/qtrain"
 PS="$ws/distributed/ps/qtrain_ps"
 CLIENT="$ws/distributed/federated/qtrain_fed_client"
-if [[ -z "${QTRAIN_DATA_DIR:-}" || ! -d "${QTRAIN_DATA_DIR}" ]]; then
-  echo "FAIL: QTRAIN_DATA_DIR is not a folder ('${QTRAIN_DATA_DIR:-}'); run through tools/test.sh" >&2
-  exit 1
-fi
+source "$TEST_SRCDIR/${TEST_WORKSPACE:-qtrain}/tests/data_dir.sh"  # QTRAIN_DATA_DIR
 work="${TEST_TMPDIR:-$(mktemp -d)}/fed"
 rm -rf "$work"
 mkdir -p "$work"
