@@ -33,6 +33,8 @@ ap.add_argument("--steps", type=int, default=800)
 ap.add_argument("--qat_steps", type=int, default=300)
 ap.add_argument("--only", default="outliers,qat")
 ap.add_argument("--base", default="configs/gpt2_124m.textproto")
+ap.add_argument("--base_ckpt", default=None,
+                help="the BF16 checkpoint qat/qat_kd start from (else the base run's)")
 args = ap.parse_args()
 
 BASE = open(args.base).read()
@@ -117,7 +119,7 @@ def run(experiment, name, precision, steps, init_from=None, lr=6e-4, warmup=100)
 
 
 only = args.only.split(",")
-base_ckpt = None
+base_ckpt = args.base_ckpt
 if "outliers" in only or "base" in only:
     for name, prec in OUTLIERS if "outliers" in only else OUTLIERS[:1]:
         d = run("outliers", name, prec, args.steps)
