@@ -139,18 +139,23 @@ absl::Status CudaGpt::Init(const ParamStore& layout) {
                                                    " tensors, the GPT has ", next));
   }
   num_params_ = layout.num_elements();
-  // Gradient-ready ranges: each block's tensors must be one contiguous run (Gpt adds them in a
-  // row), so that a block's range holds nothing that backward finishes later.
+  // Gradient-ready ranges: each block's tensors must be one run of the layout (Gpt adds them in
+  // a row; the aligned layout may leave gaps between them), so that a block's range holds no
+  // other tensor, nothing that backward finishes later.
   for (int l = 0; l < c.n_layer; ++l) {
     const std::string p = absl::StrCat("block.", l, ".");
-    int64_t lo = num_params_, hi = 0, total = 0;
+    int64_t lo = num_params_, hi = 0;
     for (const ParamInfo& info : layout.infos()) {
       if (info.name.compare(0, p.size(), p) != 0) continue;
       lo = std::min(lo, info.offset);
       hi = std::max(hi, info.offset + info.size);
-      total += info.size;
     }
-    if (hi - lo != total) {
+    bool interleaved = false;
+    for (const ParamInfo& info : layout.infos()) {
+      if (info.name.compare(0, p.size(), p) == 0) continue;
+      interleaved |= info.offset < hi && info.offset + info.size > lo;
+    }
+    if (interleaved) {
       return absl::InvalidArgumentError(absl::StrCat(
           "CUDA model: the tensors of block ", l, " are not one contiguous run of the layout"));
     }
