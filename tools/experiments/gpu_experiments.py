@@ -107,7 +107,10 @@ def run(experiment, name, precision, steps, init_from=None, lr=6e-4, warmup=100)
                "max_peak_act": max(peaks) if peaks else None,
                "final_peak_act": peaks[-1] if peaks else None,
                "tokens_per_s": sorted(tok)[len(tok) // 2],
-               "grad_norm_median": sorted(r["grad_norm"] for r in rows)[len(rows) // 2] if rows else None,
+               # Non-finite values are written as null (an infinite norm skips the update).
+               "grad_norm_median": (lambda g: sorted(g)[len(g) // 2] if g else None)(
+                   [r["grad_norm"] for r in rows if r.get("grad_norm") is not None]),
+               "grad_norm_nonfinite_steps": sum(1 for r in rows if r.get("grad_norm") is None),
                "final_distill_loss": next((r["distill_loss"] for r in reversed(rows)
                                            if "distill_loss" in r), None)}
     print(json.dumps(summary), flush=True)
