@@ -278,6 +278,7 @@ absl::Status CudaGpt::Init(const ParamStore& layout) {
 }
 
 CudaGpt::~CudaGpt() {
+  teacher_.reset();  // it runs on this model's stream (SetTeacher)
   if (opt_stream_ != nullptr) (void)ops::SynchronizeStream(opt_stream_);
   if (stream_ != nullptr) (void)ops::SynchronizeStream(stream_);
   for (cudaEvent_t e : events_) (void)ops::DestroyEvent(e);
@@ -290,7 +291,7 @@ CudaGpt::~CudaGpt() {
   (void)FreeActivations();
   for (void* p : allocations_) (void)ops::DeviceFree(p);
   matmul_.reset();
-  if (stream_ != nullptr) (void)ops::DestroyStream(stream_);
+  if (stream_ != nullptr && !stream_borrowed_) (void)ops::DestroyStream(stream_);
   if (opt_stream_ != nullptr) (void)ops::DestroyStream(opt_stream_);
 }
 
@@ -694,7 +695,7 @@ absl::StatusOr<double> CudaGpt::Forward(const int32_t* inputs, const int32_t* ta
   // training forward.
   const bool training = targets != nullptr && backward_scale > 0.f;
   if (teacher_ && training) {
-    // The teacher's forward on its own stream, beside this one; the LM head waits for it.
+    // The teacher's forward, queued on this model's stream (SetTeacher) before the student's.
     RETURN_IF_ERROR(teacher_->Forward(inputs, nullptr, B, T, 0.f).status());
     RETURN_IF_ERROR(ops::RecordEvent(teacher_done_, teacher_->stream_));
     RETURN_IF_ERROR(Mark("(teacher forward queued)"));
@@ -834,6 +835,13 @@ absl::Status CudaGpt::SetTeacher(std::unique_ptr<DeviceModel> teacher, ops::Dist
   if (teacher_done_ == nullptr) {
     ASSIGN_OR_RETURN(teacher_done_, ops::CreateEvent());
   }
+  // The teacher runs on this model's stream, in order with it: the cuDNN attention's state
+  // (handle, workspace) is one per process, and two models using it from two streams at once
+  // race on its workspace (124M distillation runs diverged with the teacher on its own stream).
+  RETURN_IF_ERROR(ops::SynchronizeStream(t->stream_));
+  if (!t->stream_borrowed_) RETURN_IF_ERROR(ops::DestroyStream(t->stream_));
+  t->stream_ = stream_;
+  t->stream_borrowed_ = true;
   RETURN_IF_ERROR(FreeActivations());  // the next batch carves the teacher's logits too
   t->set_deterministic(deterministic_);
   t->set_block_stats(false);

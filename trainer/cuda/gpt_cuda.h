@@ -209,6 +209,7 @@ class CudaGpt : public DeviceModel {
   DeviceModel::GradientReadyHook grad_ready_hook_;
 
   cudaStream_t stream_ = nullptr;
+  bool stream_borrowed_ = false;  // stream_ is another model's (a teacher's): not destroyed
   std::unique_ptr<ops::MatmulContext> matmul_;
   // Precision machinery, present when some Linear needs it.
   std::unique_ptr<ops::Fp8MatmulContext> fp8_mm_;
@@ -288,9 +289,10 @@ class CudaGpt : public DeviceModel {
   std::vector<double> stats_host_;
   void* stats_ws_ = nullptr;
 
-  // Distillation (SetTeacher): the teacher runs its forward on its own stream; teacher_done_
-  // (on that stream) tells this model's LM head that the teacher's final hidden states are
-  // there. Per batch: teacher_logits_ (one LM-head chunk) and the per-row distillation losses.
+  // Distillation (SetTeacher): the teacher runs its forward on this model's stream (borrowed:
+  // the cuDNN attention state is per process, so two streams would race on it); teacher_done_
+  // marks its final hidden states. Per batch: teacher_logits_ (one LM-head chunk) and the
+  // per-row distillation losses.
   std::unique_ptr<CudaGpt> teacher_;
   ops::DistillLoss distill_kind_ = ops::DistillLoss::kKl;
   float distill_weight_ = 0.f;
