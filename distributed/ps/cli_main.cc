@@ -8,8 +8,6 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -19,6 +17,7 @@
 #include "distributed/ps/client.h"
 #include "distributed/ps/metrics_store.h"
 #include "trainer/atomic_file.h"
+#include "trainer/cli.h"
 
 ABSL_FLAG(std::string, address, "", "host:port of the qtrain_ps (default $QTRAIN_PS_ADDRESS, "
           "else 127.0.0.1:7070)");
@@ -242,8 +241,8 @@ int Run(const std::vector<std::string>& args) {
 }  // namespace qtrain::ps
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(qtrain::ps::kUsage);
-  std::vector<char*> rest = absl::ParseCommandLine(argc, argv);
+  // Usage, --help with these flags, and `bazel run`'s working directory for relative paths.
+  std::vector<char*> rest = qtrain::InitCommandLine(argc, argv, qtrain::ps::kUsage, __FILE__);
   std::vector<std::string> args(rest.begin() + 1, rest.end());
   return qtrain::ps::Run(args);
 }

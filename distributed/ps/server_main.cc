@@ -7,11 +7,10 @@
 #include <string>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
 #include "distributed/federated/federated_module.h"
 #include "distributed/ps/config.h"
 #include "distributed/ps/server.h"
+#include "trainer/cli.h"
 
 ABSL_FLAG(std::string, config, "", "server configuration (text ServerConfig), required");
 ABSL_FLAG(std::string, address, "", "override the config's address (host:port; port 0: any)");
@@ -19,8 +18,10 @@ ABSL_FLAG(std::string, storage_dir, "", "override the config's storage_dir");
 ABSL_FLAG(std::string, port_file, "", "override the config's port_file");
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage("qtrain_ps --config=PATH [--address=host:port] [--storage_dir=DIR]");
-  absl::ParseCommandLine(argc, argv);
+  // Usage, --help with these flags, and `bazel run`'s working directory for relative paths.
+  qtrain::InitCommandLine(argc, argv,
+                          "qtrain_ps --config=PATH [--address=host:port] [--storage_dir=DIR]",
+                          __FILE__);
   // Chunks of 1 MiB come and go all the time: keep them on the heap instead of glibc's mmap
   // per allocation, which costs a page fault and a zeroed page for every 4 KiB received.
   mallopt(M_MMAP_THRESHOLD, 64 << 20);

@@ -44,6 +44,14 @@ for tool in export eval_export ptq prepare_data; do
   [[ "$out_help" == *"Flags from tools/$tool.cc"* ]] || fail "$tool --help lists no flags: $out_help"
 done
 [[ "$(tools/export 2>&1 || true)" == *"usage: export --checkpoint="* ]] || fail "export prints no usage"
+for pair in tools/tokenize:tools/tokenize.cc tools/logits:tools/logits.cc tools/decode:tools/decode.cc \
+    distributed/ps/qtrain_ps:distributed/ps/server_main.cc \
+    distributed/federated/qtrain_fed_client:distributed/federated/client_main.cc; do
+  out_help=$(${pair%%:*} --help 2>&1 || true)
+  [[ "$out_help" == *"Flags from ${pair#*:}"* ]] || fail "${pair%%:*} --help lists no flags: $out_help"
+done
+[[ "$(distributed/ps/qtrain_ps_cli --help 2>&1 || true)" == *"Flags from distributed/ps/cli_main.cc"* ]] ||
+  fail "qtrain_ps_cli --help lists no flags"
 
 # `bazel run` starts in the runfiles tree: relative job, data and out_dir paths mean the
 # caller's directory, and the banner names the absolute out_dir.
@@ -52,6 +60,10 @@ done
 grep -q "out_dir $tmp/work/out/cli\$" "$tmp/run.log" || fail "banner lacks the absolute out_dir: $(head -1 "$tmp/run.log")"
 [[ -f "$tmp/work/out/cli/checkpoints/step_00000004.safetensors" ]] || fail "no checkpoint under the caller's out/cli"
 [[ ! -e "$tmp/out" ]] || fail "out_dir was created in the process's own directory"
+# The tools too: decode's --shard and --out mean the caller's directory.
+(cd "$tmp" && BUILD_WORKING_DIRECTORY="$tmp/work" "$bin/tools/decode" --tokenizer=bytes \
+  --shard="$(cd "$tmp/work" && ls corpus/train_*.bin | head -1)" --count=10 --out=decoded.txt)
+[[ -s "$tmp/work/decoded.txt" && ! -e "$tmp/decoded.txt" ]] || fail "decode did not write the caller's decoded.txt"
 echo "ok: BUILD_WORKING_DIRECTORY"
 cd "$tmp/work"
 
