@@ -3,13 +3,16 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <functional>
 #include <limits>
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "configs/job_spec_loader.h"
 #include "gmock/gmock.h"
@@ -1049,6 +1052,69 @@ TEST(Unimplemented, CudaTakesDistillationPaddedVocabAndFp16Steps) {
   spec.mutable_precision()->mutable_qat()->set_fp16_scales(true);
   ApplyDefaults(&spec);
   EXPECT_TRUE(RejectUnimplemented(spec).ok()) << RejectUnimplemented(spec);
+}
+
+// docs/job_spec.md's "CPU and CUDA" section says what a CUDA job runs and lists, with its
+// message, every setting a CUDA job is still refused: both must stay what the code does.
+TEST(Unimplemented, DocsListExactlyWhatCudaRefuses) {
+  std::ifstream in("docs/job_spec.md");
+  ASSERT_TRUE(in.good()) << "docs/job_spec.md is not in the runfiles";
+  std::vector<std::string> documented;
+  bool in_table = false;
+  for (std::string line; std::getline(in, line);) {
+    if (absl::StartsWith(line, "| Setting | Message on CUDA |")) {
+      in_table = true;
+    } else if (in_table && absl::StartsWith(line, "| `")) {
+      // | `field...` | `message` |: the message is the last backquoted cell.
+      const size_t end = line.rfind('`'), begin = line.rfind('`', end - 1);
+      documented.push_back(line.substr(begin + 1, end - begin - 1));
+    } else if (in_table && !absl::StartsWith(line, "|---")) {
+      in_table = false;
+    }
+  }
+  ASSERT_FALSE(documented.empty()) << "no \"| Setting | Message on CUDA |\" table";
+
+  // Everything the section says runs on CUDA, in one job: nothing is refused.
+  JobSpec runs = Base();
+  runs.set_device(CUDA);
+  PrecisionSpec* p = runs.mutable_precision();
+  p->set_linear(QAT);
+  p->mutable_qat()->set_weight_bits(4);
+  p->mutable_qat()->set_act_bits(8);
+  p->mutable_qat()->set_int8_forward(true);
+  p->mutable_qat()->set_fp16_scales(true);
+  p->mutable_aux_lowrank()->set_enabled(true);
+  p->mutable_aux_lowrank()->set_rank(4);
+  p->mutable_aux_lowrank()->set_decay_period(10);
+  p->mutable_tweo()->set_enabled(true);
+  p->mutable_distill()->set_teacher_checkpoint("t.safetensors");
+  p->mutable_distill()->set_weight(1.0f);
+  p->set_keep_first_last_blocks(1);
+  LayerOverride* o = p->add_overrides();
+  o->set_match("block.1.mlp.fc");
+  o->set_precision(FP8);
+  runs.mutable_model()->set_padded_vocab_size(runs.model().vocab_size() + 64);
+  ApplyDefaults(&runs);
+  EXPECT_TRUE(RejectUnimplemented(runs).ok()) << RejectUnimplemented(runs);
+  for (Fp8Scaling scaling : {DELAYED, CURRENT, BLOCK}) {
+    JobSpec fp8 = Base();
+    fp8.set_device(CUDA);
+    fp8.mutable_precision()->set_linear(FP8);
+    fp8.mutable_precision()->mutable_fp8()->set_scaling(scaling);
+    ApplyDefaults(&fp8);
+    EXPECT_TRUE(RejectUnimplemented(fp8).ok()) << Fp8Scaling_Name(scaling);
+  }
+
+  // Everything the code refuses on CUDA, in one job: exactly the documented messages.
+  JobSpec refused = Base();
+  refused.set_device(CUDA);
+  refused.mutable_optimizer()->set_zero1(true);
+  refused.mutable_distributed()->set_backend(DistributedSpec::NCCL);
+  ApplyDefaults(&refused);
+  const absl::Status s = RejectUnimplemented(refused);
+  EXPECT_EQ(std::string(s.message()), absl::StrJoin(documented, "\n"))
+      << "update docs/job_spec.md's CPU and CUDA table (and this job) together with "
+         "RejectUnimplemented";
 }
 
 // ---------------------------------------------------------------------------------------------
