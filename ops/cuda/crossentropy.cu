@@ -226,6 +226,23 @@ __global__ void mean_loss_kernel(double* __restrict__ out, const float* __restri
 // the online (max, sum of exp) of s and of t, and for MSE the sum of (s - t)^2; pass 2: the
 // KL terms and dlogits = ce_scale (p_s - onehot) + distill_scale d distill / d s with
 // KL: p_s - p_t, MSE: 2 (s - t) / V (ops/distill.h's math per row, fp32 on BF16 logits).
+// kPer (8 or 1) consecutive logits of the student (s) and the teacher (t) as floats.
+template <Access kAccess>
+__device__ __forceinline__ void LoadPair(const nv_bf16* s, const nv_bf16* t, float* sv,
+                                         float* tv) {
+  if constexpr (kAccess == Access::kVec8) {
+    const Bf16x8 a = cu::Load8(s), b = cu::Load8(t);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      sv[k] = __bfloat162float(a.v[k]);
+      tv[k] = __bfloat162float(b.v[k]);
+    }
+  } else {
+    sv[0] = __bfloat162float(*s);
+    tv[0] = __bfloat162float(*t);
+  }
+}
+
 template <Access kAccess>
 __global__ void distill_crossentropy_kernel(float* __restrict__ losses,
                                             float* __restrict__ distill_losses,
@@ -243,17 +260,7 @@ __global__ void distill_crossentropy_kernel(float* __restrict__ losses,
   float sm = -INFINITY, ss = 0.f, tm = -INFINITY, ts = 0.f, sq = 0.f;
   for (int c = threadIdx.x * kPer; c < V; c += blockDim.x * kPer) {
     float sv[kPer], tv[kPer];
-    if constexpr (kAccess == Access::kVec8) {
-      const Bf16x8 a = cu::Load8(x + c), b = cu::Load8(tx + c);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        sv[k] = __bfloat162float(a.v[k]);
-        tv[k] = __bfloat162float(b.v[k]);
-      }
-    } else {
-      sv[0] = __bfloat162float(x[c]);
-      tv[0] = __bfloat162float(tx[c]);
-    }
+    LoadPair<kAccess>(x + c, tx + c, sv, tv);
 #pragma unroll
     for (int k = 0; k < kPer; ++k) {
       if (c + k >= V) continue;  // padded columns
@@ -309,19 +316,7 @@ __global__ void distill_crossentropy_kernel(float* __restrict__ losses,
   const float mse_g = 2.f / static_cast<float>(V);
   for (int c = threadIdx.x * kPer; c < ld; c += blockDim.x * kPer) {
     float sv[kPer], tv[kPer];
-    Bf16x8 a, b;
-    if constexpr (kAccess == Access::kVec8) {
-      a = cu::Load8(x + c);
-      b = cu::Load8(tx + c);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        sv[k] = __bfloat162float(a.v[k]);
-        tv[k] = __bfloat162float(b.v[k]);
-      }
-    } else {
-      sv[0] = __bfloat162float(x[c]);
-      tv[0] = __bfloat162float(tx[c]);
-    }
+    LoadPair<kAccess>(x + c, tx + c, sv, tv);
     float g[kPer];
 #pragma unroll
     for (int k = 0; k < kPer; ++k) {
@@ -341,6 +336,7 @@ __global__ void distill_crossentropy_kernel(float* __restrict__ losses,
       g[k] = ce_scale * (ps - (c + k == target ? 1.f : 0.f)) + distill_scale * gd;
     }
     if constexpr (kAccess == Access::kVec8) {
+      Bf16x8 a;
 #pragma unroll
       for (int k = 0; k < 8; ++k) a.v[k] = __float2bfloat16_rn(g[k]);
       cu::Store8(x + c, a);
