@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# Reproduces the federated section of docs/experiments.md on the CPU (2 cores: about an hour when the machine is idle):
+# Reproduces the federated section of docs/experiments.md on the CPU (2 cores, shared with
+# builds: a round at SHAPE=small takes ~2 s, ~30 s at SHAPE=tiny; ROUNDS=30 SEEDS="7 8" at
+# SHAPE=small took about 30 minutes):
 #  - a small base model (SHAPE below) trained on a held-out genre mix (Brown a-g), and a W4 QAT
 #    base from it;
 #  - federated LoRA (r = 8, every block Linear) on the other 8 genres, one genre per client,
 #    half of them sampled per round, through qtrain_ps and 2 pooled client processes
 #    (launch/federated_sim.sh): FedSVD, FFA-LoRA and FedAvg-LoRA, without DP and with DP-SGD at
-#    epsilon 6 (delta 1e-5), on each base: 12 federations, server val loss every round;
+#    epsilon 6 (delta 1e-5), on each base: 12 federations per seed, server val loss every round;
 #  - the server's aggregation time and bytes per client per round at the GPT-2 124M shape.
 # Then tools/experiments/federated_summary.py writes the table and docs/figures/federated_*.svg.
 # Usage: tools/experiments/federated_experiments.sh [OUT_DIR]   (default out/fed_experiments)
 # Environment: SHAPE (small | tiny), ROUNDS (12), LOCAL_STEPS (10), LR (1e-2, local AdamW), BASE_STEPS (300), QAT_STEPS (100), EVAL_BATCHES (8), PROCS (2),
-# RUNS (a subset, e.g. "fp_nodp_FEDSVD fp_dp_FFA_LORA"), QTRAIN_DATA_DIR (data/brown).
+# SEEDS (federation seeds, "7": client sampling, local batches, DP noise, LoRA A init; the bases
+# are shared), RUNS (a subset, e.g. "fp_nodp_FEDSVD fp_dp_FFA_LORA"), QTRAIN_DATA_DIR (data/brown).
+# Runs land in OUT_DIR/runs/s<seed>/<base>_<dp>_<rule>/rounds.jsonl; finished ones are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=${1:-out/fed_experiments}
@@ -24,6 +28,7 @@ base_steps=${BASE_STEPS:-300}
 qat_steps=${QAT_STEPS:-100}
 eval_batches=${EVAL_BATCHES:-8}
 procs=${PROCS:-2}
+read -r -a seeds <<<"${SEEDS:-7}"
 # Two threads for the bases; one per client process in the federations (PROCS processes).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 if [[ -z "${SKIP_BUILD:-}" ]]; then
@@ -75,7 +80,8 @@ eval { every_steps: 100 batches: 8 }
 checkpoint { every_steps: 0 keep_last: 1 }
 logging { every_steps: 50 }
 JOB
-  "$bin/trainer/qtrain" --job="$out/base_fp.textproto" >"$out/base_fp.log" 2>&1
+  "$bin/trainer/qtrain" --job="$out/base_fp.textproto" >"$out/base_fp.log" 2>&1 ||
+    { echo "federated_experiments: the FP base failed: see $out/base_fp.log" >&2; exit 1; }
 fi
 base_fp="$out/base_fp/checkpoints/step_$(printf %08d "$base_steps").safetensors"
 qat='precision { linear: QAT qat { weight_bits: 4 } }'
@@ -92,23 +98,25 @@ eval { every_steps: 50 batches: 8 }
 checkpoint { every_steps: 0 keep_last: 1 }
 logging { every_steps: 50 }
 JOB
-  "$bin/trainer/qtrain" --job="$out/base_w4.textproto" >"$out/base_w4.log" 2>&1
+  "$bin/trainer/qtrain" --job="$out/base_w4.textproto" >"$out/base_w4.log" 2>&1 ||
+    { echo "federated_experiments: the W4 base failed: see $out/base_w4.log" >&2; exit 1; }
 fi
 base_w4="$out/base_w4/checkpoints/step_$(printf %08d "$qat_steps").safetensors"
 
 # 2. The federations.
 export OMP_NUM_THREADS=1
-run() {  # run BASE(fp|w4) DP(nodp|dp) AGGREGATION
-  local name="$1_$2_$3" base precision="" dp=""
+run() {  # run BASE(fp|w4) DP(nodp|dp) AGGREGATION SEED
+  local name="$1_$2_$3" seed=$4 base precision="" dp=""
+  local dir="$out/runs/s$seed/$name" sim="$out/sim/s$seed/$name"
   if [[ -n "${RUNS:-}" && " $RUNS " != *" $name "* ]]; then return; fi
-  if [[ -f "$out/runs/$name/rounds.jsonl" ]] &&
-     (($(wc -l <"$out/runs/$name/rounds.jsonl") >= rounds)); then return; fi
+  # Finished: round 0 (the base) and every round.
+  if [[ -f "$dir/rounds.jsonl" ]] && (($(wc -l <"$dir/rounds.jsonl") > rounds)); then return; fi
   if [[ $1 == fp ]]; then base=$base_fp; else base=$base_w4; precision=$qat; fi
   if [[ $2 == dp ]]; then dp="dp_clip: 0.5 dp_epsilon: 6 dp_delta: 1e-5"; fi
-  rm -rf "$out/runs/$name" "$out/sim/$name"
-  mkdir -p "$out/runs" "$out/sim"
-  cat >"$out/runs/$name.textproto" <<JOB
-name: "$name" seed: 7 out_dir: "$out/runs/$name"
+  rm -rf "$dir" "$sim"
+  mkdir -p "$(dirname "$dir")" "$(dirname "$sim")"
+  cat >"$dir.textproto" <<JOB
+name: "${name}_s$seed" seed: $seed out_dir: "$dir"
 $model
 $precision
 data { train_pattern: "unused" val_pattern: "$out/val_clients.bin"
@@ -121,17 +129,20 @@ federated { aggregation: $3 rounds: $rounds clients: 8 local_steps: $local_steps
             client_fraction: 0.5 min_clients: 2 client_train_pattern: "$data/train_{genre}.bin"
             eval_every_rounds: 1 $dp }
 JOB
-  echo "federated_experiments: $name"
+  echo "federated_experiments: $name seed $seed"
   local t0=$SECONDS
-  JOB="$out/runs/$name.textproto" PROCS=$procs WORK="$out/sim/$name" \
+  JOB="$dir.textproto" PROCS=$procs WORK="$sim" \
     PS_BIN="$bin/distributed/ps/qtrain_ps" CLIENT_BIN="$bin/distributed/federated/qtrain_fed_client" \
-    launch/federated_sim.sh >"$out/runs/$name.log" 2>&1 ||
-    { echo "federated_experiments: $name failed: see $out/runs/$name.log" >&2; return 1; }
-  echo "federated_experiments: $name done in $((SECONDS - t0)) s"
+    launch/federated_sim.sh >"$dir.log" 2>&1 ||
+    { echo "federated_experiments: $name seed $seed failed: see $dir.log" >&2; return 1; }
+  echo "federated_experiments: $name seed $seed done in $((SECONDS - t0)) s"
 }
-for b in fp w4; do
-  for d in nodp dp; do
-    for a in FEDSVD FFA_LORA FEDAVG_LORA; do run "$b" "$d" "$a"; done
+failed=0
+for seed in "${seeds[@]}"; do
+  for b in fp w4; do
+    for d in nodp dp; do
+      for a in FEDSVD FFA_LORA FEDAVG_LORA; do run "$b" "$d" "$a" "$seed" || failed=1; done
+    done
   done
 done
 
@@ -140,3 +151,4 @@ done
   >"$out/agg_bench.json"
 
 python3 tools/experiments/federated_summary.py "$out"
+exit "$failed"
