@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the federated section of docs/experiments.md on the CPU (2 cores, shared with
-# builds: a round at SHAPE=small takes ~2 s, ~30 s at SHAPE=tiny; ROUNDS=30 SEEDS="7 8" at
-# SHAPE=small took about 30 minutes):
+# builds: a round at SHAPE=small takes ~2 s, ~30 s at SHAPE=tiny; ROUNDS=30 SEEDS="7 8 9" at
+# SHAPE=small, docs/experiments.md's run, took about 50 minutes):
 #  - a small base model (SHAPE below) trained on a held-out genre mix (Brown a-g), and a W4 QAT
 #    base from it;
 #  - federated LoRA (r = 8, every block Linear) on the other 8 genres, one genre per client,
@@ -12,6 +12,7 @@
 # Then tools/experiments/federated_summary.py writes the table and docs/figures/federated_*.svg.
 # Usage: tools/experiments/federated_experiments.sh [OUT_DIR]   (default out/fed_experiments)
 # Environment: SHAPE (small | tiny), ROUNDS (12), LOCAL_STEPS (10), LR (1e-2, local AdamW), BASE_STEPS (300), QAT_STEPS (100), EVAL_BATCHES (8), PROCS (2),
+# SGD_ROUNDS (10) and SGD_LR (0.5) of the FedSVD = FFA-LoRA check under local SGD (step 2b),
 # SEEDS (federation seeds, "7": client sampling, local batches, DP noise, LoRA A init; the bases
 # are shared), RUNS (a subset, e.g. "fp_nodp_FEDSVD fp_dp_FFA_LORA"), QTRAIN_DATA_DIR (data/brown).
 # Runs land in OUT_DIR/runs/s<seed>/<base>_<dp>_<rule>/rounds.jsonl; finished ones are skipped.
@@ -28,6 +29,8 @@ base_steps=${BASE_STEPS:-300}
 qat_steps=${QAT_STEPS:-100}
 eval_batches=${EVAL_BATCHES:-8}
 procs=${PROCS:-2}
+sgd_rounds=${SGD_ROUNDS:-10}
+sgd_lr=${SGD_LR:-0.5}
 read -r -a seeds <<<"${SEEDS:-7}"
 # Two threads for the bases; one per client process in the federations (PROCS processes).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
@@ -105,12 +108,15 @@ base_w4="$out/base_w4/checkpoints/step_$(printf %08d "$qat_steps").safetensors"
 
 # 2. The federations.
 export OMP_NUM_THREADS=1
-run() {  # run BASE(fp|w4) DP(nodp|dp) AGGREGATION SEED
-  local name="$1_$2_$3" seed=$4 base precision="" dp=""
+run() {  # run BASE(fp|w4) DP(nodp|dp) AGGREGATION SEED [sgd]
+  local name="$1_$2_$3" seed=$4 base precision="" dp="" opt="" run_lr=$lr run_rounds=$rounds
+  if [[ ${5:-} == sgd ]]; then
+    name="$1_$2_sgd_$3" opt="local_optimizer: SGD" run_lr=$sgd_lr run_rounds=$sgd_rounds
+  fi
   local dir="$out/runs/s$seed/$name" sim="$out/sim/s$seed/$name"
   if [[ -n "${RUNS:-}" && " $RUNS " != *" $name "* ]]; then return; fi
   # Finished: round 0 (the base) and every round.
-  if [[ -f "$dir/rounds.jsonl" ]] && (($(wc -l <"$dir/rounds.jsonl") > rounds)); then return; fi
+  if [[ -f "$dir/rounds.jsonl" ]] && (($(wc -l <"$dir/rounds.jsonl") > run_rounds)); then return; fi
   if [[ $1 == fp ]]; then base=$base_fp; else base=$base_w4; precision=$qat; fi
   if [[ $2 == dp ]]; then dp="dp_clip: 0.5 dp_epsilon: 6 dp_delta: 1e-5"; fi
   rm -rf "$dir" "$sim"
@@ -121,13 +127,13 @@ $model
 $precision
 data { train_pattern: "unused" val_pattern: "$out/val_clients.bin"
        genres: "h" genres: "j" genres: "k" genres: "l" genres: "m" genres: "n" genres: "p" genres: "r" }
-optimizer { lr: $lr }
+optimizer { lr: $run_lr }
 training { batch_size: 16 seq_len: $T }
 eval { batches: $eval_batches }
 lora { rank: 8 alpha: 16 base: "$base" }
-federated { aggregation: $3 rounds: $rounds clients: 8 local_steps: $local_steps
+federated { aggregation: $3 rounds: $run_rounds clients: 8 local_steps: $local_steps
             client_fraction: 0.5 min_clients: 2 client_train_pattern: "$data/train_{genre}.bin"
-            eval_every_rounds: 1 $dp }
+            eval_every_rounds: 1 $dp $opt }
 JOB
   echo "federated_experiments: $name seed $seed"
   local t0=$SECONDS
@@ -145,9 +151,13 @@ for seed in "${seeds[@]}"; do
     done
   done
 done
+# 2b. FedSVD's A stays in the span of the initial A (the rows of B A are combinations of A's), so
+# with a rotation-invariant local optimizer (SGD) FedSVD and FFA-LoRA should give the same
+# model every round; AdamW (per coordinate) is what can separate them. The check: both with SGD.
+for a in FEDSVD FFA_LORA; do run fp nodp "$a" "${seeds[0]}" sgd || failed=1; done
 
 # 3. Aggregation at the GPT-2 124M shape (r = 8, all four Linears of 12 blocks, 4 clients).
-"$bin/tools/fed_agg_bench" --n_layer=12 --n_embd=768 --rank=8 --clients=4 --repeats=5 \
+"$bin/tools/fed_agg_bench" --n_layer=12 --n_embd=768 --rank=8 --clients=4 --repeats=21 \
   >"$out/agg_bench.json"
 
 python3 tools/experiments/federated_summary.py "$out"

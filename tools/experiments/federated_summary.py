@@ -13,8 +13,10 @@ than its job spec asks for (still running, or failed) is left out.
 import argparse
 import glob
 import json
+import math
 import os
 import re
+import struct
 
 RULES = [("FEDSVD", "FedSVD", "#d62728"), ("FFA_LORA", "FFA-LoRA", "#1f77b4"),
          ("FEDAVG_LORA", "FedAvg-LoRA", "#7f7f7f")]
@@ -45,6 +47,51 @@ def load_run(run_dir):
     if want is not None and max([r["step"] for r in rows], default=-1) < want:
         return []
     return rows
+
+
+def read_safetensors(path):
+    """{name: (shape, floats)} of an F32 safetensors file."""
+    with open(path, "rb") as f:
+        b = f.read()
+    n = struct.unpack("<Q", b[:8])[0]
+    header = json.loads(b[8:8 + n])
+    out = {}
+    for k, v in header.items():
+        if k != "__metadata__":
+            s, e = v["data_offsets"]
+            out[k] = (v["shape"], struct.unpack(f"<{(e - s) // 4}f", b[8 + n + s:8 + n + e]))
+    return out
+
+
+def latest_adapter(sim_dir):
+    """The last round checkpoint (adapter tensor set version) in a federation's store."""
+    versions = sorted(glob.glob(os.path.join(sim_dir, "ps", "tensors", "*.fed.adapter", "v_*.safetensors")))
+    return read_safetensors(versions[-1]) if versions else None
+
+
+def subspace_check(out, seeds, settings):
+    """FedSVD's A after the last round against the initial A (FFA-LoRA's frozen A, same seed):
+    the largest norm of a row's component outside span(initial A), the largest change of a row."""
+    outside = moved = 0.0
+    runs = 0
+    for seed in seeds:
+        for b, d in settings:
+            svd = latest_adapter(os.path.join(out, "sim", seed, f"{b}_{d}_FEDSVD"))
+            ffa = latest_adapter(os.path.join(out, "sim", seed, f"{b}_{d}_FFA_LORA"))
+            if not svd or not ffa:
+                continue
+            runs += 1
+            for k, ((r, n), a0) in ffa.items():
+                if not k.endswith(".lora_a"):
+                    continue
+                a1 = svd[k][1]
+                rows0 = [a0[i * n:(i + 1) * n] for i in range(r)]
+                for i in range(r):
+                    x = a1[i * n:(i + 1) * n]
+                    coef = [sum(p * q for p, q in zip(row, x)) for row in rows0]
+                    outside = max(outside, math.sqrt(max(0.0, sum(v * v for v in x) - sum(c * c for c in coef))))
+                    moved = max(moved, math.sqrt(sum((p - q) ** 2 for p, q in zip(x, rows0[i]))))
+    return runs, outside, moved
 
 
 def mean(xs):
@@ -120,8 +167,8 @@ def main():
     for b, d, _ in SETTINGS:
         for rule, _, _ in RULES:
             runs[(b, d, rule)] = [load_run(os.path.join(sd, f"{b}_{d}_{rule}")) for sd in seed_dirs]
-    n_seeds = len(seed_dirs)
-    lines = [f"Seeds: {', '.join(seeds)} ({n_seeds}); values are the mean over seeds, "
+    seeds = [sd for i, sd in enumerate(seeds) if any(rows[i] for rows in runs.values())]
+    lines = [f"Seeds with finished runs: {', '.join(seeds) or 'none'}; values are the mean over seeds, "
              "[min, max] over seeds where there are several.", "",
              "| base, DP | round-0 val loss | " + " | ".join(
                  f"{label} final (best)" for _, label, _ in RULES) +
@@ -168,6 +215,22 @@ def main():
         lines.append(f"| {b}_{d}_{rule} | {len(per_seed)} | {spread([len(rs) for rs in per_seed], '{:.0f}')} | "
                      f"{avg('round_s'):.1f} | {avg('aggregate_ms'):.2f} | {eps} | {disc} | {orth} | "
                      f"{int(sum(r['clients_dropped'] for r in rows))} |")
+    # Step 2b of the driver: FedSVD and FFA-LoRA under local SGD, which should agree every round.
+    for sd in seed_dirs:
+        svd, ffa = (curve(load_run(os.path.join(sd, f"fp_nodp_sgd_{r}"))) for r in ("FEDSVD", "FFA_LORA"))
+        common = sorted(set(svd) & set(ffa) - {0})
+        if common:
+            gap = max(abs(svd[k] - ffa[k]) for k in common)
+            lines.append("")
+            lines.append(f"Local SGD instead of AdamW (FP base, no DP, {os.path.basename(sd)}, {len(common)} rounds): "
+                         f"FedSVD final {svd[common[-1]]:.6f}, FFA-LoRA final {ffa[common[-1]]:.6f}, "
+                         f"largest per-round val loss difference {gap:.1e}.")
+    n, outside, moved = subspace_check(a.out, seeds, [(b, d) for b, d, _ in SETTINGS])
+    if n:
+        lines.append("")
+        lines.append(f"FedSVD's A after the last round vs the initial A ({n} runs, AdamW): largest norm of a row's "
+                     f"component outside the span of the initial A {outside:.1e} (the float32 floor of this check), "
+                     f"largest change of a row {moved:.3f} (rows have norm 1).")
     bench_path = os.path.join(a.out, "agg_bench.json")
     if os.path.exists(bench_path):
         bench = json.load(open(bench_path))
