@@ -34,7 +34,10 @@ absl::Status RequireFullPrecision(const JobSpec& spec, const std::string& ckpt) 
   if (!qat) return absl::OkStatus();
   return absl::FailedPreconditionError(absl::StrCat(
       ckpt, " is a QAT checkpoint (precision.linear ", LinearPrecision_Name(p.linear()), ", ",
-      p.qat().weight_bits(), "-bit weights, ", p.qat().act_bits(), "-bit activations): PTQ "
+      p.qat().weight_bits(), "-bit weights, ",
+      p.qat().act_bits() == 0 ? std::string("full-precision")
+                              : absl::StrCat(p.qat().act_bits(), "-bit"),
+      " activations): PTQ "
       "quantizes a full-precision checkpoint. Its own quantized model is evaluated with "
       "//tools:export --checkpoint=", ckpt, " --out=X then //tools:eval_export --export_path=X"));
 }
