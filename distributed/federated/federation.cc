@@ -472,9 +472,12 @@ void Federation::RunRounds() {
       absl::MutexLock lock(&mu_);
       // 1. Enough clients to sample from.
       // Waits for a full sample, or, after client_timeout_s, for at least min_clients: a slow
-      // start or a dead client does not hold the federation up for long.
+      // start or a dead client does not hold the federation up for long. The server's first
+      // round waits for every client instead: otherwise it is sampled from the clients of
+      // whichever process joined first (with 2 processes and a fraction of 0.5, all of them).
       std::vector<int> avail;
       const absl::Time wait_start = absl::Now();
+      const int need = sampled_ ? want : total;
       while (true) {
         if (stop_) return;
         if (round_ >= f.rounds()) {
@@ -485,7 +488,7 @@ void Federation::RunRounds() {
         }
         avail = AvailableClients(absl::Now());
         const int have = static_cast<int>(avail.size());
-        if (have >= want || (have >= f.min_clients() &&
+        if (have >= need || (have >= f.min_clients() &&
                              absl::Now() - wait_start > absl::Seconds(f.client_timeout_s()))) {
           break;
         }
@@ -506,6 +509,7 @@ void Federation::RunRounds() {
         std::swap(avail[i], avail[j]);
       }
       selected.assign(avail.begin(), avail.begin() + n);
+      sampled_ = true;
       std::sort(selected.begin(), selected.end());
       selected_ = selected;
       answered_.clear();

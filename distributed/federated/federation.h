@@ -116,6 +116,9 @@ class Federation {
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
   int64_t round_ ABSL_GUARDED_BY(mu_) = 0;  // rounds completed
   int attempt_ ABSL_GUARDED_BY(mu_) = 0;
+  // Whether this server has sampled a round yet: before its first, it waits for every logical
+  // client (client processes join one by one), so that round is sampled from all of them.
+  bool sampled_ ABSL_GUARDED_BY(mu_) = false;
   bool open_ ABSL_GUARDED_BY(mu_) = false;  // a round is collecting updates
   std::vector<float> adapter_ ABSL_GUARDED_BY(mu_);
   int64_t adapter_version_ ABSL_GUARDED_BY(mu_) = 0;
