@@ -221,11 +221,6 @@ __global__ void mean_loss_kernel(double* __restrict__ out, const float* __restri
 }
 
 
-// Cross-entropy and distillation in one pass pair per row: the student's logits s (in place,
-// becoming dlogits) against the target and a frozen teacher's logits t (same layout). Pass 1:
-// the online (max, sum of exp) of s and of t, and for MSE the sum of (s - t)^2; pass 2: the
-// KL terms and dlogits = ce_scale (p_s - onehot) + distill_scale d distill / d s with
-// KL: p_s - p_t, MSE: 2 (s - t) / V (ops/distill.h's math per row, fp32 on BF16 logits).
 // kPer (8 or 1) consecutive logits of the student (s) and the teacher (t) as floats.
 template <Access kAccess>
 __device__ __forceinline__ void LoadPair(const nv_bf16* s, const nv_bf16* t, float* sv,
@@ -243,6 +238,11 @@ __device__ __forceinline__ void LoadPair(const nv_bf16* s, const nv_bf16* t, flo
   }
 }
 
+// Cross-entropy and distillation in one pass pair per row: the student's logits s (in place,
+// becoming dlogits) against the target and a frozen teacher's logits t (same layout). Pass 1:
+// the online (max, sum of exp) of s and of t, and for MSE the sum of (s - t)^2; pass 2: the
+// KL terms and dlogits = ce_scale (p_s - onehot) + distill_scale d distill / d s with
+// KL: p_s - p_t, MSE: 2 (s - t) / V (ops/distill.h's math per row, fp32 on BF16 logits).
 template <Access kAccess>
 __global__ void distill_crossentropy_kernel(float* __restrict__ losses,
                                             float* __restrict__ distill_losses,
@@ -266,8 +266,10 @@ __global__ void distill_crossentropy_kernel(float* __restrict__ losses,
       if (c + k >= V) continue;  // padded columns
       Merge(sm, ss, sv[k], 1.f);
       Merge(tm, ts, tv[k], 1.f);
-      const float d = sv[k] - tv[k];
-      sq += d * d;
+      if (!kl) {
+        const float d = sv[k] - tv[k];
+        sq += d * d;
+      }
     }
   }
 #pragma unroll
@@ -300,7 +302,8 @@ __global__ void distill_crossentropy_kernel(float* __restrict__ losses,
       t_s[0] = ts;
     }
   }
-  sq = cu::BlockSum(sq, red);  // every thread returns the row's sum (fixed tree)
+  // kl is the same for the whole block, so the barriers inside BlockSum are reached by all.
+  if (!kl) sq = cu::BlockSum(sq, red);  // every thread returns the row's sum (fixed tree)
   __syncthreads();
   sm = s_m[0];
   tm = t_m[0];

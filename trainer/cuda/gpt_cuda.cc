@@ -287,7 +287,6 @@ CudaGpt::~CudaGpt() {
   for (cudaEvent_t e : ready_events_) {
     if (e != nullptr) (void)ops::DestroyEvent(e);
   }
-  if (teacher_done_ != nullptr) (void)ops::DestroyEvent(teacher_done_);
   (void)FreeActivations();
   for (void* p : allocations_) (void)ops::DeviceFree(p);
   matmul_.reset();
@@ -695,9 +694,9 @@ absl::StatusOr<double> CudaGpt::Forward(const int32_t* inputs, const int32_t* ta
   // training forward.
   const bool training = targets != nullptr && backward_scale > 0.f;
   if (teacher_ && training) {
-    // The teacher's forward, queued on this model's stream (SetTeacher) before the student's.
+    // The teacher's forward, queued on this model's stream (SetTeacher) before the student's,
+    // so the LM head below reads its final hidden states in stream order.
     RETURN_IF_ERROR(teacher_->Forward(inputs, nullptr, B, T, 0.f).status());
-    RETURN_IF_ERROR(ops::RecordEvent(teacher_done_, teacher_->stream_));
     RETURN_IF_ERROR(Mark("(teacher forward queued)"));
   }
   for (int l = 0; l < c.n_layer; ++l) {
@@ -795,7 +794,6 @@ absl::Status CudaGpt::LmHead(G* grads, float backward_scale) {
   extras.table_rows = config_.table_rows();
   const bool distill = teacher_ && train;
   if (distill) {
-    RETURN_IF_ERROR(ops::StreamWaitEvent(stream_, teacher_done_));
     extras.teacher_x = teacher_->lnf_;
     extras.teacher_wte = teacher_->W(teacher_->wte_);
     extras.teacher_logits = teacher_logits_;
@@ -831,9 +829,6 @@ absl::Status CudaGpt::SetTeacher(std::unique_ptr<DeviceModel> teacher, ops::Dist
   if (!(weight >= 0.f) || !std::isfinite(weight)) {
     return absl::InvalidArgumentError(
         absl::StrCat("precision.distill.weight must be finite and >= 0, got ", weight));
-  }
-  if (teacher_done_ == nullptr) {
-    ASSIGN_OR_RETURN(teacher_done_, ops::CreateEvent());
   }
   // The teacher runs on this model's stream, in order with it: the cuDNN attention's state
   // (handle, workspace) is one per process, and two models using it from two streams at once

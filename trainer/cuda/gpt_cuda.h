@@ -290,13 +290,11 @@ class CudaGpt : public DeviceModel {
   void* stats_ws_ = nullptr;
 
   // Distillation (SetTeacher): the teacher runs its forward on this model's stream (borrowed:
-  // the cuDNN attention state is per process, so two streams would race on it); teacher_done_
-  // marks its final hidden states. Per batch: teacher_logits_ (one LM-head chunk) and the
-  // per-row distillation losses.
+  // the cuDNN attention state is per process, so two streams would race on it). Per batch:
+  // teacher_logits_ (one LM-head chunk) and the per-row distillation losses.
   std::unique_ptr<CudaGpt> teacher_;
   ops::DistillLoss distill_kind_ = ops::DistillLoss::kKl;
   float distill_weight_ = 0.f;
-  cudaEvent_t teacher_done_ = nullptr;
   ops::bf16* teacher_logits_ = nullptr;
   float* distill_losses_ = nullptr;
   double distill_host_ = 0;
