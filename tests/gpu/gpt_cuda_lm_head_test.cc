@@ -23,6 +23,7 @@ namespace qtrain {
 namespace {
 
 using testing::GpuStep;
+using testing::InitQuantizersWithBatch;
 using testing::MakeBatch;
 using testing::MakeCpu;
 using testing::MakeGpu;
@@ -169,12 +170,7 @@ TEST_P(GptCudaDistill, StepsFollowTheCpuTrainer) {
   const GptConfig sconfig = StudentConfig(dc.qat);
   std::unique_ptr<Gpt> cpu = MakeCpu(sconfig, 52);
   std::vector<int32_t> x, y;
-  if (dc.qat) {
-    ASSERT_OK(cpu->InitQuantizers());
-    MakeBatch(kB, kT, sconfig.vocab_size, 53, &x, &y);
-    ASSERT_TRUE(cpu->Forward(x.data(), y.data(), kB, kT, true).ok());  // activation step init
-    cpu->SaveStateToBuffers();
-  }
+  if (dc.qat) ASSERT_OK(InitQuantizersWithBatch(cpu.get(), kB, kT, 53));
   auto make_student = [&]() -> std::unique_ptr<CudaGpt> {
     std::unique_ptr<CudaGpt> s = MakeGpu(*cpu);
     std::unique_ptr<CudaGpt> t = MakeGpu(*teacher);
@@ -223,15 +219,8 @@ TEST_P(GptCudaDistill, StepsFollowTheCpuTrainer) {
   EXPECT_GT(effect, 3 * worst) << "the distillation term barely changes the gradients here";
 
   // 20 steps. The CPU model restarts from the state the GPU student was made from.
-  std::unique_ptr<Gpt> cpu2 = MakeCpu(sconfig, 52);
-  if (dc.qat) {
-    ASSERT_OK(cpu2->InitQuantizers());
-    std::vector<int32_t> x0, y0;
-    MakeBatch(kB, kT, sconfig.vocab_size, 53, &x0, &y0);
-    ASSERT_TRUE(cpu2->Forward(x0.data(), y0.data(), kB, kT, true).ok());
-    cpu2->SaveStateToBuffers();
-  }
-  cpu = std::move(cpu2);
+  cpu = MakeCpu(sconfig, 52);
+  if (dc.qat) ASSERT_OK(InitQuantizersWithBatch(cpu.get(), kB, kT, 53));
   std::unique_ptr<CudaGpt> g2 = make_student();
   ASSERT_NE(g2, nullptr);
   AdamW opt(TestAdam(), cpu->num_parameters());

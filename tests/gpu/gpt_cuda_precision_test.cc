@@ -23,6 +23,7 @@ namespace qtrain {
 namespace {
 
 using testing::GpuStep;
+using testing::InitQuantizersWithBatch;
 using testing::MakeBatch;
 using testing::MakeCpu;
 using testing::MakeGpu;
@@ -325,11 +326,8 @@ TEST_P(GptCudaQat, StepsFollowTheCpuQatTrainer) {
   const QatCase& q = GetParam();
   const GptConfig config = PrecisionConfigOf(QatSpecOf(q));
   std::unique_ptr<Gpt> cpu = MakeCpu(config, 29);
-  ASSERT_OK(cpu->InitQuantizers());
+  ASSERT_OK(InitQuantizersWithBatch(cpu.get(), kB, kT, 77));
   std::vector<int32_t> x, y;
-  MakeBatch(kB, kT, config.vocab_size, 77, &x, &y);
-  ASSERT_TRUE(cpu->Forward(x.data(), y.data(), kB, kT, /*training=*/true).ok());  // act init
-  cpu->SaveStateToBuffers();
   std::unique_ptr<CudaGpt> gpu = MakeGpu(*cpu);
   ASSERT_NE(gpu, nullptr);
 

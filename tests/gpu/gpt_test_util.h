@@ -99,6 +99,18 @@ inline std::unique_ptr<CudaGpt> MakeGpu(const Gpt& cpu, bool deterministic = fal
   return *std::move(m);
 }
 
+// QAT on the CPU model as the trainer starts it: steps from the weights, Phi from the SVD,
+// the per-tensor activation steps from a first training batch (tokens from `seed`), all saved
+// to the model's buffers for a GPU model made from it.
+inline absl::Status InitQuantizersWithBatch(Gpt* cpu, int B, int T, uint32_t seed) {
+  RETURN_IF_ERROR(cpu->InitQuantizers());
+  std::vector<int32_t> x, y;
+  MakeBatch(B, T, cpu->config().vocab_size, seed, &x, &y);
+  RETURN_IF_ERROR(cpu->Forward(x.data(), y.data(), B, T, /*training=*/true).status());
+  cpu->SaveStateToBuffers();
+  return absl::OkStatus();
+}
+
 inline AdamWConfig TestAdam() {
   AdamWConfig a;
   a.weight_decay = 0.1f;
