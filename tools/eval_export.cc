@@ -1,6 +1,9 @@
 // eval_export: val loss of a model straight from an export: a qtrain export (packed integer
 // weights: unpacks, dequantizes with the exported steps and runs the quantized forward) or a
 // GGUF file (qtrain's own GGUF reader dequantizes the Q4_0/Q4_1/Q8_0 blocks; tools/gguf_gpt2.h).
+// --device=cuda runs the same model on the GPU (trainer/cuda: its QAT forward re-quantizes the
+// dequantized weights with the exported steps, which gives back the exported codes), on the
+// same val batches as the trainer's evaluation, so the figure sits beside the run's val_loss.
 #include <cstdio>
 #include <fstream>
 #include <string>
@@ -11,6 +14,7 @@
 #include "configs/job_spec_loader.h"
 #include "ops/status_macros.h"
 #include "trainer/cli.h"
+#include "trainer/device_model.h"
 #include "trainer/data_loader.h"
 #include "tools/gguf_gpt2.h"
 #include "trainer/export_reader.h"
@@ -24,6 +28,8 @@ ABSL_FLAG(int, batches, 0, "val batches (default: the job's eval.batches)");
 ABSL_FLAG(int, batch_size, 0,
           "sequences per batch (default: the job's; needed for a GGUF without qtrain.job_spec)");
 ABSL_FLAG(int, seq_len, 0, "tokens per sequence (default: the job's)");
+ABSL_FLAG(std::string, device, "cpu",
+          "cpu (the reference forward) or cuda (the CUDA model, for models of useful size)");
 
 namespace qtrain {
 namespace {
@@ -59,7 +65,22 @@ absl::StatusOr<double> EvalExport(const std::string& path, std::string val_patte
   }
   ASSIGN_OR_RETURN(std::unique_ptr<DataLoader> val,
                    DataLoader::Open(val_pattern, B, T, 0, 1, model->config().vocab_size));
-  return EvaluateLoss(model.get(), val.get(), batches);
+  const std::string device = absl::GetFlag(FLAGS_device);
+  if (device == "cpu") return EvaluateLoss(model.get(), val.get(), batches);
+  if (device != "cuda") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--device must be cpu or cuda, got '", device, "'"));
+  }
+  // Evaluation only: the gradients are never written (BF16 keeps their buffer small).
+  ASSIGN_OR_RETURN(std::unique_ptr<DeviceModel> dev,
+                   CreateCudaModel(model->config(), model->params(), GradDtype::kBf16));
+  RETURN_IF_ERROR(dev->set_lm_head_chunks(spec.training().lm_head_chunks()));
+  RETURN_IF_ERROR(dev->Upload(model->params(), nullptr));
+  return EvaluateLoss(
+      [&dev](const int32_t* x, const int32_t* y, int b, int t) {
+        return dev->Forward(x, y, b, t, 0.f);
+      },
+      val.get(), batches);
 }
 
 }  // namespace
@@ -67,7 +88,8 @@ absl::StatusOr<double> EvalExport(const std::string& path, std::string val_patte
 
 int main(int argc, char** argv) {
   std::vector<char*> rest = qtrain::InitCommandLine(
-      argc, argv, "eval_export --export_path=PATH [--val_pattern=GLOB] [--batches=N]", __FILE__);
+      argc, argv, "eval_export --export_path=PATH [--val_pattern=GLOB] [--batches=N] [--batch_size=N] "
+      "[--seq_len=N] [--device=cpu|cuda]", __FILE__);
   if (rest.size() > 1) return qtrain::UsageError("eval_export", absl::StrCat("unexpected argument '", rest[1], "'"));
   const std::string path = absl::GetFlag(FLAGS_export_path);
   if (path.empty()) return qtrain::UsageError("eval_export", "--export_path is required");

@@ -12,17 +12,27 @@ base: only the BF16 run of the outliers experiment (the checkpoint qat and qat_k
 
 Each run is qtrain (from a bundle) on a job made from configs/gpt2_124m.textproto; metrics.jsonl
 of every run land in OUT/<experiment>/<run>/ and one summary JSON line per run is printed (and
-written to OUT/summary.jsonl). tools/experiments/plot_gpu_experiments.py draws the figures.
+written to OUT/summary.jsonl). tools/plot_metrics.py draws the figures (docs/experiments.md).
 
-Usage: gpu_experiments.py --qtrain DIST/qtrain --data DIR [--out OUT] [--steps 800]
-       [--qat_steps 300] [--only outliers,qat,qat_kd | base,qat_kd]
+With --tools (a folder holding ptq, export and eval_export):
+- every outliers run's final checkpoint gets W8A8 per-tensor static PTQ (//tools:ptq --residual:
+  the Linears' inputs, then also the residual stream), on the CPU cores beside the next GPU run
+  (one at a time, --ptq_threads OpenMP threads), into OUT/outliers/<run>/ptq.json;
+- every QAT run's final checkpoint is exported packed (//tools:export) and its val loss taken
+  from the export on the GPU (//tools:eval_export --device=cuda, the trainer's val batches), into
+  the run's summary as export_val_loss.
+
+Usage: gpu_experiments.py --qtrain DIST/qtrain --data DIR [--tools DIST] [--out OUT]
+       [--steps 800] [--qat_steps 300] [--only outliers,qat,qat_kd | base,qat_kd]
 """
 import argparse
 import json
 import os
+import queue
 import re
 import subprocess
 import sys
+import threading
 import time
 
 ap = argparse.ArgumentParser()
@@ -35,6 +45,10 @@ ap.add_argument("--only", default="outliers,qat")
 ap.add_argument("--base", default="configs/gpt2_124m.textproto")
 ap.add_argument("--base_ckpt", default=None,
                 help="the BF16 checkpoint qat/qat_kd start from (else the base run's)")
+ap.add_argument("--tools", default=None, help="folder with ptq, export, eval_export")
+ap.add_argument("--ptq_threads", type=int, default=12)
+ap.add_argument("--ptq_args", default="--batch_size=4 --calib_batches=4 --batches=4",
+                help="the PTQ's calibration and val batches (CPU time)")
 args = ap.parse_args()
 
 BASE = open(args.base).read()
@@ -84,6 +98,61 @@ def job(name, precision, steps, out_dir, init_from=None, warmup=100, lr=6e-4):
     return t
 
 
+def last_checkpoint(out_dir):
+    d = os.path.join(out_dir, "checkpoints")
+    ck = sorted(f for f in os.listdir(d) if f.endswith(".safetensors")) if os.path.isdir(d) else []
+    return os.path.join(d, ck[-1]) if ck else None
+
+
+def last_json(text):
+    for line in reversed(text.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return None
+
+
+# PTQ on the CPU, one checkpoint at a time, beside the GPU runs.
+ptq_jobs = queue.Queue()
+
+
+def ptq_worker():
+    while True:
+        item = ptq_jobs.get()
+        if item is None:
+            return
+        out_dir, ckpt = item
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.ptq_threads))
+        t0 = time.time()
+        p = subprocess.run([os.path.join(args.tools, "ptq"), "--checkpoint=" + ckpt, "--residual",
+                            "--bits=8"] + args.ptq_args.split(), env=env, capture_output=True,
+                           text=True)
+        with open(os.path.join(out_dir, "ptq.log"), "w") as f:
+            f.write(p.stdout + p.stderr)
+        result = last_json(p.stdout) if p.returncode == 0 else None
+        result = dict(result or {"error": (p.stderr or p.stdout)[-500:]},
+                      run=os.path.basename(out_dir), seconds=round(time.time() - t0, 1))
+        with open(os.path.join(out_dir, "ptq.json"), "w") as f:
+            f.write(json.dumps(result) + "\n")
+        print("ptq " + json.dumps(result), flush=True)
+
+
+def export_val_loss(out_dir):
+    """The packed export of the run's final checkpoint, evaluated on the GPU."""
+    ckpt = last_checkpoint(out_dir)
+    if ckpt is None:
+        return None, "no checkpoint"
+    path = os.path.join(out_dir, "export.safetensors")
+    p = subprocess.run([os.path.join(args.tools, "export"), "--checkpoint=" + ckpt, "--out=" + path],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        return None, (p.stderr or p.stdout)[-300:]
+    p = subprocess.run([os.path.join(args.tools, "eval_export"), "--export_path=" + path,
+                        "--device=cuda"], capture_output=True, text=True)
+    os.remove(path)
+    m = re.search(r"val_loss ([0-9.]+)", p.stdout)
+    return (float(m.group(1)), None) if p.returncode == 0 and m else (None, (p.stderr or p.stdout)[-300:])
+
+
 def run(experiment, name, precision, steps, init_from=None, lr=6e-4, warmup=100):
     out_dir = os.path.join(args.out, experiment, name)
     os.makedirs(out_dir, exist_ok=True)
@@ -112,7 +181,17 @@ def run(experiment, name, precision, steps, init_from=None, lr=6e-4, warmup=100)
                    [r["grad_norm"] for r in rows if r.get("grad_norm") is not None]),
                "grad_norm_nonfinite_steps": sum(1 for r in rows if r.get("grad_norm") is None),
                "final_distill_loss": next((r["distill_loss"] for r in reversed(rows)
-                                           if "distill_loss" in r), None)}
+                                           if "distill_loss" in r), None),
+               "phi_rank_curve": [(r["step"], max(v for k, v in r.items() if k.startswith("phi_rank.")))
+                                  for r in rows if any(k.startswith("phi_rank.") for k in r)][::4]}
+    if args.tools and rc == 0 and experiment.startswith("qat") and name != "bf16_continue":
+        summary["export_val_loss"], err = export_val_loss(out_dir)
+        if err:
+            summary["export_error"] = err
+    if args.tools and rc == 0 and experiment == "outliers":
+        ckpt = last_checkpoint(out_dir)
+        if ckpt:
+            ptq_jobs.put((out_dir, ckpt))
     print(json.dumps(summary), flush=True)
     with open(os.path.join(args.out, "summary.jsonl"), "a") as f:
         f.write(json.dumps(summary) + "\n")
@@ -123,19 +202,25 @@ def run(experiment, name, precision, steps, init_from=None, lr=6e-4, warmup=100)
 
 only = args.only.split(",")
 base_ckpt = args.base_ckpt
+worker = None
+if args.tools:
+    worker = threading.Thread(target=ptq_worker)
+    worker.start()
 if "outliers" in only or "base" in only:
     for name, prec in OUTLIERS if "outliers" in only else OUTLIERS[:1]:
         d = run("outliers", name, prec, args.steps)
         if name == "bf16":
-            ck = sorted(f for f in os.listdir(os.path.join(d, "checkpoints")) if f.endswith(".safetensors")) \
-                if os.path.isdir(os.path.join(d, "checkpoints")) else []
-            if ck:
-                base_ckpt = os.path.join(d, "checkpoints", ck[-1])
+            base_ckpt = last_checkpoint(d) or base_ckpt
 for experiment, runs in (("qat", QAT), ("qat_kd", QAT_KD)):
     if experiment not in only:
         continue
     if base_ckpt is None:
         sys.exit(experiment + ": no BF16 checkpoint from the outliers (or base) experiment")
     for name, prec in runs:
-        prec = prec.replace("%d", str(max(1, args.qat_steps // 6))).replace("%T", base_ckpt)
+        # Six halvings take rank 32 to 0: at period qat_steps // 7 the last sixth of the run
+        # trains (and exports) with no Phi left.
+        prec = prec.replace("%d", str(max(1, args.qat_steps // 7))).replace("%T", base_ckpt)
         run(experiment, name, prec, args.qat_steps, init_from=base_ckpt, lr=2e-4, warmup=20)
+if worker:
+    ptq_jobs.put(None)
+    worker.join()
