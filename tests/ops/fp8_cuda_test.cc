@@ -249,7 +249,7 @@ struct CastCase {
 const CastCase kCastCases[] = {{1, 1, 0},     {7, 13, 0},   {16, 16, 0},   {64, 64, 0},
                                {48, 80, 0},   {100, 37, 0}, {130, 200, 0}, {256, 1024, 0},
                                {96, 160, 1},  {33, 64, 0},  {64, 33, 0},   {1000, 48, 0},
-                               {17, 1000, 3}};
+                               {17, 1000, 3},  {272, 208, 0}, {2064, 784, 0}};
 
 template <typename T>
 void RunCastCase(const CastCase& c, Fp8Format format, bool want_out, bool want_t, bool with_amax,

@@ -21,6 +21,10 @@ class Carver {
     return p;
   }
   int64_t used() const { return used_; }
+  // A carver starting where this one stands: carve a region with it (or several, each from its
+  // own At(), to overlay buffers that are never live at the same time), then Skip its size here.
+  Carver At() const { return Carver(base_ != nullptr ? base_ + used_ : nullptr); }
+  void Skip(int64_t bytes) { used_ += RoundUp(bytes); }
 
  private:
   char* base_;

@@ -197,9 +197,20 @@ absl::Status CudaGpt::Init(const ParamStore& layout) {
   if (scratch_.phi) {
     ASSIGN_OR_RETURN(phi_ctx_, ops::PhiContext::Create());
   }
+  const int64_t n = num_params_;
+  ASSIGN_OR_RETURN(void* p, Alloc(n * 4));
+  params_ = static_cast<float*>(p);
+  ASSIGN_OR_RETURN(grads_, Alloc(n * grad_bytes()));
+  ASSIGN_OR_RETURN(p, Alloc(n * 4));
+  m_ = static_cast<float*>(p);
+  ASSIGN_OR_RETURN(p, Alloc(n * 4));
+  v_ = static_cast<float*>(p);
+  ASSIGN_OR_RETURN(p, Alloc(n * 2));
+  params_bf16_ = static_cast<bf16*>(p);
   int64_t phi_elems = 0;
   for (CudaLinear* lin : all_linears()) {
-    RETURN_IF_ERROR(lin->AllocateState([this](int64_t bytes) { return Alloc(bytes); }));
+    RETURN_IF_ERROR(lin->AllocateState([this](int64_t bytes) { return Alloc(bytes); },
+                                       params_bf16_ + lin->weight_offset()));
     if (lin->phi_rmax() > 0) {
       phi_elems = std::max<int64_t>(phi_elems,
                                     static_cast<int64_t>(lin->out_features()) * lin->in_features());
@@ -213,16 +224,6 @@ absl::Status CudaGpt::Init(const ParamStore& layout) {
     aux_ws_bytes_ = scratch_.aux_ws_bytes;
     ASSIGN_OR_RETURN(aux_ws_, Alloc(aux_ws_bytes_));
   }
-  const int64_t n = num_params_;
-  ASSIGN_OR_RETURN(void* p, Alloc(n * 4));
-  params_ = static_cast<float*>(p);
-  ASSIGN_OR_RETURN(grads_, Alloc(n * grad_bytes()));
-  ASSIGN_OR_RETURN(p, Alloc(n * 4));
-  m_ = static_cast<float*>(p);
-  ASSIGN_OR_RETURN(p, Alloc(n * 4));
-  v_ = static_cast<float*>(p);
-  ASSIGN_OR_RETURN(p, Alloc(n * 2));
-  params_bf16_ = static_cast<bf16*>(p);
   ASSIGN_OR_RETURN(p, Alloc(3 * sizeof(double)));
   scalars_ = static_cast<double*>(p);
   ASSIGN_OR_RETURN(p, Alloc(sizeof(float)));
@@ -369,10 +370,22 @@ absl::Status CudaGpt::EnsureActivations(int B, int T) {
     lnf_ = k.Take<bf16>(N * C);
     lnf_mean_ = k.Take<float>(N);
     lnf_rstd_ = k.Take<float>(N);
-    logits_ = k.Take<bf16>(static_cast<int64_t>(logits_rows) * Vt);
     losses_ = k.Take<float>(N);
-    teacher_logits_ = teacher_ ? k.Take<bf16>(static_cast<int64_t>(logits_rows) * Vt) : nullptr;
     distill_losses_ = teacher_ ? k.Take<float>(N) : nullptr;
+    // One region, two uses never live together: the LM head's logits (the student's and the
+    // teacher's) exist only inside the training Forward's LM head, the FP8 backward scratch
+    // (dy codes and their transpose, x^T, the block recipe's tile scales) only inside Backward
+    // (and Logits(), which recomputes logits, is never called inside Backward).
+    Carver head = k.At();
+    logits_ = head.Take<bf16>(static_cast<int64_t>(logits_rows) * Vt);
+    teacher_logits_ = teacher_ ? head.Take<bf16>(static_cast<int64_t>(logits_rows) * Vt) : nullptr;
+    Carver fp8 = k.At();
+    dy8_ = need.fp8 ? fp8.Take<uint8_t>(wide) : nullptr;
+    dy8_t_ = need.fp8 ? fp8.Take<uint8_t>(wide) : nullptr;
+    x8_t_ = need.fp8 ? fp8.Take<uint8_t>(wide) : nullptr;
+    dy_sinv_ = need.fp8_block ? fp8.Take<float>(ops::fp8_num_blocks(4 * C) * N) : nullptr;
+    dy_sinv_t_ = need.fp8_block ? fp8.Take<float>(ops::fp8_num_blocks(N) * 4 * C) : nullptr;
+    k.Skip(std::max(head.used(), fp8.used()));
     dres_ = k.Take<bf16>(N * C);
     dln_ = k.Take<bf16>(N * C);
     datty_ = k.Take<bf16>(N * C);
@@ -383,11 +396,6 @@ absl::Status CudaGpt::EnsureActivations(int B, int T) {
     mm_ws_ = k.Take<char>(mm_ws);
     att_ws_ = k.Take<char>(att_ws);
     xq_ = need.xq ? k.Take<bf16>(wide) : nullptr;
-    dy8_ = need.fp8 ? k.Take<uint8_t>(wide) : nullptr;
-    dy8_t_ = need.fp8 ? k.Take<uint8_t>(wide) : nullptr;
-    x8_t_ = need.fp8 ? k.Take<uint8_t>(wide) : nullptr;
-    dy_sinv_ = need.fp8_block ? k.Take<float>(ops::fp8_num_blocks(4 * C) * N) : nullptr;
-    dy_sinv_t_ = need.fp8_block ? k.Take<float>(ops::fp8_num_blocks(N) * 4 * C) : nullptr;
     x_i8_ = need.int8 ? k.Take<int8_t>(wide) : nullptr;
     q_ws_ = need.q_ws_bytes > 0 ? k.Take<char>(need.q_ws_bytes) : nullptr;
     for (CudaLinear* lin : all_linears()) lin->CarveActivations(k, N);

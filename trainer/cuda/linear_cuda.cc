@@ -202,13 +202,21 @@ void CudaLinear::AddScratchNeeds(int64_t N, LinearScratch* s) const {
   }
 }
 
-absl::Status CudaLinear::AllocateState(const DeviceAllocFn& alloc) {
+absl::Status CudaLinear::AllocateState(const DeviceAllocFn& alloc, ops::bf16* weight_bf16) {
   const int64_t nw = static_cast<int64_t>(out_) * in_;
   if (opt_.mode == LinearMode::kFp8) {
-    ASSIGN_OR_RETURN(void* p, alloc(nw));
-    w8_ = static_cast<uint8_t*>(p);
-    ASSIGN_OR_RETURN(p, alloc(nw));
-    w8_t_ = static_cast<uint8_t*>(p);
+    void* p = nullptr;
+    if (nw % 16 == 0 && reinterpret_cast<uintptr_t>(weight_bf16) % 16 == 0) {
+      // The weight's BF16 copy is never read (AdamW skips it, the casts read the masters): its
+      // 2 bytes per element hold W's codes and W^T's, both 16-byte aligned for cuBLASLt.
+      w8_ = reinterpret_cast<uint8_t*>(weight_bf16);
+      w8_t_ = w8_ + nw;
+    } else {
+      ASSIGN_OR_RETURN(p, alloc(nw));
+      w8_ = static_cast<uint8_t*>(p);
+      ASSIGN_OR_RETURN(p, alloc(nw));
+      w8_t_ = static_cast<uint8_t*>(p);
+    }
     if (recipe_ == Fp8Recipe::kBlock) {
       const int64_t a = ops::fp8_num_blocks(out_) * ops::fp8_block_scale_ld(in_);
       const int64_t b = ops::fp8_num_blocks(in_) * ops::fp8_block_scale_ld(out_);

@@ -162,7 +162,10 @@ class CudaLinear {
   void AddScratchNeeds(int64_t N, LinearScratch* s) const;
 
   // Long-lived device buffers (FP8 weight codes, QAT int8 codes, gamma); once, after Create.
-  absl::Status AllocateState(const DeviceAllocFn& alloc);
+  // weight_bf16: this weight's BF16 compute copy in the model's flat array. An FP8 Linear never
+  // reads it, so W's codes and W^T's live there (2 bytes per element) when the sizes keep them
+  // 16-byte aligned: FP8 weights then cost no memory beyond BF16's.
+  absl::Status AllocateState(const DeviceAllocFn& alloc, ops::bf16* weight_bf16);
   // Per-batch buffers (FP8 inputs kept for backward, per-token scales): both carving passes.
   void CarveActivations(Carver& k, int64_t N);
 
