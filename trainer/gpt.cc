@@ -7,6 +7,8 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "ops/cpu_ops.h"
+#include "ops/quant/fp8.h"
+#include "ops/quant/lsq.h"
 #include "ops/status_macros.h"
 #include "ops/tweo.h"
 #include "trainer/rng.h"
@@ -16,7 +18,29 @@ namespace {
 
 void Zero(std::vector<float>& v) { std::fill(v.begin(), v.end(), 0.0f); }
 
+ops::LsqConfig ResidualLsqConfig(int bits) {
+  ops::LsqConfig cfg;
+  cfg.bits = bits;
+  cfg.mode = ops::LsqMode::kSymmetric;
+  cfg.granularity = ops::QuantGranularity::kPerTensor;
+  return cfg;
+}
+
 }  // namespace
+
+absl::StatusOr<ResidualQuant> ResidualQuantFromAmax(int bits, const std::vector<float>& amax) {
+  ASSIGN_OR_RETURN(ops::QuantRange r, ops::quant_range(bits, ops::LsqMode::kSymmetric));
+  ResidualQuant rq;
+  rq.bits = bits;
+  for (size_t p = 0; p < amax.size(); ++p) {
+    if (!std::isfinite(amax[p]) || amax[p] < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("residual point ", p, ": calibrated amax ",
+                                                     amax[p], " must be finite and >= 0"));
+    }
+    rq.steps.push_back(amax[p] > 0 ? amax[p] / r.qp : 1.0f);
+  }
+  return rq;
+}
 
 absl::StatusOr<std::unique_ptr<Gpt>> Gpt::Create(const GptConfig& c) {
   if (c.n_layer <= 0 || c.n_embd <= 0 || c.n_head <= 0 || c.vocab_size <= 1 ||
@@ -90,7 +114,46 @@ absl::StatusOr<std::unique_ptr<Gpt>> Gpt::Create(const GptConfig& c) {
     m->frozen_dw_.assign(C, 0.0f);
     m->frozen_db_.assign(C, 0.0f);
   }
+  m->residual_amax_.assign(num_residual_points(c.n_layer), 0.0f);
   return m;
+}
+
+absl::Status Gpt::set_residual_quant(std::optional<ResidualQuant> rq) {
+  if (rq.has_value()) {
+    if (!ops::quant_range(rq->bits, ops::LsqMode::kSymmetric).ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("residual quantization bits must be in [2, 16], got ", rq->bits));
+    }
+    const int n = num_residual_points(config_.n_layer);
+    if (static_cast<int>(rq->steps.size()) != n) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "residual quantization needs ", n, " steps (2 * n_layer + 1), got ", rq->steps.size()));
+    }
+    for (int p = 0; p < n; ++p) {
+      if (!(rq->steps[p] > 0) || !std::isfinite(rq->steps[p])) {
+        return absl::InvalidArgumentError(absl::StrCat("residual quantization step ", p, " is ",
+                                                       rq->steps[p], ", must be finite and > 0"));
+      }
+    }
+  }
+  residual_quant_ = std::move(rq);
+  return absl::OkStatus();
+}
+
+const float* Gpt::residual_point(int p) const {
+  if (p == 0) return encoded_.data();
+  const BlockActs& a = acts_[(p - 1) / 2];
+  return (p - 1) % 2 == 0 ? a.res2.data() : a.res3.data();
+}
+
+absl::Status Gpt::ResidualPoint(int p, float* x, int64_t n) {
+  if (residual_calibrating_) {
+    residual_amax_[p] = std::max(residual_amax_[p], ops::amax(x, n));
+    return absl::OkStatus();
+  }
+  // In place: lsq_forward allows out == v.
+  return ops::lsq_forward(x, x, &residual_quant_->steps[p], nullptr, 1, n,
+                          ResidualLsqConfig(residual_quant_->bits));
 }
 
 void Gpt::InitLora(uint64_t seed) {
@@ -199,10 +262,20 @@ absl::StatusOr<double> Gpt::Forward(const int32_t* inputs, const int32_t* target
                                                      " is outside the vocabulary [0, ", V, ")"));
     }
   }
+  if (training && residual_quant_.has_value()) {
+    return absl::FailedPreconditionError(
+        "residual-stream quantization (Gpt::set_residual_quant) is evaluation-only: a training "
+        "Forward ran while it is on");
+  }
   Allocate(B, T);
   training_ = training;
+  // Off (the default) the stream costs one branch per point.
+  const bool residual_hook = residual_calibrating_ || residual_quant_.has_value();
+  residual_quantized_ = residual_quant_.has_value() && !residual_calibrating_;
+  const int64_t NC = static_cast<int64_t>(N) * C;
   std::copy(inputs, inputs + N, inputs_.begin());
   ops::encoder_forward(encoded_.data(), inputs, store_.param(wte_), store_.param(wpe_), B, T, C);
+  if (residual_hook) RETURN_IF_ERROR(ResidualPoint(0, encoded_.data(), NC));
   const float* x = encoded_.data();
   for (int l = 0; l < config_.n_layer; ++l) {
     const Block& b = blocks_[l];
@@ -212,14 +285,15 @@ absl::StatusOr<double> Gpt::Forward(const int32_t* inputs, const int32_t* target
     RETURN_IF_ERROR(blocks_[l].qkv.Forward(a.qkv.data(), a.ln1.data(), N, training));
     ops::attention_forward(a.atty.data(), a.att.data(), a.qkv.data(), B, T, C, NH);
     RETURN_IF_ERROR(blocks_[l].attn_proj.Forward(a.res2.data(), a.atty.data(), N, training));
-    ops::residual_forward(a.res2.data(), a.res2.data(), x, static_cast<int64_t>(N) * C);
+    ops::residual_forward(a.res2.data(), a.res2.data(), x, NC);
+    if (residual_hook) RETURN_IF_ERROR(ResidualPoint(1 + 2 * l, a.res2.data(), NC));
     ops::layernorm_forward(a.ln2.data(), a.ln2_mean.data(), a.ln2_rstd.data(), a.res2.data(),
                            store_.param(b.ln2w), store_.param(b.ln2b), N, C);
     RETURN_IF_ERROR(blocks_[l].fc.Forward(a.fch.data(), a.ln2.data(), N, training));
     ops::gelu_forward(a.fch_gelu.data(), a.fch.data(), static_cast<int64_t>(N) * 4 * C);
     RETURN_IF_ERROR(blocks_[l].mlp_proj.Forward(a.res3.data(), a.fch_gelu.data(), N, training));
-    ops::residual_forward(a.res3.data(), a.res3.data(), a.res2.data(),
-                          static_cast<int64_t>(N) * C);
+    ops::residual_forward(a.res3.data(), a.res3.data(), a.res2.data(), NC);
+    if (residual_hook) RETURN_IF_ERROR(ResidualPoint(2 + 2 * l, a.res3.data(), NC));
     x = a.res3.data();
   }
   ops::layernorm_forward(lnf_.data(), lnf_mean_.data(), lnf_rstd_.data(), x,
@@ -240,6 +314,11 @@ absl::StatusOr<double> Gpt::Forward(const int32_t* inputs, const int32_t* target
 }
 
 absl::Status Gpt::Backward(float loss_scale, const float* extra_dlogits) {
+  if (residual_quantized_) {
+    return absl::FailedPreconditionError(
+        "residual-stream quantization (Gpt::set_residual_quant) is evaluation-only: Backward "
+        "after a Forward that quantized the stream");
+  }
   const int B = B_, T = T_, N = B * T, C = config_.n_embd, V = config_.vocab_size,
             NH = config_.n_head, L = config_.n_layer;
   // A frozen base: no embedding gradients, layernorm parameter gradients into scratch.

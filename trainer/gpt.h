@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -35,6 +36,18 @@ struct GptConfig {
   // gradient buffer, and only lora_params() trains.
   LoraOptions lora;
 };
+
+// Evaluation-only fake quantization of the residual stream itself (W8A8 PTQ as the TWEO paper
+// deploys it): symmetric per-tensor, q = clamp(round(x / s), -Qn, Qp) * s (ops::lsq_forward),
+// one static step per residual point (Gpt::num_residual_points). The quantized value replaces
+// the stream in place, so the next layernorm and the next residual add both read it.
+struct ResidualQuant {
+  int bits = 8;
+  std::vector<float> steps;  // one per residual point, each finite and > 0
+};
+// Static steps s = amax / Qp from calibrated absmax values (an amax of 0 gets s = 1, as
+// Linear::SetActivationStepFromAmax).
+absl::StatusOr<ResidualQuant> ResidualQuantFromAmax(int bits, const std::vector<float>& amax);
 
 // Per block: the largest |activation| of its output and the output's kurtosis.
 struct BlockStats {
@@ -102,6 +115,24 @@ class Gpt {
   // Residual stream after block l of the last Forward, (B,T,C).
   const float* block_output(int l) const;
 
+  // Residual stream points, 2*n_layer+1 of them: 0 the embedding output (block 0's input),
+  // 1+2l block l's res2 (after the attention residual add), 2+2l its res3 (its output,
+  // block_output(l)). residual_point(p) is point p of the last Forward, (B,T,C).
+  static int num_residual_points(int n_layer) { return 2 * n_layer + 1; }
+  const float* residual_point(int p) const;
+  // Residual-stream fake quantization (ResidualQuant; nullopt turns it off, the default).
+  // Evaluation only: while it is on, Forward(training=true) fails, and so does Backward after a
+  // Forward that quantized the stream (the straight-through gradient of a static residual
+  // quantizer is nothing the trainer uses). InvalidArgument for bits outside [2, 16] or a step
+  // count other than num_residual_points.
+  absl::Status set_residual_quant(std::optional<ResidualQuant> rq);
+  const std::optional<ResidualQuant>& residual_quant() const { return residual_quant_; }
+  // PTQ calibration of the residual points, as Linear::set_calibrating: while calibrating,
+  // Forward records max |x| of each point (a running max over Forwards, from 0 at Create) and
+  // does not quantize the stream.
+  void set_residual_calibrating(bool on) { residual_calibrating_ = on; }
+  const std::vector<float>& residual_calibrated_amax() const { return residual_amax_; }
+
  private:
   explicit Gpt(const GptConfig& config) : config_(config) {}
   void Allocate(int B, int T);
@@ -133,6 +164,13 @@ class Gpt {
   std::vector<float> dres_, dln_, dqkv_, datty_, dfch_, dfch_gelu_, att_scratch_, dlnf_;
   double tweo_loss_ = 0;
   bool training_ = false;
+
+  // Residual point p of the current Forward, x (n): calibrate or fake-quantize it in place.
+  absl::Status ResidualPoint(int p, float* x, int64_t n);
+  std::optional<ResidualQuant> residual_quant_;
+  bool residual_calibrating_ = false;
+  bool residual_quantized_ = false;  // the last Forward quantized the stream
+  std::vector<float> residual_amax_;
 };
 
 }  // namespace qtrain
