@@ -14,13 +14,12 @@ Each run is qtrain (from a bundle) on a job made from configs/gpt2_124m.textprot
 of every run land in OUT/<experiment>/<run>/ and one summary JSON line per run is printed (and
 written to OUT/summary.jsonl). tools/plot_metrics.py draws the figures (docs/experiments.md).
 
-With --tools (a folder holding ptq, export and eval_export):
+With --tools (a folder holding export, eval_export and, for the PTQ, ptq), side jobs run one at
+a time beside the next GPU runs (results in OUT/side.jsonl and OUT/<experiment>/<run>/*.json):
 - every outliers run's final checkpoint gets W8A8 per-tensor static PTQ (//tools:ptq --residual:
-  the Linears' inputs, then also the residual stream), on the CPU cores beside the next GPU run
-  (one at a time, --ptq_threads OpenMP threads), into OUT/outliers/<run>/ptq.json;
+  the Linears' inputs, then also the residual stream) on the CPU cores (--ptq_threads);
 - every QAT run's final checkpoint is exported packed (//tools:export) and its val loss taken
-  from the export on the GPU (//tools:eval_export --device=cuda, the trainer's val batches), into
-  the run's summary as export_val_loss.
+  from the export on the GPU (//tools:eval_export --device=cuda, the trainer's val batches).
 
 Usage: gpu_experiments.py --qtrain DIST/qtrain --data DIR [--tools DIST] [--out OUT]
        [--steps 800] [--qat_steps 300] [--only outliers,qat,qat_kd | base,qat_kd]
@@ -111,46 +110,62 @@ def last_json(text):
     return None
 
 
-# PTQ on the CPU, one checkpoint at a time, beside the GPU runs.
-ptq_jobs = queue.Queue()
+# Work on the CPU cores beside the GPU runs, one job at a time (PTQ, packed exports): each job
+# writes its result into OUT/<experiment>/<run>/<kind>.json and OUT/side.jsonl.
+side_jobs = queue.Queue()
 
 
-def ptq_worker():
+def side_worker():
     while True:
-        item = ptq_jobs.get()
+        item = side_jobs.get()
         if item is None:
             return
-        out_dir, ckpt = item
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.ptq_threads))
+        kind, out_dir, fn = item
         t0 = time.time()
-        p = subprocess.run([os.path.join(args.tools, "ptq"), "--checkpoint=" + ckpt, "--residual",
-                            "--bits=8"] + args.ptq_args.split(), env=env, capture_output=True,
-                           text=True)
-        with open(os.path.join(out_dir, "ptq.log"), "w") as f:
-            f.write(p.stdout + p.stderr)
-        result = last_json(p.stdout) if p.returncode == 0 else None
-        result = dict(result or {"error": (p.stderr or p.stdout)[-500:]},
+        try:
+            result = fn()
+        except Exception as e:  # a failed side job is reported, never fatal to the runs
+            result = {"error": repr(e)}
+        result = dict(result, kind=kind, experiment=os.path.basename(os.path.dirname(out_dir)),
                       run=os.path.basename(out_dir), seconds=round(time.time() - t0, 1))
-        with open(os.path.join(out_dir, "ptq.json"), "w") as f:
+        with open(os.path.join(out_dir, kind + ".json"), "w") as f:
             f.write(json.dumps(result) + "\n")
-        print("ptq " + json.dumps(result), flush=True)
+        with open(os.path.join(args.out, "side.jsonl"), "a") as f:
+            f.write(json.dumps(result) + "\n")
+        print(kind + " " + json.dumps(result), flush=True)
 
 
-def export_val_loss(out_dir):
-    """The packed export of the run's final checkpoint, evaluated on the GPU."""
+def ptq(out_dir, ckpt):
+    """W8A8 per-tensor static PTQ: the Linears' inputs, then also the residual stream."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.ptq_threads))
+    p = subprocess.run([os.path.join(args.tools, "ptq"), "--checkpoint=" + ckpt, "--residual",
+                        "--bits=8"] + args.ptq_args.split(), env=env, capture_output=True,
+                       text=True)
+    with open(os.path.join(out_dir, "ptq.log"), "w") as f:
+        f.write(p.stdout + p.stderr)
+    result = last_json(p.stdout) if p.returncode == 0 else None
+    return result or {"error": (p.stderr or p.stdout)[-500:]}
+
+
+def export_val_loss(out_dir, val_loss):
+    """The packed export of the run's final checkpoint, evaluated on the GPU on the trainer's
+    val batches, beside the run's own (fake-quantized) val loss."""
     ckpt = last_checkpoint(out_dir)
     if ckpt is None:
-        return None, "no checkpoint"
+        return {"error": "no checkpoint"}
     path = os.path.join(out_dir, "export.safetensors")
     p = subprocess.run([os.path.join(args.tools, "export"), "--checkpoint=" + ckpt, "--out=" + path],
                        capture_output=True, text=True)
     if p.returncode != 0:
-        return None, (p.stderr or p.stdout)[-300:]
+        return {"error": (p.stderr or p.stdout)[-300:]}
     p = subprocess.run([os.path.join(args.tools, "eval_export"), "--export_path=" + path,
                         "--device=cuda"], capture_output=True, text=True)
     os.remove(path)
     m = re.search(r"val_loss ([0-9.]+)", p.stdout)
-    return (float(m.group(1)), None) if p.returncode == 0 and m else (None, (p.stderr or p.stdout)[-300:])
+    if p.returncode != 0 or not m:
+        return {"error": (p.stderr or p.stdout)[-300:]}
+    return {"export_val_loss": float(m.group(1)), "val_loss": val_loss,
+            "difference": float(m.group(1)) - val_loss if val_loss is not None else None}
 
 
 def run(experiment, name, precision, steps, init_from=None, lr=6e-4, warmup=100):
@@ -185,13 +200,9 @@ def run(experiment, name, precision, steps, init_from=None, lr=6e-4, warmup=100)
                "phi_rank_curve": [(r["step"], max(v for k, v in r.items() if k.startswith("phi_rank.")))
                                   for r in rows if any(k.startswith("phi_rank.") for k in r)][::4]}
     if args.tools and rc == 0 and experiment.startswith("qat") and name != "bf16_continue":
-        summary["export_val_loss"], err = export_val_loss(out_dir)
-        if err:
-            summary["export_error"] = err
-    if args.tools and rc == 0 and experiment == "outliers":
-        ckpt = last_checkpoint(out_dir)
-        if ckpt:
-            ptq_jobs.put((out_dir, ckpt))
+        side_jobs.put(("export", out_dir, lambda: export_val_loss(out_dir, summary["val_loss"])))
+    if has_ptq and rc == 0 and experiment == "outliers" and last_checkpoint(out_dir):
+        side_jobs.put(("ptq", out_dir, lambda: ptq(out_dir, last_checkpoint(out_dir))))
     print(json.dumps(summary), flush=True)
     with open(os.path.join(args.out, "summary.jsonl"), "a") as f:
         f.write(json.dumps(summary) + "\n")
@@ -203,24 +214,28 @@ def run(experiment, name, precision, steps, init_from=None, lr=6e-4, warmup=100)
 only = args.only.split(",")
 base_ckpt = args.base_ckpt
 worker = None
+has_ptq = bool(args.tools) and os.path.exists(os.path.join(args.tools, "ptq"))
 if args.tools:
-    worker = threading.Thread(target=ptq_worker)
+    worker = threading.Thread(target=side_worker, daemon=True)
     worker.start()
-if "outliers" in only or "base" in only:
-    for name, prec in OUTLIERS if "outliers" in only else OUTLIERS[:1]:
-        d = run("outliers", name, prec, args.steps)
-        if name == "bf16":
-            base_ckpt = last_checkpoint(d) or base_ckpt
-for experiment, runs in (("qat", QAT), ("qat_kd", QAT_KD)):
-    if experiment not in only:
-        continue
-    if base_ckpt is None:
-        sys.exit(experiment + ": no BF16 checkpoint from the outliers (or base) experiment")
-    for name, prec in runs:
-        # Six halvings take rank 32 to 0: at period qat_steps // 7 the last sixth of the run
-        # trains (and exports) with no Phi left.
-        prec = prec.replace("%d", str(max(1, args.qat_steps // 7))).replace("%T", base_ckpt)
-        run(experiment, name, prec, args.qat_steps, init_from=base_ckpt, lr=2e-4, warmup=20)
-if worker:
-    ptq_jobs.put(None)
-    worker.join()
+try:
+    if "outliers" in only or "base" in only:
+        for name, prec in OUTLIERS if "outliers" in only else OUTLIERS[:1]:
+            d = run("outliers", name, prec, args.steps)
+            if name == "bf16":
+                base_ckpt = last_checkpoint(d) or base_ckpt
+    for experiment, runs in (("qat", QAT), ("qat_kd", QAT_KD)):
+        if experiment not in only:
+            continue
+        if base_ckpt is None:
+            sys.exit(experiment + ": no BF16 checkpoint from the outliers (or base) experiment")
+        for name, prec in runs:
+            # Six halvings take rank 32 to 0: at period qat_steps // 7 the last sixth of the run
+            # trains (and exports) with no Phi left.
+            prec = prec.replace("%d", str(max(1, args.qat_steps // 7))).replace("%T", base_ckpt)
+            run(experiment, name, prec, args.qat_steps, init_from=base_ckpt, lr=2e-4, warmup=20)
+finally:
+    # The side jobs queued so far finish (a worker left waiting would keep the process alive).
+    if worker:
+        side_jobs.put(None)
+        worker.join()
