@@ -46,7 +46,7 @@ ap.add_argument("--base_ckpt", default=None,
                 help="the BF16 checkpoint qat/qat_kd start from (else the base run's)")
 ap.add_argument("--tools", default=None, help="folder with ptq, export, eval_export")
 ap.add_argument("--ptq_threads", type=int, default=12)
-ap.add_argument("--ptq_args", default="--batch_size=4 --calib_batches=4 --batches=4",
+ap.add_argument("--ptq_args", default="--batch_size=2 --calib_batches=2 --batches=4",
                 help="the PTQ's calibration and val batches (CPU time)")
 args = ap.parse_args()
 
