@@ -387,6 +387,23 @@ TEST_P(GptCudaQat, StepsFollowTheCpuQatTrainer) {
     last = *l2;
   }
   EXPECT_LT(last, first - 0.2) << "the QAT GPU model did not learn";
+
+  // An evaluation right after the last update (no ApplyRankSchedule in between, as the trainer
+  // evaluates) sees the updated quantized weights: the CPU's eval loss, and exactly the loss of
+  // the same evaluation once W_eff is formed explicitly. (The Phi Linears' BF16 copies held the
+  // latent W after an update until the next step formed W_eff; evaluations then ran unquantized
+  // Phi Linears.)
+  absl::StatusOr<double> ev_cpu = cpu->Forward(x.data(), y.data(), kB, kT, false);
+  ASSERT_TRUE(ev_cpu.ok()) << ev_cpu.status();
+  absl::StatusOr<double> ev_gpu = g2->Forward(x.data(), y.data(), kB, kT, 0.f);
+  ASSERT_TRUE(ev_gpu.ok()) << ev_gpu.status();
+  ASSERT_OK(g2->ApplyRankSchedule(19));  // the last step's rank and gamma again: W_eff anew
+  absl::StatusOr<double> ev_formed = g2->Forward(x.data(), y.data(), kB, kT, 0.f);
+  ASSERT_TRUE(ev_formed.ok()) << ev_formed.status();
+  std::printf("[%s] eval after the update: cpu %.6f gpu %.6f (W_eff formed: %.6f)\n", q.name,
+              *ev_cpu, *ev_gpu, *ev_formed);
+  EXPECT_NEAR(*ev_gpu, *ev_formed, 1e-6 * std::abs(*ev_formed));
+  EXPECT_NEAR(*ev_gpu, *ev_cpu, 3e-2 + 1e-2 * std::abs(*ev_cpu));
 }
 
 INSTANTIATE_TEST_SUITE_P(Schemes, GptCudaQat, ::testing::ValuesIn(QatCases()),

@@ -45,8 +45,8 @@ ap.add_argument("--base", default="configs/gpt2_124m.textproto")
 ap.add_argument("--base_ckpt", default=None,
                 help="the BF16 checkpoint qat/qat_kd start from (else the base run's)")
 ap.add_argument("--tools", default=None, help="folder with ptq, export, eval_export")
-ap.add_argument("--ptq_threads", type=int, default=12)
-ap.add_argument("--ptq_args", default="--batch_size=2 --calib_batches=2 --batches=4",
+ap.add_argument("--ptq_threads", type=int, default=14)
+ap.add_argument("--ptq_args", default="--batch_size=2 --calib_batches=1 --batches=2",
                 help="the PTQ's calibration and val batches (CPU time)")
 args = ap.parse_args()
 

@@ -685,6 +685,17 @@ absl::StatusOr<double> CudaGpt::Forward(const int32_t* inputs, const int32_t* ta
     }
   }
   RETURN_IF_ERROR(EnsureActivations(B, T));
+  if (phi_weights_stale_) {
+    // A Forward after an Update without ApplyRankSchedule (an evaluation): the Phi Linears'
+    // W_eff from the updated masters and the current gamma, as the CPU model's forward forms it.
+    RETURN_IF_ERROR(JoinUpdate());
+    const LinearContext lc = linear_context();
+    for (CudaLinear* lin : all_linears()) {
+      if (lin->phi_rmax() == 0) continue;
+      RETURN_IF_ERROR(lin->PrepareWeights(lc, stream_, CudaLinear::WeightsFrom::kAfterUpdate));
+    }
+    phi_weights_stale_ = false;
+  }
   // The embeddings and the final layernorm (updated first) before anything; each block's
   // weights right before the block.
   for (size_t i = blocks_.size(); i < grad_ranges_.size(); ++i) RETURN_IF_ERROR(WaitForUpdate(i));
@@ -1087,6 +1098,7 @@ absl::Status CudaGpt::ApplyRankSchedule(int step) {
     // This step's W_eff = Q(W) + L diag(gamma) R.
     RETURN_IF_ERROR(lin->PrepareWeights(lc, stream_, CudaLinear::WeightsFrom::kAfterUpdate));
   }
+  phi_weights_stale_ = false;
   return Mark("rank schedule");
 }
 
@@ -1213,7 +1225,12 @@ absl::Status CudaGpt::Update(float lr, double grad_norm, const AdamWConfig& conf
     // the rank schedule drives it).
     if (i < blocks_.size()) {
       for (CudaLinear& lin : blocks_[i].linears) {
-        if (schedule_driven_ && lin.phi_rmax() > 0) continue;
+        if (schedule_driven_ && lin.phi_rmax() > 0) {
+          // AdamW just wrote the latent W over this Linear's BF16 copy: until the next
+          // ApplyRankSchedule forms W_eff, a Forward (an evaluation) must form it first.
+          phi_weights_stale_ = true;
+          continue;
+        }
         RETURN_IF_ERROR(lin.PrepareWeights(lc, s, CudaLinear::WeightsFrom::kAfterUpdate));
       }
     }

@@ -223,6 +223,7 @@ class CudaGpt : public DeviceModel {
   int64_t aux_ws_bytes_ = 0;
   bool grads_unfinished_ = false;    // a Backward ran since the last FinishGradients
   bool schedule_driven_ = false;     // ApplyRankSchedule forms the Phi Linears' W_eff
+  bool phi_weights_stale_ = false;   // an Update since: their BF16 copies hold the latent W
   // Buffer indices in the host ParamStore per Linear (-1: none), filled by MapBuffers.
   struct LinearBuffers {
     int fp8_history = -1, fp8_scale = -1, quant_init = -1, phi_rank = -1, phi_gamma = -1;
