@@ -71,9 +71,8 @@ absl::StatusOr<double> EvalExport(const std::string& path, std::string val_patte
     return absl::InvalidArgumentError(
         absl::StrCat("--device must be cpu or cuda, got '", device, "'"));
   }
-  // Evaluation only: the gradients are never written (BF16 keeps their buffer small).
   ASSIGN_OR_RETURN(std::unique_ptr<DeviceModel> dev,
-                   CreateCudaModel(model->config(), model->params(), GradDtype::kBf16));
+                   CreateCudaModelForwardOnly(model->config(), model->params()));
   RETURN_IF_ERROR(dev->set_lm_head_chunks(spec.training().lm_head_chunks()));
   RETURN_IF_ERROR(dev->Upload(model->params(), nullptr));
   return EvaluateLoss(

@@ -118,6 +118,10 @@ class DeviceModel {
 absl::StatusOr<std::unique_ptr<DeviceModel>> CreateCudaModel(const GptConfig& config,
                                                              const ParamStore& layout,
                                                              GradDtype grad_dtype);
+// The same model for forward passes only (a distillation teacher, an evaluation): no gradients
+// and no optimizer state on the device; Backward, Update and the other training calls fail.
+absl::StatusOr<std::unique_ptr<DeviceModel>> CreateCudaModelForwardOnly(const GptConfig& config,
+                                                                        const ParamStore& layout);
 
 }  // namespace qtrain
 

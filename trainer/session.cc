@@ -311,7 +311,7 @@ absl::Status TrainingSession::CreateDeviceModel() {
   if (teacher_) {
     // The frozen teacher on the device beside the student (its host copy stays the loader).
     absl::StatusOr<std::unique_ptr<DeviceModel>> teacher =
-        CreateCudaModel(teacher_->config(), teacher_->params(), GradDtype::kBf16);
+        CreateCudaModelForwardOnly(teacher_->config(), teacher_->params());
     RETURN_IF_AGREED_ERROR(dist_->AllOk(teacher.status(), "creating the CUDA teacher"));
     RETURN_IF_ERROR((*teacher)->Upload(teacher_->params(), nullptr));
     RETURN_IF_ERROR(dev_->SetTeacher(*std::move(teacher), teacher_->loss(), teacher_->weight()));

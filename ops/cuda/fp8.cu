@@ -161,15 +161,38 @@ __device__ __forceinline__ uint4 GatherColumn16(const uint8_t* tile, int ld, int
   return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
+// Swizzled shared byte tiles for the transposes, W bytes per row (64 or 128), no padding: row
+// r keeps its 16-byte column chunk j at chunk j ^ ((r / 16) mod (W / 16)). A transposed gather
+// reads one column down 16 rows of each of eight 16-row groups; the swizzle puts the groups in
+// different banks, while a row's chunks stay a permutation (16-byte stores without conflicts).
+template <int W>
+__device__ __forceinline__ void StoreSwizzled16(uint8_t* tile, int r, int c, uint4 v) {
+  *reinterpret_cast<uint4*>(tile + r * W + ((((c >> 4) ^ (r >> 4)) & (W / 16 - 1)) << 4)) = v;
+}
+
+// Rows 16 g .. 16 g + 15 of column c of a swizzled tile, packed first row lowest.
+template <int W>
+__device__ __forceinline__ uint4 GatherSwizzled16(const uint8_t* tile, int g, int c) {
+  const uint8_t* p = tile + g * 16 * W + ((((c >> 4) ^ g) & (W / 16 - 1)) << 4) + (c & 15);
+  uint32_t w[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    uint32_t v = 0;
+#pragma unroll
+    for (int b = 0; b < 4; ++b) v |= static_cast<uint32_t>(p[(4 * q + b) * W]) << (8 * b);
+    w[q] = v;
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
 // ---- Cast (+ transpose + amax), vector path: tiles of 128 rows x 64 columns, rows and cols
 // multiples of 16, 16-byte aligned pointers. Thread t loads rows t / 4 and t / 4 + 64, columns
-// 16 (t % 4) .. + 15 of the tile (both loads in flight before either is encoded), and for the
-// transpose writes column t % 64, rows 16 (t / 64) .. + 15 and the same + 64. Two loads per
-// thread in flight is what moves this from latency-bound (one 64 x 64 tile per pass measured
-// 2.4 TB/s with the transpose on the H200) towards copy bandwidth.
+// 16 (t % 4) .. + 15 of the tile (both loads in flight before either is encoded). For the
+// transpose, the 8 lanes of a quarter-warp write one 128-byte run of an output row (16 input
+// rows each) and a warp four such rows, so every store instruction fills whole lines (a thread
+// per output row wrote 16 bytes to each of 32 rows: 2.2 TB/s with the cast on the H200).
 constexpr int kTile = 64;                // columns per tile
 constexpr int kTileR = 128;              // rows per tile
-constexpr int kTileLd = kTile + 16;      // bytes per shared row: 16-byte aligned rows
 constexpr int kRowPasses = kTileR / 64;  // rows each thread loads (256 threads, 4 per row)
 
 template <typename T, Fp8Format kF>
@@ -177,14 +200,14 @@ __global__ void __launch_bounds__(kThreads)
     cast_vec_kernel(uint8_t* __restrict__ out, uint8_t* __restrict__ out_t,
                     float* __restrict__ amax, const T* __restrict__ in, int64_t R, int64_t C,
                     const float* __restrict__ scale) {
-  __shared__ __align__(16) uint8_t tile[kTileR * kTileLd];
+  __shared__ __align__(16) uint8_t tile[kTileR * kTile];
   __shared__ uint32_t red[32];
   const float s = *scale;
   const int64_t tiles_c = (C + kTile - 1) / kTile;
   const int64_t tiles = ((R + kTileR - 1) / kTileR) * tiles_c;
   const int t = threadIdx.x;
-  const int lr = t / 4, lc = (t % 4) * 16;          // load/store position in the tile
-  const int tc = t % kTile, tg = (t / kTile) * 16;  // transposed gather position
+  const int lr = t / 4, lc = (t % 4) * 16;  // load position in the tile
+  const int g = t % 8;                      // transposed store: input rows 16 g .. + 15
   uint32_t m = 0;
   for (int64_t tile_id = blockIdx.x; tile_id < tiles; tile_id += gridDim.x) {
     const int64_t r0 = (tile_id / tiles_c) * kTileR, c0 = (tile_id % tiles_c) * kTile;
@@ -203,20 +226,18 @@ __global__ void __launch_bounds__(kThreads)
         for (int i = 0; i < 16; ++i) m = max(m, cu::AbsBits(x[k][i]));
         const uint4 codes = Encode16<kF>(x[k], s);
         if (out != nullptr) *reinterpret_cast<uint4*>(out + r * C + c) = codes;
-        if (out_t != nullptr) {
-          *reinterpret_cast<uint4*>(tile + (lr + 64 * k) * kTileLd + lc) = codes;
-        }
+        if (out_t != nullptr) StoreSwizzled16<kTile>(tile, lr + 64 * k, lc, codes);
       }
     }
     if (out_t != nullptr) {
       __syncthreads();
-      const int64_t oc = c0 + tc;  // out_t row = input column
+      const int64_t orow = r0 + 16 * g;
 #pragma unroll
-      for (int k = 0; k < kRowPasses; ++k) {
-        const int64_t orow = r0 + tg + 64 * k;
+      for (int k = 0; k < kTile / 32; ++k) {
+        const int col = (t / 32) * (kTile / 8) + 4 * k + (t % 32) / 8;  // out_t row in the tile
+        const int64_t oc = c0 + col;
         if (oc < C && orow < R) {
-          *reinterpret_cast<uint4*>(out_t + oc * R + orow) =
-              GatherColumn16(tile, kTileLd, tg + 64 * k, tc);
+          *reinterpret_cast<uint4*>(out_t + oc * R + orow) = GatherSwizzled16<kTile>(tile, g, col);
         }
       }
       __syncthreads();  // the tile is refilled next iteration
@@ -342,22 +363,20 @@ absl::Status Amax(float* amax, const T* in, int64_t n, cudaStream_t stream) {
 
 // ---- FP8 transpose, vector path: 128 x 128 byte tiles, rows and cols multiples of 16, 16-byte
 // aligned pointers. Thread t loads rows t / 8 + 32 k (k < 4), bytes 16 (t % 8) .. + 15 of the
-// tile (four 16-byte loads in flight: one per thread measured 1.2 TB/s on the H200, latency-
-// bound), and writes column t % 128, rows 16 (t / 128) + 32 k .. + 15 of it as 16 bytes of the
-// output.
-constexpr int kTT = 128;            // transpose tile, bytes per side
-constexpr int kTTLd = kTT + 16;     // bytes per shared row
+// tile (four 16-byte loads in flight); the stores are the cast kernel's: a quarter-warp writes
+// one 128-byte run of an output row, a warp four rows per instruction.
+constexpr int kTT = 128;             // transpose tile, bytes per side
 constexpr int kTTPasses = kTT / 32;  // 16-byte loads and stores per thread
 
 __global__ void __launch_bounds__(kThreads)
     transpose_vec_kernel(uint8_t* __restrict__ out, const uint8_t* __restrict__ in, int64_t R,
                          int64_t C) {
-  __shared__ __align__(16) uint8_t tile[kTT * kTTLd];
+  __shared__ __align__(16) uint8_t tile[kTT * kTT];
   const int64_t tiles_c = (C + kTT - 1) / kTT;
   const int64_t tiles = ((R + kTT - 1) / kTT) * tiles_c;
   const int t = threadIdx.x;
   const int lr = t / 8, lc = (t % 8) * 16;
-  const int tc = t % kTT, tg = (t / kTT) * 16;
+  const int g = t % 8;
   for (int64_t tile_id = blockIdx.x; tile_id < tiles; tile_id += gridDim.x) {
     const int64_t r0 = (tile_id / tiles_c) * kTT, c0 = (tile_id % tiles_c) * kTT;
     const int64_t c = c0 + lc;
@@ -369,18 +388,16 @@ __global__ void __launch_bounds__(kThreads)
     }
 #pragma unroll
     for (int k = 0; k < kTTPasses; ++k) {
-      if (r0 + lr + 32 * k < R && c < C) {
-        *reinterpret_cast<uint4*>(tile + (lr + 32 * k) * kTTLd + lc) = v[k];
-      }
+      if (r0 + lr + 32 * k < R && c < C) StoreSwizzled16<kTT>(tile, lr + 32 * k, lc, v[k]);
     }
     __syncthreads();
-    const int64_t oc = c0 + tc;
+    const int64_t orow = r0 + 16 * g;
 #pragma unroll
     for (int k = 0; k < kTTPasses; ++k) {
-      const int64_t orow = r0 + tg + 32 * k;
+      const int col = (t / 32) * (kTT / 8) + 4 * k + (t % 32) / 8;
+      const int64_t oc = c0 + col;
       if (oc < C && orow < R) {
-        *reinterpret_cast<uint4*>(out + oc * R + orow) =
-            GatherColumn16(tile, kTTLd, tg + 32 * k, tc);
+        *reinterpret_cast<uint4*>(out + oc * R + orow) = GatherSwizzled16<kTT>(tile, g, col);
       }
     }
     __syncthreads();

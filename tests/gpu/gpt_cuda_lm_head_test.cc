@@ -173,7 +173,8 @@ TEST_P(GptCudaDistill, StepsFollowTheCpuTrainer) {
   if (dc.qat) ASSERT_OK(InitQuantizersWithBatch(cpu.get(), kB, kT, 53));
   auto make_student = [&]() -> std::unique_ptr<CudaGpt> {
     std::unique_ptr<CudaGpt> s = MakeGpu(*cpu);
-    std::unique_ptr<CudaGpt> t = MakeGpu(*teacher);
+    // The trainer's teacher: forward only (no gradients or moments).
+    std::unique_ptr<CudaGpt> t = MakeGpu(*teacher, false, GradDtype::kBf16, true);
     if (s == nullptr || t == nullptr) return nullptr;
     const absl::Status st = s->SetTeacher(std::move(t), dc.loss, weight);
     EXPECT_TRUE(st.ok()) << st;
@@ -260,6 +261,33 @@ INSTANTIATE_TEST_SUITE_P(Losses, GptCudaDistill,
                          [](const ::testing::TestParamInfo<DistillCase>& i) {
                            return i.param.name;
                          });
+
+// A forward-only model evaluates like the full one, allocates no gradients or moments, and
+// refuses the training calls naming them.
+TEST(GptCudaForwardOnly, EvaluatesAndRefusesTraining) {
+  SKIP_WITHOUT_GPU();
+  std::unique_ptr<Gpt> cpu = MakeCpu(GptConfig{2, 64, 4, 256, 64}, 3);
+  std::unique_ptr<CudaGpt> full = MakeGpu(*cpu, false, GradDtype::kBf16);
+  std::unique_ptr<CudaGpt> fwd = MakeGpu(*cpu, false, GradDtype::kBf16, true);
+  ASSERT_NE(full, nullptr);
+  ASSERT_NE(fwd, nullptr);
+  std::vector<int32_t> x, y;
+  MakeBatch(kB, kT, 256, 5, &x, &y);
+  absl::StatusOr<double> a = full->Forward(x.data(), y.data(), kB, kT, 0.f);
+  absl::StatusOr<double> b = fwd->Forward(x.data(), y.data(), kB, kT, 0.f);
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_NEAR(*a, *b, 1e-6 * std::abs(*a));
+  // Gradients (2 bytes) and both moments (8 bytes) per parameter are not there.
+  EXPECT_LE(fwd->allocated_bytes(), full->allocated_bytes() - 10 * cpu->num_parameters());
+  const absl::Status train = fwd->Forward(x.data(), y.data(), kB, kT, 1.f).status();
+  EXPECT_EQ(train.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(train.message().find("forward-only"), std::string::npos) << train;
+  EXPECT_EQ(fwd->Update(1e-3f, 1.0, AdamWConfig{}, 1).code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(fwd->GradSumSquares().status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(fwd->device_grads(), nullptr);
+}
 
 // A teacher that does not fit is refused naming the field.
 TEST(GptCudaDistillErrors, MismatchedTeacherIsNamed) {

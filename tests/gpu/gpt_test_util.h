@@ -87,10 +87,11 @@ inline std::unique_ptr<Gpt> MakeCpu(const GptConfig& config, uint64_t seed) {
 
 // deterministic: our attention kernels instead of cuDNN's (whose dq uses atomics), as the
 // bit-identical tests need.
+// forward_only: CudaGpt::Create's (a teacher, an evaluation).
 inline std::unique_ptr<CudaGpt> MakeGpu(const Gpt& cpu, bool deterministic = false,
-                                 GradDtype grads = GradDtype::kFp32) {
+                                 GradDtype grads = GradDtype::kFp32, bool forward_only = false) {
   absl::StatusOr<std::unique_ptr<CudaGpt>> m =
-      CudaGpt::Create(cpu.config(), cpu.params(), grads);
+      CudaGpt::Create(cpu.config(), cpu.params(), grads, forward_only);
   EXPECT_TRUE(m.ok()) << m.status();
   if (!m.ok()) return nullptr;
   (*m)->set_deterministic(deterministic);

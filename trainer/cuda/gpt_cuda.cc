@@ -35,7 +35,7 @@ constexpr int kMaxEvents = 1024;
 
 absl::StatusOr<std::unique_ptr<CudaGpt>> CudaGpt::Create(const GptConfig& config,
                                                         const ParamStore& layout,
-                                                        GradDtype grad_dtype) {
+                                                        GradDtype grad_dtype, bool forward_only) {
   if (config.n_layer <= 0 || config.n_embd <= 0 || config.n_head <= 0 ||
       config.n_embd % config.n_head != 0 || config.vocab_size <= 1 || config.max_seq_len <= 0) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -59,6 +59,7 @@ absl::StatusOr<std::unique_ptr<CudaGpt>> CudaGpt::Create(const GptConfig& config
         "run with device CPU or on a machine with an NVIDIA GPU");
   }
   std::unique_ptr<CudaGpt> m(new CudaGpt(config, grad_dtype));
+  m->forward_only_ = forward_only;
   RETURN_IF_ERROR(m->Init(layout));
   return m;
 }
@@ -200,11 +201,13 @@ absl::Status CudaGpt::Init(const ParamStore& layout) {
   const int64_t n = num_params_;
   ASSIGN_OR_RETURN(void* p, Alloc(n * 4));
   params_ = static_cast<float*>(p);
-  ASSIGN_OR_RETURN(grads_, Alloc(n * grad_bytes()));
-  ASSIGN_OR_RETURN(p, Alloc(n * 4));
-  m_ = static_cast<float*>(p);
-  ASSIGN_OR_RETURN(p, Alloc(n * 4));
-  v_ = static_cast<float*>(p);
+  if (!forward_only_) {  // a forward-only model (a teacher, an evaluation) trains nothing
+    ASSIGN_OR_RETURN(grads_, Alloc(n * grad_bytes()));
+    ASSIGN_OR_RETURN(p, Alloc(n * 4));
+    m_ = static_cast<float*>(p);
+    ASSIGN_OR_RETURN(p, Alloc(n * 4));
+    v_ = static_cast<float*>(p);
+  }
   ASSIGN_OR_RETURN(p, Alloc(n * 2));
   params_bf16_ = static_cast<bf16*>(p);
   int64_t phi_elems = 0;
@@ -235,10 +238,11 @@ absl::Status CudaGpt::Init(const ParamStore& layout) {
   stats_dev_ = static_cast<double*>(p);
   stats_host_.assign(static_cast<size_t>(c.n_layer) * ops::kNumBlockOutputStats, 0.0);
   ASSIGN_OR_RETURN(stats_ws_, Alloc(ops::block_output_stats_cuda_workspace_bytes()));
-  for (float* buf : {params_, m_, v_}) {
-    RETURN_IF_ERROR(gpu::MemsetAsync(buf, 0, n * 4, stream_));
+  RETURN_IF_ERROR(gpu::MemsetAsync(params_, 0, n * 4, stream_));
+  if (!forward_only_) {
+    for (float* buf : {m_, v_}) RETURN_IF_ERROR(gpu::MemsetAsync(buf, 0, n * 4, stream_));
+    RETURN_IF_ERROR(gpu::MemsetAsync(grads_, 0, n * grad_bytes(), stream_));
   }
-  RETURN_IF_ERROR(gpu::MemsetAsync(grads_, 0, n * grad_bytes(), stream_));
   // One AdamW plan per gradient range: the decay runs clipped to it.
   for (const GradRange& g : grad_ranges_) {
     std::vector<ops::AdamwSegment> segments;
@@ -464,6 +468,7 @@ absl::Status CudaGpt::Upload(const ParamStore& params, const AdamW* opt) {
   RETURN_IF_ERROR(gpu::CopyToDeviceAsync(params_, params.params().data(), num_params_ * 4, stream_));
   RETURN_IF_ERROR(gpu::Fp32ToBf16(params_bf16_, params_, num_params_, stream_));
   if (opt != nullptr) {
+    RETURN_IF_ERROR(RequireTrainable("Upload of AdamW moments"));
     if (opt->sharded() || static_cast<int64_t>(opt->m().size()) != num_params_ ||
         static_cast<int64_t>(opt->v().size()) != num_params_) {
       return absl::UnimplementedError(
@@ -575,6 +580,7 @@ absl::Status CudaGpt::Download(ParamStore* params, AdamW* opt) {
   RETURN_IF_ERROR(JoinUpdate());
   RETURN_IF_ERROR(gpu::CopyToHostAsync(params->params().data(), params_, num_params_ * 4, stream_));
   if (opt != nullptr) {
+    RETURN_IF_ERROR(RequireTrainable("Download of AdamW moments"));
     if (opt->sharded() || static_cast<int64_t>(opt->m().size()) != num_params_ ||
         static_cast<int64_t>(opt->v().size()) != num_params_) {
       return absl::UnimplementedError(
@@ -616,6 +622,7 @@ absl::Status CudaGpt::Download(ParamStore* params, AdamW* opt) {
 }
 
 absl::Status CudaGpt::DownloadGrads(std::vector<float>* grads) {
+  RETURN_IF_ERROR(RequireTrainable("DownloadGrads"));
   RETURN_IF_ERROR(JoinUpdate());
   RETURN_IF_ERROR(FlushZeroGrads());
   RETURN_IF_ERROR(FinishGradients());
@@ -667,6 +674,7 @@ absl::StatusOr<double> CudaGpt::Forward(const int32_t* inputs, const int32_t* ta
                                                    " must be positive with T <= max_seq_len ",
                                                    c.max_seq_len));
   }
+  if (backward_scale > 0.f) RETURN_IF_ERROR(RequireTrainable("a training Forward"));
   if (!(backward_scale >= 0.f) || (backward_scale > 0.f && targets == nullptr)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "CudaGpt::Forward: backward_scale ", backward_scale,
@@ -1087,6 +1095,7 @@ absl::Status CudaGpt::ApplyRankSchedule(int step) {
       RETURN_IF_ERROR(gpu::Fp32ToBf16(params_bf16_ + l_off, P(l_off), l_n, stream_));
       RETURN_IF_ERROR(gpu::Fp32ToBf16(params_bf16_ + r_off, P(r_off), r_n, stream_));
       for (float* mom : {m_, v_}) {
+        if (mom == nullptr) continue;  // forward-only: no moments
         RETURN_IF_ERROR(gpu::MemsetAsync(mom + l_off, 0, l_n * 4, stream_));
         RETURN_IF_ERROR(gpu::MemsetAsync(mom + r_off, 0, r_n * 4, stream_));
       }
@@ -1136,13 +1145,20 @@ absl::Status CudaGpt::GradientsReady(size_t index) {
   return grad_ready_hook_(r.begin, r.end, event);
 }
 
+absl::Status CudaGpt::RequireTrainable(const char* op) const {
+  if (!forward_only_) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat(
+      "CudaGpt: ", op, " on a forward-only model (CreateCudaModelForwardOnly: no gradients or "
+      "optimizer state)"));
+}
+
 absl::Status CudaGpt::ZeroGrads() {
   zero_pending_ = true;
   return absl::OkStatus();
 }
 
 absl::Status CudaGpt::FlushZeroGrads() {
-  if (!zero_pending_) return absl::OkStatus();
+  if (!zero_pending_ || forward_only_) return absl::OkStatus();
   RETURN_IF_ERROR(JoinUpdate());  // the update reads the gradients
   zero_pending_ = false;
   RETURN_IF_ERROR(Mark("(host)"));
@@ -1159,6 +1175,7 @@ void* CudaGpt::device_grads() {
 }
 
 absl::StatusOr<double> CudaGpt::GradSumSquares() {
+  RETURN_IF_ERROR(RequireTrainable("GradSumSquares"));
   RETURN_IF_ERROR(JoinUpdate());
   RETURN_IF_ERROR(FlushZeroGrads());
   RETURN_IF_ERROR(FinishGradients());
@@ -1175,6 +1192,7 @@ absl::StatusOr<double> CudaGpt::GradSumSquares() {
 }
 
 absl::Status CudaGpt::Update(float lr, double grad_norm, const AdamWConfig& config, int t) {
+  RETURN_IF_ERROR(RequireTrainable("Update"));
   if (t < 1) return absl::InvalidArgumentError(absl::StrCat("CudaGpt::Update: step t=", t, " < 1"));
   RETURN_IF_ERROR(JoinUpdate());
   RETURN_IF_ERROR(FlushZeroGrads());
@@ -1275,6 +1293,13 @@ absl::StatusOr<std::unique_ptr<DeviceModel>> CreateCudaModel(const GptConfig& co
                                                              const ParamStore& layout,
                                                              GradDtype grad_dtype) {
   ASSIGN_OR_RETURN(std::unique_ptr<CudaGpt> m, CudaGpt::Create(config, layout, grad_dtype));
+  return std::unique_ptr<DeviceModel>(std::move(m));
+}
+
+absl::StatusOr<std::unique_ptr<DeviceModel>> CreateCudaModelForwardOnly(const GptConfig& config,
+                                                                        const ParamStore& layout) {
+  ASSIGN_OR_RETURN(std::unique_ptr<CudaGpt> m,
+                   CudaGpt::Create(config, layout, GradDtype::kBf16, /*forward_only=*/true));
   return std::unique_ptr<DeviceModel>(std::move(m));
 }
 

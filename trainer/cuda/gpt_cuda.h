@@ -46,9 +46,13 @@ class CudaGpt : public DeviceModel {
   // Unavailable without a usable CUDA device; Unimplemented for a feature the CUDA path lacks
   // (FP8/QAT Linears, TWEO); InvalidArgument when `layout` is not the full-precision Gpt's.
   // Allocates parameters, gradients and moments (zeroed); Upload fills them.
+  // forward_only: no gradients and no AdamW moments are allocated (12-16 bytes per parameter
+  // fewer); only evaluation Forwards (backward_scale 0) and Upload/Download of the parameters
+  // work, the training calls fail naming themselves (a distillation teacher, an evaluation).
   static absl::StatusOr<std::unique_ptr<CudaGpt>> Create(const GptConfig& config,
                                                          const ParamStore& layout,
-                                                         GradDtype grad_dtype = GradDtype::kFp32);
+                                                         GradDtype grad_dtype = GradDtype::kFp32,
+                                                         bool forward_only = false);
   ~CudaGpt() override;
   CudaGpt(const CudaGpt&) = delete;
   CudaGpt& operator=(const CudaGpt&) = delete;
@@ -223,6 +227,9 @@ class CudaGpt : public DeviceModel {
   int64_t aux_ws_bytes_ = 0;
   bool grads_unfinished_ = false;    // a Backward ran since the last FinishGradients
   bool schedule_driven_ = false;     // ApplyRankSchedule forms the Phi Linears' W_eff
+  bool forward_only_ = false;        // Create's forward_only: grads_, m_, v_ are null
+  // FailedPrecondition naming `op` on a forward-only model.
+  absl::Status RequireTrainable(const char* op) const;
   bool phi_weights_stale_ = false;   // an Update since: their BF16 copies hold the latent W
   // Buffer indices in the host ParamStore per Linear (-1: none), filled by MapBuffers.
   struct LinearBuffers {
