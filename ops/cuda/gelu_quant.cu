@@ -21,7 +21,7 @@ using lsqd::Quant;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kUnit = 8;
+using lsqd::kUnit;
 constexpr int64_t kMaxBlocks = 8192;
 
 __host__ __device__ __forceinline__ int64_t Min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -31,72 +31,11 @@ int GridFor(int64_t work_items) {
       std::clamp<int64_t>((work_items + kThreads - 1) / kThreads, 1, kMaxBlocks));
 }
 
-// 8 BF16 values at p (16-byte access when kVec and the unit is whole), else the first len.
-template <bool kVec>
-__device__ __forceinline__ void Load8(float* x, const nv_bf16* p, int len) {
-  if (kVec && len == kUnit) {
-    const cu::Bf16x8 v = cu::Load8(p);
-#pragma unroll
-    for (int j = 0; j < kUnit; ++j) x[j] = __bfloat162float(v.v[j]);
-  } else {
-#pragma unroll
-    for (int j = 0; j < kUnit; ++j) x[j] = j < len ? __bfloat162float(p[j]) : 0.f;
-  }
-}
-template <bool kVec>
-__device__ __forceinline__ void Store8(nv_bf16* p, const float* x, int len) {
-  if (kVec && len == kUnit) {
-    cu::Bf16x8 v;
-#pragma unroll
-    for (int j = 0; j < kUnit; ++j) v.v[j] = __float2bfloat16_rn(x[j]);
-    cu::Store8(p, v);
-  } else {
-#pragma unroll
-    for (int j = 0; j < kUnit; ++j)
-      if (j < len) p[j] = __float2bfloat16_rn(x[j]);
-  }
-}
-template <bool kVec>
-__device__ __forceinline__ void StoreCodes8(int8_t* p, const float* r, int len) {
-  if (kVec && len == kUnit) {
-    uint32_t lo = 0, hi = 0;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      lo |= static_cast<uint32_t>(static_cast<uint8_t>(lsqd::Code(r[j]))) << (8 * j);
-      hi |= static_cast<uint32_t>(static_cast<uint8_t>(lsqd::Code(r[4 + j]))) << (8 * j);
-    }
-    *reinterpret_cast<uint2*>(p) = make_uint2(lo, hi);
-  } else {
-#pragma unroll
-    for (int j = 0; j < kUnit; ++j)
-      if (j < len) p[j] = lsqd::Code(r[j]);
-  }
-}
-
 __device__ __forceinline__ float GeluBf16(float pre) {
   return __bfloat162float(__float2bfloat16_rn(cu::Gelu(pre)));
 }
 
-struct AQ {
-  Quant q;
-  int mode;  // 0 none, 1 per tensor, 2 per token
-  float* step;
-  const float* offset;
-  float* token_scales;
-  int8_t* codes;
-};
-
-AQ MakeAQ(const ActQuant& a) {
-  AQ r;
-  r.q = lsqd::MakeQuant(a.bits, a.mode == ActQuantMode::kPerToken ? LsqMode::kSymmetric
-                                                                   : a.lsq_mode);
-  r.mode = a.mode == ActQuantMode::kNone ? 0 : (a.mode == ActQuantMode::kPerTensor ? 1 : 2);
-  r.step = a.step;
-  r.offset = a.offset;
-  r.token_scales = a.token_scales;
-  r.codes = a.codes;
-  return r;
-}
+using AQ = lsqd::ActQ;
 
 // Per tensor (or none): 8-element units of the flat tensor, grid-stride.
 template <bool kVec>
@@ -117,7 +56,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t i0 = u * kUnit;
     const int len = static_cast<int>(Min64(kUnit, n - i0));
     float x[kUnit], r[kUnit];
-    Load8<kVec>(x, pre + i0, len);
+    lsqd::LoadUnit<kVec>(x, pre + i0, len);
 #pragma unroll
     for (int j = 0; j < kUnit; ++j) {
       x[j] = GeluBf16(x[j]);
@@ -126,8 +65,8 @@ __global__ void __launch_bounds__(kThreads)
         x[j] = lsqd::Value(a.q, r[j], s, b);
       }
     }
-    Store8<kVec>(out + i0, x, len);
-    if (a.mode == 1 && a.codes != nullptr) StoreCodes8<kVec>(a.codes + i0, r, len);
+    lsqd::StoreUnit<kVec>(out + i0, x, len);
+    if (a.mode == 1 && a.codes != nullptr) lsqd::StoreCodesUnit<kVec>(a.codes + i0, r, len);
   }
 }
 
@@ -144,7 +83,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t c = static_cast<int64_t>(lane) * kUnit; c < C; c += 32 * kUnit) {
     const int len = static_cast<int>(Min64(kUnit, C - c));
     float x[kUnit];
-    Load8<kVec>(x, p + c, len);
+    lsqd::LoadUnit<kVec>(x, p + c, len);
 #pragma unroll
     for (int j = 0; j < kUnit; ++j)
       if (j < len) am.Add(GeluBf16(x[j]));
@@ -155,14 +94,14 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t c = static_cast<int64_t>(lane) * kUnit; c < C; c += 32 * kUnit) {
     const int len = static_cast<int>(Min64(kUnit, C - c));
     float x[kUnit], r[kUnit];
-    Load8<kVec>(x, p + c, len);
+    lsqd::LoadUnit<kVec>(x, p + c, len);
 #pragma unroll
     for (int j = 0; j < kUnit; ++j) {
       r[j] = lsqd::Level(a.q, lsqd::Scaled(a.q, GeluBf16(x[j]), s, 0.f));
       x[j] = lsqd::Value(a.q, r[j], s, 0.f);
     }
-    Store8<kVec>(out + row * C + c, x, len);
-    if (a.codes != nullptr) StoreCodes8<kVec>(a.codes + row * C + c, r, len);
+    lsqd::StoreUnit<kVec>(out + row * C + c, x, len);
+    if (a.codes != nullptr) lsqd::StoreCodesUnit<kVec>(a.codes + row * C + c, r, len);
   }
 }
 
@@ -182,8 +121,8 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t i0 = u * kUnit;
     const int len = static_cast<int>(Min64(kUnit, n - i0));
     float h[kUnit], g[kUnit], y[kUnit];
-    Load8<kVec>(h, pre + i0, len);
-    Load8<kVec>(g, dout + i0, len);
+    lsqd::LoadUnit<kVec>(h, pre + i0, len);
+    lsqd::LoadUnit<kVec>(g, dout + i0, len);
 #pragma unroll
     for (int j = 0; j < kUnit; ++j) {
       const float v = GeluBf16(h[j]);
@@ -202,8 +141,8 @@ __global__ void __launch_bounds__(kThreads)
       }
       g[j] = __fmul_rn(dv, cu::GeluGrad(h[j]));
     }
-    Store8<kVec>(dpre + i0, g, len);
-    if (rec != nullptr) Store8<kVec>(rec + i0, y, len);
+    lsqd::StoreUnit<kVec>(dpre + i0, g, len);
+    if (rec != nullptr) lsqd::StoreUnit<kVec>(rec + i0, y, len);
   }
   if (partials != nullptr) lsqd::WriteBlockPartials(sum_s, sum_b, partials);
 }
@@ -219,17 +158,9 @@ absl::Status GeluBackwardQuant(bf16* dpre, G* dstep, G* doffset, const bf16* dou
                ": null dpre, dout or pre");
   QT_CHECK_ARG(out_recompute == nullptr || (out_recompute != dpre && out_recompute != dout), op,
                ": out_recompute must not alias dpre or dout");
-  QT_CHECK_ARG(q.mode == ActQuantMode::kPerTensor || (dstep == nullptr && doffset == nullptr),
-               op, ": dstep/doffset are for per-tensor activation quantization only");
-  QT_CHECK_ARG(doffset == nullptr || q.lsq_mode == LsqMode::kAsymmetric, op,
-               ": doffset must be null for symmetric quantization");
-  const int64_t need = act_quant_backward_cuda_workspace_bytes(N, C, q);
-  QT_CHECK_ARG(need == 0 || (workspace != nullptr && workspace_bytes >= need &&
-                             cu::IsAligned(workspace, 8)),
-               op, ": workspace of ", workspace_bytes, " bytes (",
-               workspace != nullptr ? "non-null" : "null", "), needs ", need,
-               " bytes 8-byte aligned");
-  const AQ a = MakeAQ(q);
+  RETURN_IF_ERROR(ValidateActQuantGrads(op, q, dstep, doffset, workspace, workspace_bytes,
+                                        act_quant_backward_cuda_workspace_bytes(N, C, q)));
+  const AQ a = lsqd::MakeActQ(q);
   const int64_t n = N * C;
   const bool per_tensor = q.mode == ActQuantMode::kPerTensor;
   double* partials = per_tensor ? static_cast<double*>(workspace) : nullptr;
@@ -262,7 +193,7 @@ absl::Status gelu_forward_quant_cuda(bf16* out, const bf16* pre, int64_t N, int6
   const char* op = "gelu_forward_quant_cuda";
   RETURN_IF_ERROR(ValidateActQuant(op, q, N, C, false));
   QT_CHECK_ARG(out != nullptr && pre != nullptr, op, ": null out or pre");
-  const AQ a = MakeAQ(q);
+  const AQ a = lsqd::MakeActQ(q);
   if (q.mode == ActQuantMode::kPerToken) {
     const bool vec = C % kUnit == 0 && cu::IsAligned(out, 16) && cu::IsAligned(pre, 16) &&
                      (q.codes == nullptr || cu::IsAligned(q.codes, 16));

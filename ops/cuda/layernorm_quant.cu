@@ -83,25 +83,8 @@ __device__ __forceinline__ float RoundBf16(float y) {
   return __bfloat162float(__float2bfloat16_rn(y));
 }
 
-// The quantizer's per-call constants.
-struct AQ {
-  Quant q;
-  float* step;           // kQTensor
-  const float* offset;   // kQTensor + LSQ+
-  float* token_scales;   // kQToken
-  int8_t* codes;         // optional
-};
-
-AQ MakeAQ(const ActQuant& a) {
-  AQ r;
-  r.q = lsqd::MakeQuant(a.bits, a.mode == ActQuantMode::kPerToken ? LsqMode::kSymmetric
-                                                                   : a.lsq_mode);
-  r.step = a.step;
-  r.offset = a.offset;
-  r.token_scales = a.token_scales;
-  r.codes = a.codes;
-  return r;
-}
+// The quantizer's per-call constants (its mode travels as a template argument, ModeOf).
+using AQ = lsqd::ActQ;
 
 int ModeOf(const ActQuant& a) {
   return a.mode == ActQuantMode::kNone ? kQNone
@@ -204,7 +187,7 @@ absl::Status LaunchForward(nv_bf16* residual, nv_bf16* out, float* mean, float* 
                    cu::IsAligned(weight, 16) && cu::IsAligned(bias, 16) &&
                    (q.codes == nullptr || cu::IsAligned(q.codes, 16)) &&
                    (!kResidual || (cu::IsAligned(b, 16) && cu::IsAligned(residual, 16)));
-  const AQ aq = MakeAQ(q);
+  const AQ aq = lsqd::MakeActQ(q);
   const int mode = ModeOf(q);
 #define QT_LN_FWD(V, Q)                                                              \
   layernorm_forward_quant_kernel<V, kResidual, Q><<<blocks, kThreads, 0, stream>>>( \
@@ -413,10 +396,7 @@ absl::Status LayernormBackwardQuant(bf16* dinp, G* dweight, G* dbias, G* dstep, 
                " dbias=", dbias != nullptr, " dout=", dout != nullptr, " inp=", inp != nullptr,
                " weight=", weight != nullptr, " bias=", bias != nullptr,
                " mean=", mean != nullptr, " rstd=", rstd != nullptr, ")");
-  QT_CHECK_ARG(q.mode == ActQuantMode::kPerTensor || (dstep == nullptr && doffset == nullptr),
-               op, ": dstep/doffset are for per-tensor activation quantization only");
-  QT_CHECK_ARG(doffset == nullptr || q.lsq_mode == LsqMode::kAsymmetric, op,
-               ": doffset must be null for symmetric quantization");
+  RETURN_IF_ERROR(ValidateActQuantGrads(op, q, dstep, doffset, nullptr, 0, 0));
   QT_CHECK_ARG(8 * static_cast<int64_t>(C) <= kBwdSmemBudget, op, ": C = ", C,
                " exceeds the ", kBwdSmemBudget / 8, " columns one warp's shared accumulators hold");
   const int64_t need = layernorm_backward_quant_cuda_workspace_bytes(N, C, q);
@@ -431,7 +411,7 @@ absl::Status LayernormBackwardQuant(bf16* dinp, G* dweight, G* dbias, G* dstep, 
                    cu::IsAligned(inp, 16) && cu::IsAligned(weight, 16) &&
                    cu::IsAligned(bias, 16) &&
                    (out_recompute == nullptr || cu::IsAligned(out_recompute, 16));
-  const AQ aq = MakeAQ(q);
+  const AQ aq = lsqd::MakeActQ(q);
   const int mode = ModeOf(q);
   const bool rec = out_recompute != nullptr;
   nv_bf16* o = rec ? cu::Nv(out_recompute) : nullptr;

@@ -26,7 +26,7 @@ using lsqd::Quant;
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int64_t kMaxBlocks = 8192;
-constexpr int kUnit = 8;  // elements per unit: one 16-byte BF16 access, two fp32 float4
+using lsqd::kUnit;  // elements per unit: one 16-byte BF16 access, two fp32 float4
 
 int GridFor(int64_t work_items) {
   return static_cast<int>(
@@ -58,52 +58,12 @@ __device__ __forceinline__ void StoreF(float* __restrict__ p, const float* x, in
       if (j < len) p[j] = x[j];
   }
 }
-template <bool kVec>
-__device__ __forceinline__ void LoadB(float* x, const nv_bf16* __restrict__ p, int len) {
-  if (kVec) {
-    const cu::Bf16x8 v = cu::Load8(p);
-#pragma unroll
-    for (int j = 0; j < kUnit; ++j) x[j] = __bfloat162float(v.v[j]);
-  } else {
-#pragma unroll
-    for (int j = 0; j < kUnit; ++j) x[j] = j < len ? __bfloat162float(p[j]) : 0.f;
-  }
-}
-template <bool kVec>
-__device__ __forceinline__ void StoreB(nv_bf16* __restrict__ p, const float* x, int len) {
-  if (kVec) {
-    cu::Bf16x8 v;
-#pragma unroll
-    for (int j = 0; j < kUnit; ++j) v.v[j] = __float2bfloat16_rn(x[j]);
-    cu::Store8(p, v);
-  } else {
-#pragma unroll
-    for (int j = 0; j < kUnit; ++j)
-      if (j < len) p[j] = __float2bfloat16_rn(x[j]);
-  }
-}
-template <bool kVec>
-__device__ __forceinline__ void StoreCodes(int8_t* __restrict__ p, const float* r, int len) {
-  if (kVec) {
-    uint32_t lo = 0, hi = 0;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      lo |= static_cast<uint32_t>(static_cast<uint8_t>(lsqd::Code(r[j]))) << (8 * j);
-      hi |= static_cast<uint32_t>(static_cast<uint8_t>(lsqd::Code(r[4 + j]))) << (8 * j);
-    }
-    *reinterpret_cast<uint2*>(p) = make_uint2(lo, hi);
-  } else {
-#pragma unroll
-    for (int j = 0; j < kUnit; ++j)
-      if (j < len) p[j] = lsqd::Code(r[j]);
-  }
-}
 // Gradients: fp32 or BF16.
 template <bool kVec>
 __device__ __forceinline__ void LoadG(float* x, const float* p, int len) { LoadF<kVec>(x, p, len); }
 template <bool kVec>
 __device__ __forceinline__ void LoadG(float* x, const nv_bf16* p, int len) {
-  LoadB<kVec>(x, p, len);
+  lsqd::LoadUnit<kVec>(x, p, len);
 }
 template <bool kVec>
 __device__ __forceinline__ void StoreG(float* p, const float* x, int len) {
@@ -111,7 +71,7 @@ __device__ __forceinline__ void StoreG(float* p, const float* x, int len) {
 }
 template <bool kVec>
 __device__ __forceinline__ void StoreG(nv_bf16* p, const float* x, int len) {
-  StoreB<kVec>(p, x, len);  // exact: every value is a loaded BF16 or zero
+  lsqd::StoreUnit<kVec>(p, x, len);  // exact: every value is a loaded BF16 or zero
 }
 
 __host__ __device__ __forceinline__ int64_t Min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -189,9 +149,9 @@ __global__ void __launch_bounds__(kThreads) lsq_weight_forward_kernel(WForwardAr
 #pragma unroll
         for (int j = 0; j < kUnit; ++j) o[j] = qv[j];
       }
-      StoreB<kVec>(a.out + i0, o, len);
+      lsqd::StoreUnit<kVec>(a.out + i0, o, len);
     }
-    if (a.codes != nullptr) StoreCodes<kVec>(a.codes + i0, rr, len);
+    if (a.codes != nullptr) lsqd::StoreCodesUnit<kVec>(a.codes + i0, rr, len);
     if (a.residual != nullptr) {
       float e[kUnit];
 #pragma unroll
@@ -384,27 +344,7 @@ absl::Status WeightBackward(G* dw, G* ds, G* dbeta, const float* w, const float*
 
 // ======================= Activations =======================
 
-// The activation quantizer's per-call constants.
-struct AQ {
-  Quant q;
-  int mode;                // 0 none, 1 per tensor, 2 per token
-  float* step;             // per tensor
-  const float* offset;     // per tensor, LSQ+
-  float* token_scales;     // per token
-  int8_t* codes;
-};
-
-AQ MakeAQ(const ActQuant& a) {
-  AQ r;
-  r.q = lsqd::MakeQuant(a.bits, a.mode == ActQuantMode::kPerToken ? LsqMode::kSymmetric
-                                                                   : a.lsq_mode);
-  r.mode = a.mode == ActQuantMode::kNone ? 0 : (a.mode == ActQuantMode::kPerTensor ? 1 : 2);
-  r.step = a.step;
-  r.offset = a.offset;
-  r.token_scales = a.token_scales;
-  r.codes = a.codes;
-  return r;
-}
+using AQ = lsqd::ActQ;
 
 // Per-tensor: units of 8 consecutive elements of the flat tensor, grid-stride.
 template <bool kVec>
@@ -424,8 +364,8 @@ __global__ void __launch_bounds__(kThreads)
     const int len = static_cast<int>(Min64(kUnit, n - i0));
     // A short last unit always goes element by element.
     float x[kUnit], r[kUnit];
-    if (kVec && len == kUnit) LoadB<true>(x, inp + i0, len);
-    else LoadB<false>(x, inp + i0, len);
+    if (kVec && len == kUnit) lsqd::LoadUnit<true>(x, inp + i0, len);
+    else lsqd::LoadUnit<false>(x, inp + i0, len);
     if (a.mode == 1) {
 #pragma unroll
       for (int j = 0; j < kUnit; ++j) {
@@ -434,11 +374,11 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     if (kVec && len == kUnit) {
-      StoreB<true>(out + i0, x, len);
-      if (a.codes != nullptr) StoreCodes<true>(a.codes + i0, r, len);
+      lsqd::StoreUnit<true>(out + i0, x, len);
+      if (a.codes != nullptr) lsqd::StoreCodesUnit<true>(a.codes + i0, r, len);
     } else {
-      StoreB<false>(out + i0, x, len);
-      if (a.codes != nullptr) StoreCodes<false>(a.codes + i0, r, len);
+      lsqd::StoreUnit<false>(out + i0, x, len);
+      if (a.codes != nullptr) lsqd::StoreCodesUnit<false>(a.codes + i0, r, len);
     }
   }
 }
@@ -455,7 +395,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t c = static_cast<int64_t>(lane) * kUnit; c < C; c += 32 * kUnit) {
     const int len = static_cast<int>(Min64(kUnit, C - c));
     float x[kUnit];
-    LoadB<kVec>(x, x_row + c, len);
+    lsqd::LoadUnit<kVec>(x, x_row + c, len);
 #pragma unroll
     for (int j = 0; j < kUnit; ++j)
       if (j < len) am.Add(x[j]);
@@ -466,14 +406,14 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t c = static_cast<int64_t>(lane) * kUnit; c < C; c += 32 * kUnit) {
     const int len = static_cast<int>(Min64(kUnit, C - c));
     float x[kUnit], r[kUnit];
-    LoadB<kVec>(x, x_row + c, len);
+    lsqd::LoadUnit<kVec>(x, x_row + c, len);
 #pragma unroll
     for (int j = 0; j < kUnit; ++j) {
       r[j] = lsqd::Level(a.q, lsqd::Scaled(a.q, x[j], s, 0.f));
       x[j] = lsqd::Value(a.q, r[j], s, 0.f);
     }
-    StoreB<kVec>(out + row * C + c, x, len);
-    if (a.codes != nullptr) StoreCodes<kVec>(a.codes + row * C + c, r, len);
+    lsqd::StoreUnit<kVec>(out + row * C + c, x, len);
+    if (a.codes != nullptr) lsqd::StoreCodesUnit<kVec>(a.codes + row * C + c, r, len);
   }
 }
 
@@ -499,11 +439,11 @@ __global__ void __launch_bounds__(kThreads)
     const bool vec = kVec && len == kUnit;
     float x[kUnit], g[kUnit];
     if (vec) {
-      LoadB<true>(x, inp + i0, len);
-      LoadB<true>(g, dout + i0, len);
+      lsqd::LoadUnit<true>(x, inp + i0, len);
+      lsqd::LoadUnit<true>(g, dout + i0, len);
     } else {
-      LoadB<false>(x, inp + i0, len);
-      LoadB<false>(g, dout + i0, len);
+      lsqd::LoadUnit<false>(x, inp + i0, len);
+      lsqd::LoadUnit<false>(g, dout + i0, len);
     }
     float qv[kUnit];
     if (a.mode == 1) {
@@ -530,17 +470,17 @@ __global__ void __launch_bounds__(kThreads)
     }
     if (dwrite == GradWrite::kAccumulate) {
       float old[kUnit];
-      if (vec) LoadB<true>(old, dinp + i0, len);
-      else LoadB<false>(old, dinp + i0, len);
+      if (vec) lsqd::LoadUnit<true>(old, dinp + i0, len);
+      else lsqd::LoadUnit<false>(old, dinp + i0, len);
 #pragma unroll
       for (int j = 0; j < kUnit; ++j) g[j] = __fadd_rn(old[j], g[j]);
     }
     if (vec) {
-      StoreB<true>(dinp + i0, g, len);
-      if (recompute != nullptr) StoreB<true>(recompute + i0, qv, len);
+      lsqd::StoreUnit<true>(dinp + i0, g, len);
+      if (recompute != nullptr) lsqd::StoreUnit<true>(recompute + i0, qv, len);
     } else {
-      StoreB<false>(dinp + i0, g, len);
-      if (recompute != nullptr) StoreB<false>(recompute + i0, qv, len);
+      lsqd::StoreUnit<false>(dinp + i0, g, len);
+      if (recompute != nullptr) lsqd::StoreUnit<false>(recompute + i0, qv, len);
     }
   }
   if (partials != nullptr) lsqd::WriteBlockPartials(sum_s, sum_b, partials);
@@ -568,7 +508,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t i0 = u * kUnit;
     const int len = static_cast<int>(Min64(kUnit, n - i0));
     float v[kUnit];
-    LoadB<false>(v, x + i0, len);
+    lsqd::LoadUnit<false>(v, x + i0, len);
 #pragma unroll
     for (int j = 0; j < kUnit; ++j) {
       if (j < len) {
@@ -681,7 +621,7 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t i0 = u * kUnit;
       const int len = static_cast<int>(Min64(kUnit, n - i0));
       float v[kUnit];
-      LoadB<false>(v, x + i0, len);
+      lsqd::LoadUnit<false>(v, x + i0, len);
 #pragma unroll
       for (int j = 0; j < kUnit; ++j) {
         if (j < len) {
@@ -819,6 +759,21 @@ absl::Status lsq_fp16_steps_cuda(float* s16, float* z16, float* s, const float* 
 
 // ======================= Activations: entry points =======================
 
+absl::Status ValidateActQuantGrads(const char* op, const ActQuant& q, const void* dstep,
+                                   const void* doffset, const void* workspace,
+                                   int64_t workspace_bytes, int64_t need) {
+  QT_CHECK_ARG(q.mode == ActQuantMode::kPerTensor || (dstep == nullptr && doffset == nullptr),
+               op, ": dstep/doffset are for per-tensor activation quantization only");
+  QT_CHECK_ARG(doffset == nullptr || q.lsq_mode == LsqMode::kAsymmetric, op,
+               ": doffset must be null for symmetric quantization");
+  QT_CHECK_ARG(need == 0 || (workspace != nullptr && workspace_bytes >= need &&
+                             cu::IsAligned(workspace, 8)),
+               op, ": workspace of ", workspace_bytes, " bytes (",
+               workspace != nullptr ? "non-null" : "null", "), needs ", need,
+               " bytes 8-byte aligned");
+  return absl::OkStatus();
+}
+
 absl::Status ValidateActQuant(const char* op, const ActQuant& q, int64_t N, int64_t C,
                               bool need_token_scales) {
   QT_CHECK_ARG(N >= 1 && C >= 1, op, ": shape (N = ", N, ", C = ", C,
@@ -868,7 +823,7 @@ absl::Status act_quant_forward_cuda(bf16* out, const bf16* inp, int64_t N, int64
   const char* op = "act_quant_forward_cuda";
   RETURN_IF_ERROR(ValidateActQuant(op, q, N, C, q.codes != nullptr));
   QT_CHECK_ARG(out != nullptr && inp != nullptr, op, ": null out or inp");
-  const AQ a = MakeAQ(q);
+  const AQ a = lsqd::MakeActQ(q);
   const int64_t n = N * C;
   if (q.mode == ActQuantMode::kPerToken) {
     const bool vec = C % kUnit == 0 && Aligned16(out) && Aligned16(inp) && Aligned16(q.codes);
@@ -908,18 +863,9 @@ absl::Status ActQuantBackward(bf16* dinp, G* dstep, G* doffset, const bf16* dout
                ": null dinp, dout or inp");
   QT_CHECK_ARG(dinp != dout || dinp_write == GradWrite::kOverwrite, op,
                ": dinp may equal dout only with dinp_write = kOverwrite");
-  QT_CHECK_ARG(q.mode == ActQuantMode::kPerTensor ||
-                   (dstep == nullptr && doffset == nullptr),
-               op, ": dstep/doffset are for per-tensor activation quantization only");
-  QT_CHECK_ARG(doffset == nullptr || q.lsq_mode == LsqMode::kAsymmetric, op,
-               ": doffset must be null for symmetric quantization");
-  const int64_t need = act_quant_backward_cuda_workspace_bytes(N, C, q);
-  QT_CHECK_ARG(need == 0 || (workspace != nullptr && workspace_bytes >= need &&
-                             cu::IsAligned(workspace, 8)),
-               op, ": workspace of ", workspace_bytes, " bytes (",
-               workspace != nullptr ? "non-null" : "null", "), needs ", need,
-               " bytes 8-byte aligned");
-  const AQ a = MakeAQ(q);
+  RETURN_IF_ERROR(ValidateActQuantGrads(op, q, dstep, doffset, workspace, workspace_bytes,
+                                        act_quant_backward_cuda_workspace_bytes(N, C, q)));
+  const AQ a = lsqd::MakeActQ(q);
   const int64_t n = N * C;
   const bool per_tensor = q.mode == ActQuantMode::kPerTensor;
   double* partials = per_tensor ? static_cast<double*>(workspace) : nullptr;

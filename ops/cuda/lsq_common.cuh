@@ -164,6 +164,73 @@ inline double ActGradScale(const ActQuant& a, int64_t C, float qp) {
   return 1.0 / std::sqrt(static_cast<double>(n) * static_cast<double>(qp));
 }
 
+// ---- 8-element units of BF16 tensors, the activation kernels' work item: 16-byte accesses
+// when kVec and the unit is whole, else element by element for the first `len` (<= kUnit).
+constexpr int kUnit = 8;
+
+template <bool kVec>
+__device__ __forceinline__ void LoadUnit(float* x, const nv_bf16* p, int len) {
+  if (kVec && len == kUnit) {
+    const cu::Bf16x8 v = cu::Load8(p);
+#pragma unroll
+    for (int j = 0; j < kUnit; ++j) x[j] = __bfloat162float(v.v[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kUnit; ++j) x[j] = j < len ? __bfloat162float(p[j]) : 0.f;
+  }
+}
+template <bool kVec>
+__device__ __forceinline__ void StoreUnit(nv_bf16* p, const float* x, int len) {
+  if (kVec && len == kUnit) {
+    cu::Bf16x8 v;
+#pragma unroll
+    for (int j = 0; j < kUnit; ++j) v.v[j] = __float2bfloat16_rn(x[j]);
+    cu::Store8(p, v);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kUnit; ++j)
+      if (j < len) p[j] = __float2bfloat16_rn(x[j]);
+  }
+}
+// The integer codes of levels r (an 8-byte store when whole).
+template <bool kVec>
+__device__ __forceinline__ void StoreCodesUnit(int8_t* p, const float* r, int len) {
+  if (kVec && len == kUnit) {
+    uint32_t lo = 0, hi = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      lo |= static_cast<uint32_t>(static_cast<uint8_t>(Code(r[j]))) << (8 * j);
+      hi |= static_cast<uint32_t>(static_cast<uint8_t>(Code(r[4 + j]))) << (8 * j);
+    }
+    *reinterpret_cast<uint2*>(p) = make_uint2(lo, hi);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kUnit; ++j)
+      if (j < len) p[j] = Code(r[j]);
+  }
+}
+
+// An activation quantizer (ActQuant) as kernel arguments.
+struct ActQ {
+  Quant q;
+  int mode;             // 0 none, 1 per tensor, 2 per token
+  float* step;          // per tensor
+  const float* offset;  // per tensor, LSQ+
+  float* token_scales;  // per token
+  int8_t* codes;        // optional: the integer codes
+};
+
+inline ActQ MakeActQ(const ActQuant& a) {
+  ActQ r;
+  r.q = MakeQuant(a.bits, a.mode == ActQuantMode::kPerToken ? LsqMode::kSymmetric : a.lsq_mode);
+  r.mode = a.mode == ActQuantMode::kNone ? 0 : (a.mode == ActQuantMode::kPerTensor ? 1 : 2);
+  r.step = a.step;
+  r.offset = a.offset;
+  r.token_scales = a.token_scales;
+  r.codes = a.codes;
+  return r;
+}
+
 }  // namespace qtrain::ops::lsqd
 
 #endif  // QTRAIN_OPS_CUDA_LSQ_COMMON_CUH_

@@ -154,6 +154,12 @@ struct ActQuant {
 // only for symmetric modes, token_scales given for kPerToken when `need_token_scales`.
 absl::Status ValidateActQuant(const char* op, const ActQuant& q, int64_t N, int64_t C,
                               bool need_token_scales);
+// The checks of an activation backward's parameter-gradient arguments: dstep and doffset only
+// for per-tensor quantization, doffset only for LSQ+; the workspace (`need` bytes, 8-byte
+// aligned) when need > 0.
+absl::Status ValidateActQuantGrads(const char* op, const ActQuant& q, const void* dstep,
+                                   const void* doffset, const void* workspace,
+                                   int64_t workspace_bytes, int64_t need);
 
 // Workspace bytes of the per-tensor step/offset gradient of every activation backward below and
 // in layernorm_quant_cuda.h / gelu_quant_cuda.h: fixed-order double partials (0 for kNone and
