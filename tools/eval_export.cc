@@ -65,12 +65,7 @@ absl::StatusOr<double> EvalExport(const std::string& path, std::string val_patte
   }
   ASSIGN_OR_RETURN(std::unique_ptr<DataLoader> val,
                    DataLoader::Open(val_pattern, B, T, 0, 1, model->config().vocab_size));
-  const std::string device = absl::GetFlag(FLAGS_device);
-  if (device == "cpu") return EvaluateLoss(model.get(), val.get(), batches);
-  if (device != "cuda") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--device must be cpu or cuda, got '", device, "'"));
-  }
+  if (absl::GetFlag(FLAGS_device) == "cpu") return EvaluateLoss(model.get(), val.get(), batches);
   ASSIGN_OR_RETURN(std::unique_ptr<DeviceModel> dev,
                    CreateCudaModelForwardOnly(model->config(), model->params()));
   RETURN_IF_ERROR(dev->set_lm_head_chunks(spec.training().lm_head_chunks()));
@@ -92,6 +87,11 @@ int main(int argc, char** argv) {
   if (rest.size() > 1) return qtrain::UsageError("eval_export", absl::StrCat("unexpected argument '", rest[1], "'"));
   const std::string path = absl::GetFlag(FLAGS_export_path);
   if (path.empty()) return qtrain::UsageError("eval_export", "--export_path is required");
+  const std::string device = absl::GetFlag(FLAGS_device);
+  if (device != "cpu" && device != "cuda") {
+    return qtrain::UsageError("eval_export",
+                              absl::StrCat("--device must be cpu or cuda, got '", device, "'"));
+  }
   absl::StatusOr<double> loss =
       qtrain::EvalExport(path, absl::GetFlag(FLAGS_val_pattern), absl::GetFlag(FLAGS_batches));
   if (!loss.ok()) {

@@ -106,6 +106,8 @@ if err=$(tools/export --checkpoint="$tmp/missing.safetensors" --out="$tmp/x" 2>&
 head -c 100 "$tmp/qat.export.safetensors" > "$tmp/cut.safetensors"
 if err=$(tools/eval_export --export_path="$tmp/cut.safetensors" 2>&1); then fail "eval_export accepted a truncated export"; fi
 [[ "$err" == *"cut.safetensors"* ]] || fail "eval_export error does not name the file: $err"
+if err=$(tools/eval_export --export_path="$tmp/qat.export.safetensors" --device=tpu 2>&1); then fail "eval_export accepted --device=tpu"; fi
+[[ "$err" == *"--device must be cpu or cuda, got 'tpu'"* ]] || fail "eval_export error does not name --device: $err"
 if err=$(tools/ptq --checkpoint="$tmp/fp/checkpoints/step_00000030.safetensors" --bits=5 2>&1); then fail "ptq accepted 5 bits"; fi
 [[ "$err" == *"--bits"* ]] || fail "ptq error does not name --bits: $err"
 if err=$(tools/ptq --checkpoint="$fp_ckpt" --batch_size=-2 2>&1); then fail "ptq accepted --batch_size=-2"; fi
