@@ -37,7 +37,7 @@ absl::StatusOr<ResidualQuant> ResidualQuantFromAmax(int bits, const std::vector<
       return absl::InvalidArgumentError(absl::StrCat("residual point ", p, ": calibrated amax ",
                                                      amax[p], " must be finite and >= 0"));
     }
-    rq.steps.push_back(amax[p] > 0 ? amax[p] / r.qp : 1.0f);
+    rq.steps.push_back(ops::step_from_amax(amax[p], r));
   }
   return rq;
 }

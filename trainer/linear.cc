@@ -212,7 +212,7 @@ absl::Status Linear::SetActivationStepFromAmax(float amax) {
         absl::StrCat(name_, ": no per-tensor activation quantizer to calibrate"));
   }
   ASSIGN_OR_RETURN(ops::QuantRange r, ops::quant_range(opt_.qat.act_bits, ops::LsqMode::kSymmetric));
-  store_->param(xs_)[0] = amax > 0 ? amax / r.qp : 1.0f;
+  store_->param(xs_)[0] = ops::step_from_amax(amax, r);
   store_->buffer(qinit_)[1] = 1;
   return absl::OkStatus();
 }
@@ -229,7 +229,7 @@ absl::Status Linear::SetWeightStepFromAbsmax() {
         absl::StrCat(name_, ": absmax weight calibration supports symmetric per-tensor steps"));
   }
   const float a = ops::amax(store_->param(w_), static_cast<int64_t>(out_) * in_);
-  store_->param(ws_)[0] = a > 0 ? a / r.qp : 1.0f;
+  store_->param(ws_)[0] = ops::step_from_amax(a, r);
   store_->buffer(qinit_)[0] = 1;
   return absl::OkStatus();
 }

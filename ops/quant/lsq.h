@@ -36,6 +36,11 @@ struct QuantRange {
 };
 // bits in [2, 16] (the trainer uses 2, 3, 4, 8; pack.h packs 2, 3, 4, 8).
 absl::StatusOr<QuantRange> quant_range(int bits, LsqMode mode);
+// The static symmetric step of absmax calibration (PTQ): s = amax / Qp, and 1 for an amax of 0
+// (an all-zero tensor, whose codes are 0 at any step).
+inline float step_from_amax(float amax, const QuantRange& r) {
+  return amax > 0 ? amax / static_cast<float>(r.qp) : 1.0f;
+}
 
 // Which elements of a (rows, cols) tensor share a scale (and offset):
 //   kPerTensor: all; 1 scale.
